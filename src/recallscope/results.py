@@ -1,0 +1,166 @@
+"""Typed result containers: tensors with named axes, token labels, config and manifest.
+
+:class:`PatchingResult` keeps one value per prompt and cell (``values[prompt, *axes]``) plus the
+unpatched clean and corrupt metric per prompt, so every statistic (means, normalised recovery,
+bootstrap confidence intervals) is derived, never stored twice. ``.save(dir)`` writes
+``values.safetensors`` + ``result.json`` + ``manifest.json`` atomically; ``.load(dir)`` validates them.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from recallscope.errors import ResultFileError
+
+RESULT_FILES = ("values.safetensors", "result.json", "manifest.json")
+
+
+def bootstrap_ci(values: Float[Tensor, "prompt *rest"], *, level: float = 0.95, n_boot: int = 2000,
+                 seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Percentile bootstrap CI of the mean over the prompt axis (axis 0), per remaining cell."""
+    n = values.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (n_boot, n), generator=gen)
+    flat = values.reshape(n, -1).double()
+    means = flat[idx].mean(1)  # [n_boot, cells]
+    alpha = (1 - level) / 2
+    lo = torch.quantile(means, alpha, dim=0).reshape(values.shape[1:])
+    hi = torch.quantile(means, 1 - alpha, dim=0).reshape(values.shape[1:])
+    return lo.to(values.dtype), hi.to(values.dtype)
+
+
+@dataclass(frozen=True)
+class PatchingResult:
+    """Per-prompt metric after patching each cell.
+
+    Attributes:
+        values: ``[prompt, *axes]`` metric values after patching.
+        axes: names of the cell axes (``("layer", "pos")``, ``("layer", "head")``...).
+        clean: ``[prompt]`` metric on the clean run; corrupt: ``[prompt]`` on the corrupted run.
+        labels: tick labels per axis (token strings for ``pos``).
+        config: the method's configuration (JSON-serialisable).
+        manifest: model, weights hash, prompts, versions, timings.
+    """
+
+    values: Float[Tensor, "prompt ..."]
+    axes: tuple[str, ...]
+    clean: Float[Tensor, " prompt"]
+    corrupt: Float[Tensor, " prompt"]
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.values.ndim != len(self.axes) + 1:
+            raise ResultFileError(f"values has {self.values.ndim} axes but axes names {self.axes} (+prompt)")
+        n = self.values.shape[0]
+        if self.clean.shape != (n,) or self.corrupt.shape != (n,):
+            raise ResultFileError(f"clean/corrupt must be [{n}], got {tuple(self.clean.shape)}, "
+                                  f"{tuple(self.corrupt.shape)}")
+        for ax, lab in self.labels.items():
+            if ax in self.axes and len(lab) != self.values.shape[1 + self.axes.index(ax)]:
+                raise ResultFileError(f"{len(lab)} labels for axis {ax!r} of size "
+                                      f"{self.values.shape[1 + self.axes.index(ax)]}")
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.values.shape[0])
+
+    def mean(self) -> Tensor:
+        """Mean over prompts, shaped like the cell axes."""
+        return self.values.mean(0)
+
+    def normalized(self) -> "PatchingResult":
+        """(patched - corrupt) / (clean - corrupt) per prompt: 0 = no effect, 1 = full recovery."""
+        shape = (-1,) + (1,) * len(self.axes)
+        gap = (self.clean - self.corrupt).reshape(shape)
+        vals = (self.values - self.corrupt.reshape(shape)) / gap
+        return replace(self, values=vals, clean=torch.ones_like(self.clean),
+                       corrupt=torch.zeros_like(self.corrupt),
+                       config={**self.config, "normalized": True})
+
+    def effect(self) -> "PatchingResult":
+        """patched - corrupt per prompt (ROME's indirect effect when the metric is a probability)."""
+        shape = (-1,) + (1,) * len(self.axes)
+        return replace(self, values=self.values - self.corrupt.reshape(shape),
+                       clean=self.clean - self.corrupt, corrupt=torch.zeros_like(self.corrupt),
+                       config={**self.config, "effect": True})
+
+    def ci(self, level: float = 0.95, *, n_boot: int = 2000, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """Bootstrap confidence interval of the mean over prompts, per cell."""
+        return bootstrap_ci(self.values, level=level, n_boot=n_boot, seed=seed)
+
+    def peak(self) -> dict[str, Any]:
+        """The cell with the largest mean, with its labels and 95% bootstrap CI."""
+        mean = self.mean()
+        flat = int(mean.argmax())
+        index = torch.unravel_index(torch.tensor(flat), mean.shape)
+        lo, hi = self.ci()
+        out: dict[str, Any] = {"mean": float(mean.flatten()[flat]), "ci95": (float(lo.flatten()[flat]),
+                                                                           float(hi.flatten()[flat]))}
+        for ax, i in zip(self.axes, index):
+            out[ax] = int(i)
+            if ax in self.labels:
+                out[ax + "_label"] = self.labels[ax][int(i)]
+        return out
+
+    def plot(self, **kwargs: Any):
+        """A plotly Figure: layer x position heatmap with token labels, or a head grid."""
+        from recallscope.plotting import plot_patching
+
+        return plot_patching(self, **kwargs)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the result to ``directory`` atomically (all files appear together or none)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+        try:
+            save_file({"values": self.values.contiguous(), "clean": self.clean.contiguous(),
+                       "corrupt": self.corrupt.contiguous()}, str(tmp / RESULT_FILES[0]))
+            meta = {"type": "PatchingResult", "axes": list(self.axes), "labels": self.labels,
+                    "config": self.config, "shape": list(self.values.shape)}
+            (tmp / RESULT_FILES[1]).write_text(json.dumps(meta, indent=1, default=str))
+            (tmp / RESULT_FILES[2]).write_text(json.dumps(self.manifest, indent=1, default=str))
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "PatchingResult":
+        """Read a result written by :meth:`save`; raise :class:`ResultFileError` if it is damaged."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        missing = [f for f in RESULT_FILES if not (directory / f).is_file()]
+        if missing:
+            raise ResultFileError(f"{directory} is not a complete result: missing {missing}. Re-run the "
+                                  "method that produced it.")
+        try:
+            tensors = load_file(str(directory / RESULT_FILES[0]))
+            meta = json.loads((directory / RESULT_FILES[1]).read_text())
+            manifest = json.loads((directory / RESULT_FILES[2]).read_text())
+        except (SafetensorError, json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
+            raise ResultFileError(f"{directory} is corrupted ({type(exc).__name__}: {exc}); delete it and "
+                                  "re-run the method that produced it.") from exc
+        if list(tensors["values"].shape) != meta.get("shape"):
+            raise ResultFileError(f"{directory}: values shape {list(tensors['values'].shape)} does not match "
+                                  f"result.json shape {meta.get('shape')}; the files are from different runs.")
+        return cls(values=tensors["values"], axes=tuple(meta["axes"]), clean=tensors["clean"],
+                   corrupt=tensors["corrupt"], labels=meta.get("labels", {}), config=meta.get("config", {}),
+                   manifest=manifest)

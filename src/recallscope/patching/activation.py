@@ -10,7 +10,8 @@
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Int

@@ -15,6 +15,7 @@ the two characters that determine a decoded byte. The algorithm:
    the bytes whose two characters it holds.
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -191,9 +192,12 @@ class Base64Alignment:
         """Base64 characters per token."""
         return len(self.b64) / len(self.tokens)
 
-    def tokens_for_chars(self, chars: frozenset[int] | set[int] | tuple[int, ...]) -> tuple[int, ...]:
+    def tokens_for_chars(self, chars: Iterable[int]) -> tuple[int, ...]:
         """Positions (``AlignedToken.index``) of the tokens holding any of the base64 characters ``chars``."""
-        return tuple(t.index for t in self.tokens if any(t.char_span[0] <= c < t.char_span[1] for c in chars))
+        wanted = set(chars)
+        return tuple(
+            t.index for t in self.tokens if any(t.char_span[0] <= c < t.char_span[1] for c in wanted)
+        )
 
     def tokens_for_byte(self, byte_index: int) -> tuple[int, ...]:
         """Positions of the tokens holding the characters that determine decoded byte ``byte_index``."""
@@ -253,7 +257,9 @@ def _aligned_token(
 def _locate(b64: str, prompt: str | None, offset: int | None) -> tuple[str, int]:
     if prompt is None:
         if offset not in (None, 0):
-            raise ConfigError(f"offset={offset} was given without a prompt; pass the prompt that holds the base64.")
+            raise ConfigError(
+                f"offset={offset} was given without a prompt; pass the prompt that holds the base64."
+            )
         return b64, 0
     hits = [i for i in range(len(prompt) - len(b64) + 1) if prompt.startswith(b64, i)]
     if offset is None:

@@ -114,7 +114,7 @@ def _check_length(text: str) -> None:
     if rem == 0:
         return
     if rem == 1:
-        hint = "a block cannot hold a single character: one character is missing or one is extra"
+        hint = "a block cannot hold a single character: one character is missing or extra"
     else:
         hint = (
             f"if the padding was dropped, append {'=' * (4 - rem)!r} to reach length "
@@ -180,7 +180,9 @@ def chars_for_byte(byte_index: int) -> frozenset[int]:
     ``4k + floor(4j/3) + 1``.
     """
     if byte_index < 0:
-        raise ConfigError(f"byte index must be >= 0, got {byte_index}. Pass a 0-based index into the decoded bytes.")
+        raise ConfigError(
+            f"byte index must be >= 0, got {byte_index}. Pass a 0-based index into the decoded bytes."
+        )
     block, j = divmod(byte_index, 3)
     first = 4 * block + (4 * j) // 3
     return frozenset({first, first + 1})

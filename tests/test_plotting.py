@@ -5,6 +5,7 @@ Chromium; those tests skip, saying so, on machines without one.
 """
 
 import importlib
+import json
 import os
 import struct
 import subprocess
@@ -225,6 +226,24 @@ def test_missing_labels_fall_back_to_indices():
                             corrupt=torch.zeros(3))
     (trace,) = plot_patching(result).data
     assert list(trace.x) == ["0", "1", "2", "3"] and list(trace.y) == ["0", "1"]
+
+
+def test_nan_cells_are_blank_not_an_error(tmp_path):
+    """Cells a prompt does not have are NaN; a cell no prompt has stays blank in the figure."""
+    from dataclasses import replace
+
+    result = make_result(("layer", "pos"))
+    values = result.values.clone()
+    values[:, :, -1] = float("nan")
+    fig = plot_patching(replace(result, values=values))
+    z = np.asarray(fig.data[0].z)
+    assert np.isnan(z[:, -1]).all() and np.isfinite(z[:, :-1]).all()
+
+    def reject(constant):
+        raise AssertionError(f"figure JSON contains {constant}, which browsers cannot parse")
+
+    json.loads(fig.to_json(), parse_constant=reject)
+    assert export(fig, tmp_path / "nan.html").stat().st_size > 0
 
 
 def test_generic_heatmap_checks_shape():

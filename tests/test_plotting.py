@@ -34,7 +34,7 @@ from recallscope.plotting import (
 from recallscope.results import PatchingResult
 
 # the package re-exports the function `export`, which shadows the submodule of the same name
-export_mod = importlib.import_module("recallscope.plotting.export")
+export_mod = importlib.import_module("recallscope.plotting.exporting")
 
 TOKENS = ["<s>", "ĠThe", "ĠEiffel", "ĠTower", "Ġis", "Ġin", "Ġthe"]
 POS_LABELS = [f"{t}·{i}" for i, t in enumerate(TOKENS)]

@@ -30,11 +30,14 @@ def bootstrap_ci(values: Float[Tensor, "prompt *rest"], *, level: float = 0.95, 
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n, (n_boot, n), generator=gen)
     flat = values.reshape(n, -1).double()
-    means = flat[idx].mean(1)  # [n_boot, cells]
     alpha = (1 - level) / 2
-    lo = torch.quantile(means, alpha, dim=0).reshape(values.shape[1:])
-    hi = torch.quantile(means, 1 - alpha, dim=0).reshape(values.shape[1:])
-    return lo.to(values.dtype), hi.to(values.dtype)
+    lo, hi = torch.empty(flat.shape[1], dtype=flat.dtype), torch.empty(flat.shape[1], dtype=flat.dtype)
+    step = max(1, 2**24 // max(1, n_boot * n))  # cells per chunk: ~128 MB of resampled values
+    for c in range(0, flat.shape[1], step):
+        means = flat[:, c:c + step][idx].nanmean(1)  # [n_boot, cells]; NaN marks cells a prompt lacks
+        lo[c:c + step] = torch.nanquantile(means, alpha, dim=0)
+        hi[c:c + step] = torch.nanquantile(means, 1 - alpha, dim=0)
+    return lo.reshape(values.shape[1:]).to(values.dtype), hi.reshape(values.shape[1:]).to(values.dtype)
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,8 @@ class PatchingResult:
         return int(self.values.shape[0])
 
     def mean(self) -> Tensor:
-        """Mean over prompts, shaped like the cell axes."""
-        return self.values.mean(0)
+        """Mean over prompts (ignoring NaN: cells a prompt does not have), shaped like the cell axes."""
+        return self.values.nanmean(0)
 
     def normalized(self) -> "PatchingResult":
         """(patched - corrupt) / (clean - corrupt) per prompt: 0 = no effect, 1 = full recovery."""
@@ -101,7 +104,7 @@ class PatchingResult:
     def peak(self) -> dict[str, Any]:
         """The cell with the largest mean, with its labels and 95% bootstrap CI."""
         mean = self.mean()
-        flat = int(mean.argmax())
+        flat = int(mean.nan_to_num(nan=float("-inf")).argmax())
         index = torch.unravel_index(torch.tensor(flat), mean.shape)
         lo, hi = self.ci()
         out: dict[str, Any] = {"mean": float(mean.flatten()[flat]), "ci95": (float(lo.flatten()[flat]),

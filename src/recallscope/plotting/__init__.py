@@ -11,7 +11,7 @@ Importing this package changes no global state: the house style is applied per f
   static export can work here.
 """
 
-from recallscope.plotting.export import (
+from recallscope.plotting.exporting import (
     ExportError,
     ExportReport,
     StaticExportUnavailable,

@@ -1,0 +1,178 @@
+"""ROME-style causal tracing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT").
+
+1. Corrupt the subject: add Gaussian noise to the embeddings of the subject tokens, scaled to
+   ``noise_scale`` times the standard deviation of the model's token-embedding matrix (ROME: 3 sigma),
+   drawing ``n_samples`` noise samples per prompt from an explicitly seeded generator.
+2. Restore one clean state per (layer, token): the residual stream (``resid_post``), or the MLP /
+   attention output over a window of ``window`` layers around the layer (ROME: 10).
+3. Measure p(answer) in the restored run; average over noise samples. The indirect effect of a state
+   is p(restored) - p(corrupted); the total effect is p(clean) - p(corrupted).
+4. Over a dataset, positions are mapped to ROME's token categories (first / middle / last subject
+   token, first subsequent token, further tokens, last token) and averaged per prompt, so prompts
+   of different lengths can be pooled with bootstrap confidence intervals.
+
+Every restoration is evaluated by the exact sweep engine (:mod:`recallscope.patching.engine`).
+"""
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from recallscope import metrics as M
+from recallscope.errors import ConfigError, EmptyDatasetError
+from recallscope.manifest import build_manifest
+from recallscope.models.stack import build_stack
+from recallscope.patching.engine import Cell, sweep
+from recallscope.patching.traces import reference_run
+from recallscope.results import PatchingResult
+from recallscope.sites import Site, layer_window
+from recallscope.tasks.pairs import PromptPair, group_by_length, single_token_id, to_tokens
+from recallscope.vocab import Component
+
+CATEGORIES = ("subject_first", "subject_middle", "subject_last", "after_subject_first", "after_subject_rest",
+              "last")
+
+
+@dataclass(frozen=True)
+class TraceConfig:
+    """Configuration of a causal trace."""
+
+    component: Component = Component.RESID_POST
+    """State restored: resid_post (ROME's hidden state), mlp_out or attn_out."""
+    window: int = 1
+    """Layers restored together around each layer (ROME uses 10 for MLP and attention)."""
+    noise_scale: float = 3.0
+    """Noise std in units of the token-embedding std."""
+    n_samples: int = 10
+    """Noise samples per prompt."""
+    seed: int = 0
+    """Seed of the noise generator."""
+    layers: tuple[int, ...] | None = None
+    """Layers to restore (default: all)."""
+    memory_budget_mb: float = 1024.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["component"] = self.component.value
+        return d
+
+
+def embedding_std(model: Any) -> float:
+    """Standard deviation of the token-embedding matrix (the noise unit)."""
+    stack = build_stack(model)
+    weight = getattr(stack.embed_tokens, "weight", None)
+    if weight is None:
+        raise ConfigError("cannot find the token-embedding matrix to scale the noise; pass noise_std.")
+    return float(weight.detach().float().std())
+
+
+def _noise(spans: Sequence[tuple[int, int]], n_pos: int, d_model: int, n_samples: int, std: float,
+           gen: torch.Generator) -> Float[Tensor, "rows pos d_model"]:
+    rows = []
+    for start, stop in spans:
+        block = torch.zeros(n_samples, n_pos, d_model)
+        block[:, start:stop] = torch.randn(n_samples, stop - start, d_model, generator=gen) * std
+        rows.append(block)
+    return torch.cat(rows)
+
+
+def trace_tokens(model: Any, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, " batch"],
+                 spans: Sequence[tuple[int, int]], config: TraceConfig, *, gen: torch.Generator,
+                 noise_std: float, progress: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """One equal-length batch. Returns (restored p [batch, layer, pos], clean p [batch], noised p [batch])."""
+    stack = build_stack(model)
+    b, n_pos = tokens.shape
+    n = config.n_samples
+    rep = tokens.repeat_interleave(n, 0)
+    noise = _noise(spans, n_pos, stack.d_model, n, config.noise_scale * noise_std, gen).to(tokens.device)
+    metric = M.Prob(answers.repeat_interleave(n, 0))
+    read = metric.read_positions(n_pos)
+    point = config.component.value
+    clean_logits, clean_trace = reference_run(stack, rep, [point], read)
+    noised_logits, noised_trace = reference_run(stack, rep, [point], read, embed_edit=lambda x: x + noise)
+    layers = list(config.layers) if config.layers is not None else list(range(stack.n_layers))
+    cells = [Cell(tuple(Site(config.component, s.layer, pos) for s in
+                        layer_window(config.component, layer, config.window, stack.n_layers)))
+             for layer in layers for pos in range(n_pos)]
+    values = sweep(stack, cells, noised_trace, clean_trace, metric, target_logits=noised_logits, read_pos=read,
+                   memory_budget_mb=config.memory_budget_mb, progress=progress, desc=f"tracing {point}")
+    restored = values.view(len(layers), n_pos, b, n).mean(-1).permute(2, 0, 1)
+    return restored, metric(clean_logits).view(b, n)[:, 0], metric(noised_logits).view(b, n).mean(-1)
+
+
+def categorize(values: Float[Tensor, "layer pos"], span: tuple[int, int]) -> Float[Tensor, "layer category"]:
+    """Average a prompt's [layer, pos] grid into ROME's token categories (NaN where a category is empty)."""
+    start, stop = span
+    n_pos = values.shape[-1]
+    groups = [[start], list(range(start + 1, stop - 1)), [stop - 1], [stop] if stop < n_pos - 1 else [],
+              list(range(stop + 1, n_pos - 1)), [n_pos - 1]]
+    cols = [values[:, g].mean(-1) if g else torch.full(values.shape[:1], float("nan")) for g in groups]
+    return torch.stack(cols, dim=-1)
+
+
+def causal_trace(
+    model: Any,
+    items: Sequence[PromptPair],
+    *,
+    component: Component | str = Component.RESID_POST,
+    window: int = 1,
+    noise_scale: float = 3.0,
+    n_samples: int = 10,
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+    by: str = "category",
+    memory_budget_mb: float = 1024.0,
+    progress: bool = True,
+) -> PatchingResult:
+    """ROME's causal trace over prompts with a ``spans["subject"]`` (see the module docstring).
+
+    ``by="category"`` pools prompts of any length into ROME's token categories (axes layer x token);
+    ``by="pos"`` keeps raw positions and needs prompts of one token length. Values are p(answer) after
+    restoration; ``result.effect()`` gives indirect effects.
+    """
+    if not items:
+        raise EmptyDatasetError("causal_trace got no prompts; pass at least one PromptPair with a subject span.")
+    missing = [i for i, it in enumerate(items) if "subject" not in it.spans]
+    if missing:
+        raise ConfigError(f"items {missing[:5]} have no spans['subject']; build them with "
+                          "recallscope.tasks.facts (fact_spans / trace_items) or set the span yourself.")
+    t0 = time.perf_counter()
+    config = TraceConfig(Component(component), window, noise_scale, n_samples, seed,
+                         tuple(layers) if layers is not None else None, memory_budget_mb)
+    gen = torch.Generator().manual_seed(seed)
+    std = embedding_std(model)
+    groups = group_by_length(model, items)
+    if by == "pos" and len(groups) > 1:
+        raise ConfigError(f"by='pos' needs prompts of one token length, got lengths {sorted(groups)}; use "
+                          "by='category' to pool prompts of different lengths.")
+    rows, cleans, noiseds, order = [], [], [], []
+    for n_pos, group in groups.items():
+        tokens = torch.stack(to_tokens(model, [g.clean for g in group]))
+        answers = torch.tensor([single_token_id(model, g.answer) for g in group])
+        spans = [g.spans["subject"] for g in group]
+        restored, clean_p, noised_p = trace_tokens(model, tokens, answers, spans, config, gen=gen,
+                                                   noise_std=std, progress=progress)
+        for i in range(len(group)):
+            rows.append(categorize(restored[i], spans[i]) if by == "category" else restored[i])
+        cleans.append(clean_p)
+        noiseds.append(noised_p)
+        order += [items.index(g) for g in group]
+    layer_labels = [str(x) for x in (config.layers or range(int(model.cfg.n_layers)))]
+    if by == "category":
+        labels = {"layer": layer_labels, "token": list(CATEGORIES)}
+        axes = ("layer", "token")
+    else:
+        toks = model.tokenizer.convert_ids_to_tokens(to_tokens(model, [items[0].clean])[0].tolist())
+        labels = {"layer": layer_labels, "pos": [f"{t}·{i}" for i, t in enumerate(toks)]}
+        axes = ("layer", "pos")
+    cfg = {**config.to_dict(), "method": "causal_trace", "by": by, "noise_std_unit": std, "metric": "prob"}
+    manifest = build_manifest(model, [it.clean for it in items], cfg, seed=seed,
+                              timings={"total": time.perf_counter() - t0})
+    inv = torch.tensor(order).argsort()
+    return PatchingResult(values=torch.stack(rows)[inv], axes=axes, clean=torch.cat(cleans)[inv],
+                          corrupt=torch.cat(noiseds)[inv], labels=labels, config=cfg, manifest=manifest)

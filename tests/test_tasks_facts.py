@@ -132,6 +132,7 @@ def test_decoding_fallback_matches_offsets(tiny_gpt2, facts):
     assert decoded[4:7] == [(10, 12)] * 3
 
 
+@pytest.mark.smollm2
 def test_spans_on_smollm2_tokenisation(smollm2):
     fact = Fact("France", "capital", "The capital of {} is", " Paris")
     spans = fact_spans(smollm2, fact)

@@ -1,0 +1,114 @@
+"""Attention knockout (Geva et al. 2023, "Dissecting Recall of Factual Associations").
+
+1. For each prompt, pick query positions (default: the last token) and key positions given by a
+   span name ("subject", "relation", "last") or explicit positions.
+2. For each window of ``window`` consecutive layers, block attention from the query positions to the
+   key positions in every head of those layers: set the scores to -inf before the softmax, so the
+   other keys share the attention.
+3. Run from the first layer of the window (lower layers and earlier positions are unchanged; their
+   keys and values come from the clean run) and measure the metric.
+
+The result has axes (layer, edge): ``values[prompt, window_center, edge]``; both baselines are the
+unblocked run, so ``result.effect()`` is the change caused by the knockout.
+"""
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from recallscope import metrics as M
+from recallscope.errors import ConfigError, EmptyDatasetError
+from recallscope.manifest import build_manifest
+from recallscope.models.forward import block
+from recallscope.models.stack import build_stack
+from recallscope.patching.traces import reference_run
+from recallscope.results import PatchingResult
+from recallscope.sites import layer_window
+from recallscope.tasks.pairs import PromptPair, group_by_length, single_token_id, to_tokens
+from recallscope.vocab import Component
+
+
+def key_positions(item: PromptPair, name: str, n_pos: int, *, has_bos: bool) -> list[int]:
+    """Key positions named by ``name`` for one prompt: "subject", "relation" (non-subject tokens other
+    than BOS and the last), "last", or any span name present in ``item.spans``."""
+    if name == "last":
+        return [n_pos - 1]
+    if name == "relation":
+        start, stop = item.spans["subject"]
+        first = 1 if has_bos else 0
+        return [p for p in range(first, n_pos - 1) if not start <= p < stop]
+    if name not in item.spans:
+        raise ConfigError(f"prompt {item.clean!r} has no span {name!r} (spans: {sorted(item.spans)}); "
+                          "use 'subject', 'relation', 'last' or a span the task suite provides.")
+    start, stop = item.spans[name]
+    return list(range(start, stop))
+
+
+def _knockout_batch(stack: Any, trace: Any, clean_logits: Tensor, masks: Tensor, layers: Sequence[int],
+                    metric: Any, n_pos: int, read: Tensor) -> Tensor:
+    """Metric with ``masks[batch, dest, src]`` blocked at ``layers`` (query rows >= the first masked)."""
+    rows = masks.any(-1).any(0).nonzero()
+    pos0 = int(rows.min()) if len(rows) else n_pos - 1
+    first = min(layers)
+    x = trace.acts[("resid_pre", first)][:, pos0:]
+    positions = torch.arange(pos0, n_pos)
+    sub = masks[:, pos0:, :][:, None]  # [batch, 1 (heads), dest, src]
+
+    def edit(point: str, layer: int, t: Tensor) -> Tensor:
+        return t.masked_fill(sub, float("-inf")) if point == "scores" and layer in layers else t
+
+    for layer in range(first, stack.n_layers):
+        k, v = trace.kv[layer]
+        past = (k[:, :, :pos0], v[:, :, :pos0]) if pos0 else None
+        x, _, _ = block(stack, layer, x, positions, past, edit, lambda p, t: None)
+    return metric(stack.unembed(stack.final_norm(x[:, read - pos0])))
+
+
+def attention_knockout(
+    model: Any,
+    items: Sequence[PromptPair],
+    *,
+    edges: Sequence[str] = ("subject", "relation", "last"),
+    query: str = "last",
+    window: int = 9,
+    metric: str = "prob",
+    progress: bool = True,
+) -> PatchingResult:
+    """Block attention ``query -> edge`` over layer windows; see the module docstring."""
+    if not items:
+        raise EmptyDatasetError("attention_knockout got no prompts.")
+    t0 = time.perf_counter()
+    stack = build_stack(model)
+    has_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+    centers = list(range(stack.n_layers))
+    rows, base, order = [], [], []
+    for n_pos, group in group_by_length(model, items).items():
+        tokens = torch.stack(to_tokens(model, [g.clean for g in group]))
+        answers = torch.tensor([single_token_id(model, g.answer) for g in group])
+        met = {"prob": M.Prob, "logprob": M.LogProb}[metric](answers)
+        read = torch.tensor(met.read_positions(n_pos))
+        clean_logits, trace = reference_run(stack, tokens, [], read.tolist())
+        out = torch.empty(len(group), len(centers), len(edges))
+        with torch.no_grad():
+            for e, edge in enumerate(tqdm(edges, desc="knockout", disable=not progress, leave=False)):
+                masks = torch.zeros(len(group), n_pos, n_pos, dtype=torch.bool)
+                for i, g in enumerate(group):
+                    for q in key_positions(g, query, n_pos, has_bos=has_bos):
+                        masks[i, q, key_positions(g, edge, n_pos, has_bos=has_bos)] = True
+                for c in centers:
+                    layers = [s.layer for s in layer_window(Component.ATTN_OUT, c, window, stack.n_layers)]
+                    out[:, c, e] = _knockout_batch(stack, trace, clean_logits, masks, layers, met, n_pos, read)
+        rows.append(out)
+        base.append(met(clean_logits))
+        order += [items.index(g) for g in group]
+    inv = torch.tensor(order).argsort()
+    baseline = torch.cat(base)[inv].float()
+    cfg = {"method": "attention_knockout", "edges": list(edges), "query": query, "window": window, "metric": metric}
+    manifest = build_manifest(model, [it.clean for it in items], cfg, timings={"total": time.perf_counter() - t0})
+    return PatchingResult(values=torch.cat(rows)[inv], axes=("layer", "edge"), clean=baseline, corrupt=baseline,
+                          labels={"layer": [str(c) for c in centers], "edge": [f"{query}→{e}" for e in edges]},
+                          config=cfg, manifest=manifest)

@@ -126,7 +126,10 @@ def load_model(
     from recallscope.models.organisms_registry import is_organism_spec, load_organism
 
     torch_dtype = _resolve_dtype(dtype)
-    text = str(spec)
+    text = str(spec).strip()
+    if not text:
+        raise UnknownModelError("empty model spec: use 'smollm2' (the embedded default), 'organism:<name>', a "
+                                "local model directory, a .gguf file, or a hub name such as 'gpt2'.")
     if is_organism_spec(text):
         return load_organism(text, device=device, dtype=torch_dtype)
     if text.lower() in SMOLLM2_ALIASES:

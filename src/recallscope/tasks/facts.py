@@ -518,3 +518,16 @@ def recalled_facts(model: Any, facts: Sequence[Fact], *, criterion: str | int = 
               "model": getattr(model, "recallscope_spec", getattr(model.cfg, "model_name", "unknown"))}
     return RecallResult(facts=tuple(facts), ranks=ranks, probs=probs, answer_ids=answer_ids, top_ids=top_ids,
                         top_tokens=top_tokens, max_rank=max_rank, config=config)
+
+
+def trace_items(model: Any, facts: Sequence[Fact]) -> list[PromptPair]:
+    """One :class:`PromptPair` per fact for corruption-free methods (causal trace, knockout): the
+    prompt is both clean and corrupt, the answer is the attribute's first token, spans are attached."""
+    items = []
+    for fact in facts:
+        first = model.tokenizer.decode(attribute_token_ids(model, fact)[:1])
+        items.append(PromptPair(clean=fact.prompt, corrupt=fact.prompt, answer=first,
+                                spans=fact_spans(model, fact),
+                                meta={"subject": fact.subject, "relation": str(fact.relation),
+                                      "attribute": fact.attribute}))
+    return items

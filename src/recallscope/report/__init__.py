@@ -1,0 +1,5 @@
+"""A self-contained HTML report: sections of figures with short explanations (plotly.js inlined once)."""
+
+from recallscope.report.html import Section, write_report
+
+__all__ = ["Section", "write_report"]

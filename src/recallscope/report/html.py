@@ -1,0 +1,55 @@
+"""Write one self-contained HTML page (works offline) from titled, explained figures."""
+
+import html
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recallscope.manifest import atomic_write_text
+
+_CSS = """
+body{font-family:Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
+p.expl{line-height:1.45} table{border-collapse:collapse} td,th{padding:.2em .6em;border-bottom:1px solid #eee}
+.meta{color:#666;font-size:.85em}
+"""
+
+
+@dataclass(frozen=True)
+class Section:
+    """One report section: a title, a short explanation, an optional figure and an optional table."""
+
+    title: str
+    explanation: str
+    figure: Any = None
+    table: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def write_report(path: str | os.PathLike, title: str, sections: list[Section], *, footer: str = "") -> Path:
+    """Write ``sections`` as one HTML page; plotly.js is embedded once so the page works offline."""
+    parts, first = [], True
+    for s in sections:
+        block = [f"<h2>{html.escape(s.title)}</h2>", f"<p class='expl'>{html.escape(s.explanation)}</p>"]
+        if s.figure is not None:
+            block.append(s.figure.to_html(full_html=False, include_plotlyjs=True if first else False))
+            first = False
+        block.append(_table(s.table))
+        parts.append("<section>" + "".join(block) + "</section>")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}"
+            f"<p class='meta'>{html.escape(footer)}</p></body></html>")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, page)
+    return path

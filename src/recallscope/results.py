@@ -40,6 +40,60 @@ def bootstrap_ci(values: Float[Tensor, "prompt *rest"], *, level: float = 0.95, 
     return lo.reshape(values.shape[1:]).to(values.dtype), hi.reshape(values.shape[1:]).to(values.dtype)
 
 
+def save_result_dir(directory: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any],
+                    manifest: dict[str, Any]) -> Path:
+    """Write any result as ``values.safetensors`` + ``result.json`` + ``manifest.json``, atomically.
+
+    The files are written to a temporary sibling directory that is renamed into place, so a reader
+    sees the whole result or nothing. ``kind`` (the result class name) is stored in ``result.json``
+    and checked by :func:`load_result_dir`.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
+    except OSError as exc:
+        raise ResultFileError(f"cannot write a result to {directory}: {exc.strerror or exc}. Choose a writable "
+                              "output directory (--out) or fix its permissions.") from exc
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / RESULT_FILES[0]))
+        (tmp / RESULT_FILES[1]).write_text(json.dumps({"type": kind, **meta}, indent=1, default=str))
+        (tmp / RESULT_FILES[2]).write_text(json.dumps(manifest, indent=1, default=str))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_result_dir(directory: str | os.PathLike, kind: str
+                    ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
+    """Read (tensors, result.json, manifest.json) written by :func:`save_result_dir`, validating them."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    missing = [f for f in RESULT_FILES if not (directory / f).is_file()]
+    if missing:
+        raise ResultFileError(f"{directory} is not a complete result: missing {missing}. Re-run the "
+                              "method that produced it.")
+    try:
+        tensors = load_file(str(directory / RESULT_FILES[0]))
+        meta = json.loads((directory / RESULT_FILES[1]).read_text())
+        manifest = json.loads((directory / RESULT_FILES[2]).read_text())
+    except (SafetensorError, json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise ResultFileError(f"{directory} is corrupted ({type(exc).__name__}: {exc}); delete it and "
+                              "re-run the method that produced it.") from exc
+    if meta.get("type", kind) != kind:
+        raise ResultFileError(f"{directory} holds a {meta.get('type')}, not a {kind}; load it with "
+                              f"{meta.get('type')}.load.")
+    return tensors, meta, manifest
+
+
 @dataclass(frozen=True)
 class PatchingResult:
     """Per-prompt metric after patching each cell.
@@ -123,44 +177,15 @@ class PatchingResult:
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the result to ``directory`` atomically (all files appear together or none)."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".", dir=directory.parent))
-        try:
-            save_file({"values": self.values.contiguous(), "clean": self.clean.contiguous(),
-                       "corrupt": self.corrupt.contiguous()}, str(tmp / RESULT_FILES[0]))
-            meta = {"type": "PatchingResult", "axes": list(self.axes), "labels": self.labels,
-                    "config": self.config, "shape": list(self.values.shape)}
-            (tmp / RESULT_FILES[1]).write_text(json.dumps(meta, indent=1, default=str))
-            (tmp / RESULT_FILES[2]).write_text(json.dumps(self.manifest, indent=1, default=str))
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return directory
+        meta = {"axes": list(self.axes), "labels": self.labels, "config": self.config,
+                "shape": list(self.values.shape)}
+        return save_result_dir(directory, "PatchingResult", {"values": self.values, "clean": self.clean,
+                                                            "corrupt": self.corrupt}, meta, self.manifest)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "PatchingResult":
         """Read a result written by :meth:`save`; raise :class:`ResultFileError` if it is damaged."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        missing = [f for f in RESULT_FILES if not (directory / f).is_file()]
-        if missing:
-            raise ResultFileError(f"{directory} is not a complete result: missing {missing}. Re-run the "
-                                  "method that produced it.")
-        try:
-            tensors = load_file(str(directory / RESULT_FILES[0]))
-            meta = json.loads((directory / RESULT_FILES[1]).read_text())
-            manifest = json.loads((directory / RESULT_FILES[2]).read_text())
-        except (SafetensorError, json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
-            raise ResultFileError(f"{directory} is corrupted ({type(exc).__name__}: {exc}); delete it and "
-                                  "re-run the method that produced it.") from exc
+        tensors, meta, manifest = load_result_dir(directory, "PatchingResult")
         if list(tensors["values"].shape) != meta.get("shape"):
             raise ResultFileError(f"{directory}: values shape {list(tensors['values'].shape)} does not match "
                                   f"result.json shape {meta.get('shape')}; the files are from different runs.")

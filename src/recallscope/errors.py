@@ -60,3 +60,15 @@ class ResultFileError(RecallscopeError):
 
 class ConfigError(RecallscopeError):
     """A configuration value is invalid or inconsistent with the model or task."""
+
+
+class NonFiniteActivationError(RecallscopeError):
+    """A forward pass produced inf or NaN activations (float16 overflow, or broken weights)."""
+
+
+class DeviceError(RecallscopeError):
+    """A requested device does not exist here, or tensors and the model sit on different devices."""
+
+
+class CheckpointError(RecallscopeError):
+    """A checkpoint directory cannot be created or written."""

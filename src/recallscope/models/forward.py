@@ -53,10 +53,25 @@ def attention(
     """One attention sublayer on normalised input ``h``. Returns (attn_out, keys, values)."""
     lp = stack.layers[layer]
     b, s, _ = h.shape
+    q = lp.q(h).view(b, s, stack.n_heads, stack.d_head)
+    k = lp.k(h).view(b, s, stack.n_kv_heads, stack.d_head)
+    v = lp.v(h).view(b, s, stack.n_kv_heads, stack.d_head)
+    z, k, v = attend(stack, layer, q, k, v, positions, past, edit, keep)
+    out = lp.o(z.reshape(b, s, stack.n_heads * stack.d_head))
+    return out, k, v
+
+
+def attend(
+    stack: Stack, layer: int, q: Tensor, k: Tensor, v: Tensor, positions: Tensor,
+    past: tuple[Tensor, Tensor] | None, edit: Edit, keep: Callable[[str, Tensor], None],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Attention from projected ``q`` [batch, pos, head, d_head] and ``k``/``v`` [batch, pos, kv_head,
+    d_head] (before rotary). Returns (z [batch, pos, head, d_head], post-rotary keys, values)."""
+    b = q.shape[0]
     # q and k are edited and recorded before rotary, like TransformerLens's hook_q / hook_k.
-    q = edit("q", layer, lp.q(h).view(b, s, stack.n_heads, stack.d_head))
-    k = edit("k", layer, lp.k(h).view(b, s, stack.n_kv_heads, stack.d_head))
-    v = edit("v", layer, lp.v(h).view(b, s, stack.n_kv_heads, stack.d_head))
+    q = edit("q", layer, q)
+    k = edit("k", layer, k)
+    v = edit("v", layer, v)
     keep("q", q)
     keep("k", k)
     keep("v", v)
@@ -70,15 +85,14 @@ def attention(
     kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k
     vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
     scores = torch.matmul(q, kk.transpose(-1, -2)) * stack.attn_scale
-    key_pos = torch.arange(kk.shape[2], device=h.device)
+    key_pos = torch.arange(kk.shape[2], device=q.device)
     masked = key_pos[None, :] > positions[:, None]
     scores = edit("scores", layer, scores.masked_fill(masked, float("-inf")))
     pattern = edit("pattern", layer, torch.softmax(scores.float(), dim=-1).to(q.dtype))
     keep("pattern", pattern)
     z = edit("z", layer, torch.matmul(pattern, vv).transpose(1, 2))
     keep("z", z)
-    out = lp.o(z.reshape(b, s, stack.n_heads * stack.d_head))
-    return out, k, v
+    return z, k, v
 
 
 def block(

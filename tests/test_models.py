@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -34,13 +33,20 @@ def test_stack_matches_bridge_on_smollm2(smollm2):
 
 
 @pytest.mark.smollm2
-def test_cached_load_is_fast_and_offline(smollm2):
+def test_cached_load_is_offline_and_skips_conversion(smollm2):
+    """A later load reads the cached safetensors directory: no GGUF dequantisation, no network.
+
+    (Its speed, about 2 s after imports, is measured by experiments/benchmarks/load_time.py.)
+    """
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    code = ("import time; t=time.perf_counter(); import recallscope; m=recallscope.load_model('smollm2'); "
-            "print(time.perf_counter()-t)")
+    code = ("import recallscope.models.loading as L\n"
+            "def boom(*a, **k): raise AssertionError('converted again')\n"
+            "L.convert_gguf_to_dir = boom\n"
+            "m = L.load_model('smollm2')\n"
+            "print(type(m).__name__, len(m.tokenizer))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert float(out.stdout.strip().splitlines()[-1]) < 5.0
+    assert out.stdout.split()[-2:] == ["TransformerBridge", "49152"]
 
 
 def test_stack_matches_bridge_on_tiny(tiny):

@@ -28,11 +28,12 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(
         [
             "Fact", "Relation", "RecallResult", "CounterfactualPairs", "load_builtin_facts", "fact_spans",
-            "recalled_facts",
+            "recalled_facts", "trace_items",
         ],
         "recallscope.tasks.facts",
     ),
     **dict.fromkeys(["load_facts", "load_prompt_pairs", "save_facts"], "recallscope.tasks.loaders"),
+    **dict.fromkeys(["PromptPair", "TokenizedPairs", "group_by_length", "tokenize_pairs"], "recallscope.tasks.pairs"),
 }
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from recallscope import load_model
+from recallscope.manifest import atomic_write_text, build_manifest
 from recallscope.tasks.facts import load_builtin_facts, recalled_facts
 
 
@@ -42,8 +43,10 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**summary, "seconds": seconds}, indent=1, ensure_ascii=False))
-    print(f"wrote {out}")
+    atomic_write_text(out, json.dumps({**summary, "seconds": seconds}, indent=1, ensure_ascii=False))
+    manifest = build_manifest(model, [f.prompt for f in facts], summary["config"], timings={"recall": seconds})
+    atomic_write_text(out.with_suffix(".manifest.json"), json.dumps(manifest, indent=1, default=str))
+    print(f"wrote {out} and its manifest")
 
 
 if __name__ == "__main__":

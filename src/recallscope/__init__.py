@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": ("recallscope.models", "load_model"),
     "tiny_model": ("recallscope.models", "tiny_model"),
+    "export": ("recallscope.plotting", "export"),
+    "explore": ("recallscope.explorer", "explore"),
 }
 
 

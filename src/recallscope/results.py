@@ -94,8 +94,21 @@ def load_result_dir(directory: str | os.PathLike, kind: str
     return tensors, meta, manifest
 
 
+class RichReprMixin:
+    """Jupyter display for any result class: a summary table and ``self.plot()`` as HTML.
+
+    Inherit it (``class MyResult(RichReprMixin)``) to get ``_repr_html_``; add rows with an optional
+    ``summary_extra() -> list[tuple[str, str]]``. See :mod:`recallscope.plotting.rich`.
+    """
+
+    def _repr_html_(self) -> str:
+        from recallscope.plotting.rich import result_html
+
+        return result_html(self)
+
+
 @dataclass(frozen=True)
-class PatchingResult:
+class PatchingResult(RichReprMixin):
     """Per-prompt metric after patching each cell.
 
     Attributes:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from recallscope.errors import UnknownModelError, WeightsUnavailableError
+from recallscope.errors import DeviceError, UnknownModelError, WeightsUnavailableError
 from recallscope.models.cache import cached_hf_dir, convert_gguf_to_dir
 from recallscope.models.tokenizers import check_vocab
 
@@ -61,6 +61,26 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
     if dtype not in names:
         raise UnknownModelError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
     return names[dtype]
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, or :class:`DeviceError` if it is malformed or absent here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise DeviceError(f"{device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'mps'.") from exc
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise DeviceError(f"device {str(device)!r} was requested but CUDA is not available (torch "
+                              f"{torch.__version__}, built for CUDA {torch.version.cuda}). Use device='cpu', or "
+                              "run on a machine with an NVIDIA GPU and a CUDA build of torch.")
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"device {str(device)!r} does not exist: this machine has {n} CUDA device(s) "
+                              f"(cuda:0..cuda:{n - 1}).")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {str(device)!r} was requested but Apple MPS is not available here; use 'cpu'.")
+    return dev
 
 
 def _boot_from_dir(path: Path, *, device: str, dtype: torch.dtype, name: str) -> Any:
@@ -125,6 +145,7 @@ def load_model(
     """
     from recallscope.models.organisms_registry import is_organism_spec, load_organism
 
+    check_device(device)
     torch_dtype = _resolve_dtype(dtype)
     text = str(spec).strip()
     if not text:

@@ -29,6 +29,9 @@ def tiny_model(
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
+    from recallscope.models.loading import check_device
+
+    check_device(device)
     if family not in ("gpt2", "llama"):
         raise ValueError(f"unknown tiny model family {family!r}; use 'gpt2' or 'llama'")
     vocab = len(tokenizer) if tokenizer is not None else (d_vocab or 64)

@@ -6,8 +6,12 @@
 3. Build one cell per (layer [window], head, position) and evaluate all cells with the sweep engine
    (:mod:`recallscope.patching.engine`), which is exact but skips the work a cell cannot change.
 4. Return a :class:`~recallscope.results.PatchingResult` with per-prompt values and both baselines.
+
+With ``checkpoint_dir``, finished engine chunks are checkpointed there (:mod:`recallscope.store`), keyed
+by the manifest (model weights, prompts, config) and the answers; rerunning resumes.
 """
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from collections.abc import Sequence
@@ -25,6 +29,7 @@ from recallscope.patching.engine import Cell, sweep
 from recallscope.patching.traces import constant_trace, reference_run
 from recallscope.results import PatchingResult
 from recallscope.sites import Site, layer_window, n_heads_for
+from recallscope.store import ChunkStore, open_store
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs, tokenize_pairs
 from recallscope.vocab import Component, Corruption, Direction
 
@@ -107,8 +112,12 @@ def patch_tokens(
     config: PatchingConfig = PatchingConfig(),
     *,
     progress: bool = True,
+    store: ChunkStore | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, tuple[str, ...]]:
-    """Token-level sweep. Returns (values [batch, *axes], clean metric [batch], corrupt metric [batch], axes)."""
+    """Token-level sweep. Returns (values [batch, *axes], clean metric [batch], corrupt metric [batch], axes).
+
+    ``store``: checkpoint engine chunks there (see :func:`recallscope.store.open_store`).
+    """
     if clean.shape != corrupt.shape:
         raise LengthMismatchError(f"clean tokens {tuple(clean.shape)} and corrupt tokens {tuple(corrupt.shape)} "
                                   "differ in shape; position-wise patching needs equal lengths.")
@@ -136,7 +145,7 @@ def patch_tokens(
     cells, axes, sizes = make_cells(config, model.cfg, n_pos)
     values = sweep(stack, cells, target, source, metric, target_logits=target_logits, read_pos=read,
                    memory_budget_mb=config.memory_budget_mb, progress=progress,
-                   desc=f"patching {point}")
+                   desc=f"patching {point}", store=store)
     values = values.T.reshape(clean.shape[0], *sizes)
     return values, metric(clean_logits), metric(corrupt_logits), axes
 
@@ -156,12 +165,14 @@ def activation_patching(
     positions: Sequence[int] | None = None,
     memory_budget_mb: float = 1024.0,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> PatchingResult:
     """Patch ``component`` at every (layer, [head], position) cell and measure ``metric``.
 
     ``metric`` is a name (``"logit_diff"``, ``"logprob"``, ``"prob"``, ``"rank"``) bound to the pairs'
     answers, or a metric object from :mod:`recallscope.metrics`. All pairs must share one token length
-    (use :func:`recallscope.tasks.pairs.group_by_length` for mixed datasets).
+    (use :func:`recallscope.tasks.pairs.group_by_length` for mixed datasets). ``checkpoint_dir``:
+    checkpoint finished chunks there; the same call resumes from them after an interruption.
     """
     t0 = time.perf_counter()
     tp = pairs if isinstance(pairs, TokenizedPairs) else tokenize_pairs(model, pairs)
@@ -169,8 +180,11 @@ def activation_patching(
     config = PatchingConfig(Component(component), per_position, per_head, window, Direction(direction),
                             Corruption(corruption), tuple(layers) if layers is not None else None,
                             tuple(positions) if positions is not None else None, memory_budget_mb)
+    cfg_dict = {**config.to_dict(), "metric": getattr(metric_obj, "name", str(metric)), "method": "activation_patching"}
+    manifest = build_manifest(model, [p.clean for p in tp.pairs] + [p.corrupt for p in tp.pairs], cfg_dict)
+    store = open_store(checkpoint_dir, manifest, inputs={"answer": tp.answer, "wrong": tp.wrong, "metric": metric_obj})
     values, clean_m, corrupt_m, axes = patch_tokens(model, tp.clean, tp.corrupt, metric_obj, config,
-                                                    progress=progress)
+                                                    progress=progress, store=store)
     labels = {"layer": [str(layer) for layer in (config.layers or range(model.cfg.n_layers))]}
     if "pos" in axes:
         toks = model.tokenizer.convert_ids_to_tokens(tp.clean[0].tolist())
@@ -178,8 +192,6 @@ def activation_patching(
         labels["pos"] = [f"{toks[p]}·{p}" for p in pos_list]
     if "head" in axes:
         labels["head"] = [str(h) for h in range(values.shape[1 + axes.index("head")])]
-    cfg_dict = {**config.to_dict(), "metric": getattr(metric_obj, "name", str(metric)), "method": "activation_patching"}
-    manifest = build_manifest(model, [p.clean for p in tp.pairs] + [p.corrupt for p in tp.pairs], cfg_dict,
-                              timings={"total": time.perf_counter() - t0})
+    manifest["timings_s"] = {"total": time.perf_counter() - t0}
     return PatchingResult(values=values, axes=axes, clean=clean_m.float(), corrupt=corrupt_m.float(),
                           labels=labels, config=cfg_dict, manifest=manifest)

@@ -11,9 +11,11 @@
    token, first subsequent token, further tokens, last token) and averaged per prompt, so prompts
    of different lengths can be pooled with bootstrap confidence intervals.
 
-Every restoration is evaluated by the exact sweep engine (:mod:`recallscope.patching.engine`).
+Every restoration is evaluated by the exact sweep engine (:mod:`recallscope.patching.engine`); with
+``checkpoint_dir`` its finished chunks are checkpointed (:mod:`recallscope.store`) and a rerun resumes.
 """
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,6 +33,7 @@ from recallscope.patching.engine import Cell, sweep
 from recallscope.patching.traces import reference_run
 from recallscope.results import PatchingResult
 from recallscope.sites import Site, layer_window
+from recallscope.store import ChunkStore, open_store
 from recallscope.tasks.pairs import PromptPair, group_by_length, single_token_id, to_tokens
 from recallscope.vocab import Component
 
@@ -83,8 +86,12 @@ def _noise(spans: Sequence[tuple[int, int]], n_pos: int, d_model: int, n_samples
 
 def trace_tokens(model: Any, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, " batch"],
                  spans: Sequence[tuple[int, int]], config: TraceConfig, *, gen: torch.Generator,
-                 noise_std: float, progress: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """One equal-length batch. Returns (restored p [batch, layer, pos], clean p [batch], noised p [batch])."""
+                 noise_std: float, progress: bool = True, store: ChunkStore | None = None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """One equal-length batch. Returns (restored p [batch, layer, pos], clean p [batch], noised p [batch]).
+
+    ``store``: checkpoint the engine's chunks there (see :func:`recallscope.store.open_store`).
+    """
     stack = build_stack(model)
     b, n_pos = tokens.shape
     n = config.n_samples
@@ -100,7 +107,8 @@ def trace_tokens(model: Any, tokens: Int[Tensor, "batch pos"], answers: Int[Tens
                         layer_window(config.component, layer, config.window, stack.n_layers)))
              for layer in layers for pos in range(n_pos)]
     values = sweep(stack, cells, noised_trace, clean_trace, metric, target_logits=noised_logits, read_pos=read,
-                   memory_budget_mb=config.memory_budget_mb, progress=progress, desc=f"tracing {point}")
+                   memory_budget_mb=config.memory_budget_mb, progress=progress, desc=f"tracing {point}",
+                   store=store)
     restored = values.view(len(layers), n_pos, b, n).mean(-1).permute(2, 0, 1)
     return restored, metric(clean_logits).view(b, n)[:, 0], metric(noised_logits).view(b, n).mean(-1)
 
@@ -128,12 +136,14 @@ def causal_trace(
     by: str = "category",
     memory_budget_mb: float = 1024.0,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> PatchingResult:
     """ROME's causal trace over prompts with a ``spans["subject"]`` (see the module docstring).
 
     ``by="category"`` pools prompts of any length into ROME's token categories (axes layer x token);
     ``by="pos"`` keeps raw positions and needs prompts of one token length. Values are p(answer) after
-    restoration; ``result.effect()`` gives indirect effects.
+    restoration; ``result.effect()`` gives indirect effects. ``checkpoint_dir``: checkpoint finished
+    chunks there; the same call resumes from them after an interruption.
     """
     if not items:
         raise EmptyDatasetError("causal_trace got no prompts; pass at least one PromptPair with a subject span.")
@@ -150,13 +160,18 @@ def causal_trace(
     if by == "pos" and len(groups) > 1:
         raise ConfigError(f"by='pos' needs prompts of one token length, got lengths {sorted(groups)}; use "
                           "by='category' to pool prompts of different lengths.")
+    cfg = {**config.to_dict(), "method": "causal_trace", "by": by, "noise_std_unit": std, "metric": "prob"}
+    manifest = build_manifest(model, [it.clean for it in items], cfg, seed=seed)
+    store = open_store(checkpoint_dir, manifest, inputs={"answers": [it.answer for it in items],
+                                                         "spans": [it.spans["subject"] for it in items]})
     rows, cleans, noiseds, order = [], [], [], []
     for n_pos, group in groups.items():
         tokens = torch.stack(to_tokens(model, [g.clean for g in group]))
         answers = torch.tensor([single_token_id(model, g.answer) for g in group])
         spans = [g.spans["subject"] for g in group]
         restored, clean_p, noised_p = trace_tokens(model, tokens, answers, spans, config, gen=gen,
-                                                   noise_std=std, progress=progress)
+                                                   noise_std=std, progress=progress,
+                                                   store=store.child(f"len{n_pos}"))
         for i in range(len(group)):
             rows.append(categorize(restored[i], spans[i]) if by == "category" else restored[i])
         cleans.append(clean_p)
@@ -170,9 +185,7 @@ def causal_trace(
         toks = model.tokenizer.convert_ids_to_tokens(to_tokens(model, [items[0].clean])[0].tolist())
         labels = {"layer": layer_labels, "pos": [f"{t}·{i}" for i, t in enumerate(toks)]}
         axes = ("layer", "pos")
-    cfg = {**config.to_dict(), "method": "causal_trace", "by": by, "noise_std_unit": std, "metric": "prob"}
-    manifest = build_manifest(model, [it.clean for it in items], cfg, seed=seed,
-                              timings={"total": time.perf_counter() - t0})
+    manifest["timings_s"] = {"total": time.perf_counter() - t0}
     inv = torch.tensor(order).argsort()
     return PatchingResult(values=torch.stack(rows)[inv], axes=axes, clean=torch.cat(cleans)[inv],
                           corrupt=torch.cat(noiseds)[inv], labels=labels, config=cfg, manifest=manifest)

@@ -13,6 +13,9 @@ run into a *target* run; denoising: source = clean, target = corrupt):
    (staggered), so one layer's matmuls serve many cells at once.
 4. Only the positions the metric reads are unembedded.
 5. Batches are chunked so activations stay under a memory budget; a progress bar tracks chunks.
+6. With a :class:`~recallscope.store.ChunkStore`, each finished chunk is checkpointed under a name
+   derived from its plan index and content, and a rerun loads it instead of recomputing it.
+7. Every metric value is checked: a NaN or inf raises :class:`NonFiniteMetricError` naming the cell.
 
 The result equals running every cell as a separate full forward (TransformerLens's loop); the tests
 check that against ``transformer_lens.patching`` and against a per-cell loop.
@@ -26,9 +29,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recallscope.errors import NonFiniteMetricError
 from recallscope.models.forward import Trace, block
 from recallscope.models.stack import Stack
 from recallscope.sites import Site
+from recallscope.store import ChunkStore, fingerprint
 from recallscope.vocab import Component
 
 POS_DIM = {"pattern": 2}  # the position (dest) axis; every other component has it at dim 1
@@ -130,6 +135,41 @@ def run_chunk(stack: Stack, cells: list[Cell], target: Trace, source: Trace, *, 
     return stack.unembed(stack.final_norm(x[:, read_pos - pos0]))
 
 
+def check_finite(values: Float[Tensor, "row batch"], where: Callable[[int], str], *, hint: str = "") -> None:
+    """Raise :class:`NonFiniteMetricError` naming ``where(row)`` if any metric value is NaN or inf."""
+    bad = ~torch.isfinite(values)
+    if not bad.any():
+        return
+    row, prompt = (int(i) for i in bad.nonzero()[0])
+    hint = hint or ("If the model runs in float16, its activations may overflow: load it with dtype='bf16' "
+                    "or 'fp32'. A custom metric must return finite values (clamp probabilities before a log).")
+    raise NonFiniteMetricError(f"the metric is {float(values[row, prompt])} for prompt {prompt} at {where(row)} "
+                               f"({int(bad.sum())} non-finite values in this chunk). {hint}")
+
+
+def chunk_name(index: int, pos0: int, cells: Sequence[Cell], read_pos: Sequence[int], batch: int,
+               n_pos: int) -> str:
+    """A checkpoint name that changes whenever what the chunk computes changes."""
+    digest = fingerprint((pos0, [c.sites for c in cells], list(read_pos), batch, n_pos))[:16]
+    return f"c{index:05d}-{digest}"
+
+
+def plan_chunks(stack: Stack, cells: Sequence[Cell], batch: int, n_pos: int, memory_budget_mb: float
+                ) -> list[tuple[int, list[int]]]:
+    """(pos0, cell indices) per chunk: cells grouped by first position, sorted by start layer, and cut
+    so one chunk's activations fit in ``memory_budget_mb`` (down to one cell per chunk)."""
+    groups: dict[int, list[int]] = {}
+    for i, cell in enumerate(cells):
+        groups.setdefault(cell.pos0, []).append(i)
+    plan = []
+    for pos0, idxs in sorted(groups.items()):
+        idxs = sorted(idxs, key=lambda i: cells[i].start_layer)
+        per_cell = batch * (n_pos - pos0) * _bytes_per_row_position(stack, n_pos)
+        size = max(1, int(memory_budget_mb * 2**20) // max(1, per_cell))
+        plan += [(pos0, idxs[j:j + size]) for j in range(0, len(idxs), size)]
+    return plan
+
+
 def sweep(
     stack: Stack,
     cells: Sequence[Cell],
@@ -142,33 +182,34 @@ def sweep(
     memory_budget_mb: float = 1024.0,
     progress: bool = True,
     desc: str = "patching",
+    store: ChunkStore | None = None,
 ) -> Float[Tensor, "cell batch"]:
     """Metric value per (cell, prompt) for every cell; see the module docstring for the algorithm.
 
     ``target_logits`` are the unpatched target run's logits at ``read_pos`` (sorted ascending); read
-    positions before a cell's first position keep them, since the patch cannot reach them.
+    positions before a cell's first position keep them, since the patch cannot reach them. With a
+    ``store``, finished chunks are checkpointed and reloaded (see :mod:`recallscope.store`).
     """
     batch, n_read = target_logits.shape[0], target_logits.shape[1]
     n_pos = target.acts[("resid_pre", 0)].shape[1]
     read = torch.tensor(list(read_pos))
+    store = store or ChunkStore.disabled()
     out = torch.empty(len(cells), batch)
-    groups: dict[int, list[int]] = {}
-    for i, cell in enumerate(cells):
-        groups.setdefault(cell.pos0, []).append(i)
-    plan = []
-    for pos0, idxs in sorted(groups.items()):
-        idxs = sorted(idxs, key=lambda i: cells[i].start_layer)
-        per_cell = batch * (n_pos - pos0) * _bytes_per_row_position(stack, n_pos)
-        size = max(1, int(memory_budget_mb * 2**20) // max(1, per_cell))
-        plan += [(pos0, idxs[j:j + size]) for j in range(0, len(idxs), size)]
+    plan = plan_chunks(stack, cells, batch, n_pos, memory_budget_mb)
     with torch.no_grad():
-        for pos0, idxs in tqdm(plan, desc=desc, disable=not progress, leave=False):
+        for j, (pos0, idxs) in enumerate(tqdm(plan, desc=desc, disable=not progress, leave=False)):
             chunk = [cells[i] for i in idxs]
-            logits = target_logits.repeat(len(chunk), 1, 1)
-            live = read >= pos0
-            if live.any():
-                logits[:, live] = run_chunk(stack, chunk, target, source, batch=batch, n_pos=n_pos,
-                                            pos0=pos0, read_pos=read[live]).to(logits.dtype)
-            values = metric(logits.view(len(chunk), batch, n_read, -1))
-            out[idxs] = values.float().cpu()
+
+            def compute() -> dict[str, Tensor]:
+                logits = target_logits.repeat(len(chunk), 1, 1)
+                live = read >= pos0
+                if live.any():
+                    logits[:, live] = run_chunk(stack, chunk, target, source, batch=batch, n_pos=n_pos,
+                                                pos0=pos0, read_pos=read[live]).to(logits.dtype)
+                values = metric(logits.view(len(chunk), batch, n_read, -1)).float().cpu()
+                check_finite(values, lambda r: "cell " + " + ".join(s.label for s in chunk[r].sites))
+                return {"values": values}
+
+            values = store.get_or_compute(chunk_name(j, pos0, chunk, read_pos, batch, n_pos), compute)["values"]
+            out[idxs] = values
     return out

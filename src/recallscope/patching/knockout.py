@@ -9,9 +9,11 @@
    keys and values come from the clean run) and measure the metric.
 
 The result has axes (layer, edge): ``values[prompt, window_center, edge]``; both baselines are the
-unblocked run, so ``result.effect()`` is the change caused by the knockout.
+unblocked run, so ``result.effect()`` is the change caused by the knockout. With ``checkpoint_dir``,
+each finished (length group, edge) is checkpointed (:mod:`recallscope.store`) and a rerun resumes.
 """
 
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -25,9 +27,11 @@ from recallscope.errors import ConfigError, EmptyDatasetError
 from recallscope.manifest import build_manifest
 from recallscope.models.forward import block
 from recallscope.models.stack import build_stack
+from recallscope.patching.engine import check_finite
 from recallscope.patching.traces import reference_run
 from recallscope.results import PatchingResult
 from recallscope.sites import layer_window
+from recallscope.store import ChunkStore, open_store
 from recallscope.tasks.pairs import PromptPair, group_by_length, single_token_id, to_tokens
 from recallscope.vocab import Component
 
@@ -68,6 +72,24 @@ def _knockout_batch(stack: Any, trace: Any, clean_logits: Tensor, masks: Tensor,
     return metric(stack.unembed(stack.final_norm(x[:, read - pos0])))
 
 
+def _knockout_edge(stack: Any, trace: Any, clean_logits: Tensor, group: Sequence[PromptPair], query: str,
+                   edge: str, window: int, met: Any, n_pos: int, read: Tensor, has_bos: bool) -> Tensor:
+    """Metric ``[prompt, window_center]`` with ``query -> edge`` attention blocked in each window."""
+    masks = torch.zeros(len(group), n_pos, n_pos, dtype=torch.bool)
+    for i, g in enumerate(group):
+        for q in key_positions(g, query, n_pos, has_bos=has_bos):
+            masks[i, q, key_positions(g, edge, n_pos, has_bos=has_bos)] = True
+    cols = []
+    for c in range(stack.n_layers):
+        layers = [s.layer for s in layer_window(Component.ATTN_OUT, c, window, stack.n_layers)]
+        cols.append(_knockout_batch(stack, trace, clean_logits, masks, layers, met, n_pos, read).float().cpu())
+    out = torch.stack(cols, dim=1)
+    check_finite(out.T, lambda c: f"the layer window centred at {c}, knockout {query}→{edge}",
+                 hint="Softmax over no keys is NaN: the knockout may block every key a query can attend to; "
+                      "block fewer keys. If the model runs in float16, load it with dtype='bf16' or 'fp32'.")
+    return out
+
+
 def attention_knockout(
     model: Any,
     items: Sequence[PromptPair],
@@ -77,14 +99,21 @@ def attention_knockout(
     window: int = 9,
     metric: str = "prob",
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> PatchingResult:
-    """Block attention ``query -> edge`` over layer windows; see the module docstring."""
+    """Block attention ``query -> edge`` over layer windows; see the module docstring.
+
+    ``checkpoint_dir``: checkpoint each finished edge there; the same call resumes from them.
+    """
     if not items:
         raise EmptyDatasetError("attention_knockout got no prompts.")
     t0 = time.perf_counter()
     stack = build_stack(model)
     has_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
-    centers = list(range(stack.n_layers))
+    cfg = {"method": "attention_knockout", "edges": list(edges), "query": query, "window": window, "metric": metric}
+    manifest = build_manifest(model, [it.clean for it in items], cfg)
+    store = open_store(checkpoint_dir, manifest, inputs={"answers": [it.answer for it in items],
+                                                         "spans": [it.spans for it in items], "bos": has_bos})
     rows, base, order = [], [], []
     for n_pos, group in group_by_length(model, items).items():
         tokens = torch.stack(to_tokens(model, [g.clean for g in group]))
@@ -92,23 +121,18 @@ def attention_knockout(
         met = {"prob": M.Prob, "logprob": M.LogProb}[metric](answers)
         read = torch.tensor(met.read_positions(n_pos))
         clean_logits, trace = reference_run(stack, tokens, [], read.tolist())
-        out = torch.empty(len(group), len(centers), len(edges))
+        sub = store.child(f"len{n_pos}")
         with torch.no_grad():
-            for e, edge in enumerate(tqdm(edges, desc="knockout", disable=not progress, leave=False)):
-                masks = torch.zeros(len(group), n_pos, n_pos, dtype=torch.bool)
-                for i, g in enumerate(group):
-                    for q in key_positions(g, query, n_pos, has_bos=has_bos):
-                        masks[i, q, key_positions(g, edge, n_pos, has_bos=has_bos)] = True
-                for c in centers:
-                    layers = [s.layer for s in layer_window(Component.ATTN_OUT, c, window, stack.n_layers)]
-                    out[:, c, e] = _knockout_batch(stack, trace, clean_logits, masks, layers, met, n_pos, read)
-        rows.append(out)
+            cols = [sub.get_or_compute(f"e{e}", lambda edge=edge: {"values": _knockout_edge(
+                        stack, trace, clean_logits, group, query, edge, window, met, n_pos, read, has_bos)})["values"]
+                    for e, edge in enumerate(tqdm(edges, desc="knockout", disable=not progress, leave=False))]
+        rows.append(torch.stack(cols, dim=-1))
         base.append(met(clean_logits))
         order += [items.index(g) for g in group]
     inv = torch.tensor(order).argsort()
     baseline = torch.cat(base)[inv].float()
-    cfg = {"method": "attention_knockout", "edges": list(edges), "query": query, "window": window, "metric": metric}
-    manifest = build_manifest(model, [it.clean for it in items], cfg, timings={"total": time.perf_counter() - t0})
+    manifest["timings_s"] = {"total": time.perf_counter() - t0}
     return PatchingResult(values=torch.cat(rows)[inv], axes=("layer", "edge"), clean=baseline, corrupt=baseline,
-                          labels={"layer": [str(c) for c in centers], "edge": [f"{query}→{e}" for e in edges]},
+                          labels={"layer": [str(c) for c in range(stack.n_layers)],
+                                  "edge": [f"{query}→{e}" for e in edges]},
                           config=cfg, manifest=manifest)

@@ -44,7 +44,13 @@ _FIX_ALPHABET = "the standard alphabet is A-Z, a-z, 0-9, '+' and '/', with '=' p
 # --------------------------------------------------------------------------------------------- codec
 def encode(data: bytes | str) -> str:
     """Base64-encode ``data`` (a ``str`` is encoded as UTF-8 first) with the standard alphabet and padding."""
-    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    try:
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+    except UnicodeEncodeError as err:
+        raise ConfigError(
+            f"text {data[:40]!r} holds an unpaired surrogate ({data[err.start]!r} at index {err.start}), which "
+            "has no UTF-8 encoding. Fix the text's encoding (decode the source bytes as UTF-8)."
+        ) from None
     out: list[str] = []
     for start in range(0, len(raw), 3):
         chunk = raw[start : start + 3]

@@ -1,0 +1,183 @@
+"""Resumable sweeps: SIGKILL at a random point, resume, and get the uninterrupted result bit for bit.
+
+Also: a rerun recomputes nothing, damaged chunks are recomputed with a warning, and a changed
+config, model or answer never reuses another run's chunks. Covers activation patching, the ROME
+causal trace and attention knockout.
+"""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from recallscope.patching import activation_patching, attention_knockout, causal_trace
+from recallscope.patching import engine, knockout
+from recallscope.results import PatchingResult
+from recallscope.store import CorruptChunkWarning
+from recallscope.tasks.pairs import PromptPair
+
+PAIRS = [PromptPair("The capital of France is a city called", "The capital of Spain is a city called", " Paris",
+                    " Madrid"),
+         PromptPair("The capital of Spain is a city called", "The capital of France is a city called", " Madrid",
+                    " Paris")]
+SWEEP = dict(component="resid_pre", memory_budget_mb=1e-4)  # one cell per chunk: 2 layers x 9 positions
+ITEMS = [PromptPair("The Eiffel Tower is in", "The Eiffel Tower is in", " Paris", spans={"subject": (1, 4)}),
+         PromptPair("Rome is the capital of", "Rome is the capital of", " Italy", spans={"subject": (1, 2)}),
+         PromptPair("The city of Rome is in", "The city of Rome is in", " Italy", spans={"subject": (3, 5)})]
+
+KILLED_RUN = """
+import json, sys
+from transformers import AutoTokenizer
+from recallscope.models import tiny_model
+from recallscope.patching import activation_patching
+from recallscope.tasks.pairs import PromptPair
+tokenizer_dir, checkpoint_dir, pairs, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+model = tiny_model("gpt2", tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir), seed=0)
+pairs = [PromptPair(*p) for p in pairs]
+activation_patching(model, pairs, progress=False, checkpoint_dir=checkpoint_dir, **options)
+print("finished")
+"""
+
+
+def assert_same_bits(a: PatchingResult, b: PatchingResult) -> None:
+    for name in ("values", "clean", "corrupt"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        assert x.numpy().tobytes() == y.numpy().tobytes(), f"{name} differs"
+    assert a.labels == b.labels and a.config == b.config
+
+
+class Counter:
+    """Wraps a function and counts its calls; ``fail_after`` raises to simulate an interruption."""
+
+    def __init__(self, fn, fail_after: int | None = None):
+        self.fn, self.calls, self.fail_after = fn, 0, fail_after
+
+    def __call__(self, *args, **kwargs):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
+def _chunk_files(root: Path) -> list[Path]:
+    return sorted(root.glob("*/*.safetensors"))
+
+
+def _verified(file: Path) -> bool:
+    digest = file.name.split(".")[1]
+    return hashlib.sha256(file.read_bytes()).hexdigest()[:32] == digest
+
+
+def test_sigkill_at_a_random_point_then_resume_is_bitwise_identical(tiny_gpt2, gpt2_tokenizer_dir, tmp_path,
+                                                                     monkeypatch):
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    fresh = activation_patching(tiny_gpt2, PAIRS, progress=False, **SWEEP)
+    n_chunks = fresh.values[0].numel()
+    kill_at = rng.randint(1, n_chunks // 2)
+    ckpt = tmp_path / "ckpt"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(gpt2_tokenizer_dir), str(ckpt),
+                             json.dumps([[p.clean, p.corrupt, p.answer, p.wrong] for p in PAIRS]), json.dumps(SWEEP)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None and len(_chunk_files(ckpt)) < kill_at:
+            time.sleep(0.002)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        out, err = proc.communicate(timeout=60)
+    info = f"seed {seed}, kill after {kill_at} of {n_chunks} chunks; child stderr: {err[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, info
+    done = _chunk_files(ckpt)
+    assert 0 < len(done) < n_chunks, info
+    assert all(_verified(f) for f in done), f"a chunk under its final name is incomplete ({info})"
+
+    counter = Counter(engine.run_chunk)
+    monkeypatch.setattr(engine, "run_chunk", counter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CorruptChunkWarning)  # nothing damaged may be found, let alone read
+        resumed = activation_patching(tiny_gpt2, PAIRS, progress=False, checkpoint_dir=ckpt, **SWEEP)
+    assert counter.calls == n_chunks - len(done), f"finished chunks were recomputed ({info})"
+    assert_same_bits(resumed, fresh)
+    assert not list(ckpt.glob("*/.*.tmp")), "the killed writer's temporary file was not cleaned up"
+
+
+def _run(method: str, model, **kw) -> PatchingResult:
+    if method == "patching":
+        return activation_patching(model, PAIRS, progress=False, **SWEEP, **kw)
+    if method == "trace":
+        return causal_trace(model, ITEMS, n_samples=2, window=2, component="mlp_out", memory_budget_mb=1e-4,
+                            progress=False, **kw)
+    return attention_knockout(model, ITEMS, window=1, progress=False, **kw)
+
+
+def _work_counter(monkeypatch, method: str, fail_after: int | None = None) -> Counter:
+    module, name = (knockout, "_knockout_edge") if method == "knockout" else (engine, "run_chunk")
+    counter = Counter(getattr(module, name), fail_after)
+    monkeypatch.setattr(module, name, counter)
+    return counter
+
+
+@pytest.mark.parametrize("method", ["patching", "trace", "knockout"])
+def test_interrupted_twice_then_resumed_equals_uninterrupted(tiny_gpt2, tmp_path, monkeypatch, method):
+    tiny = tiny_gpt2
+    with monkeypatch.context() as m:
+        total = _work_counter(m, method)
+        fresh = _run(method, tiny)
+    assert total.calls >= 3
+    ckpt = tmp_path / method
+    for fail_after in (1, total.calls // 2):  # interrupted after 1 chunk, then again half-way
+        with monkeypatch.context() as m:
+            _work_counter(m, method, fail_after)
+            with pytest.raises(KeyboardInterrupt):
+                _run(method, tiny, checkpoint_dir=ckpt)
+    with monkeypatch.context() as m:
+        counter = _work_counter(m, method)
+        resumed = _run(method, tiny, checkpoint_dir=ckpt)
+    assert counter.calls == total.calls - 1 - total.calls // 2
+    assert_same_bits(resumed, fresh)
+    with monkeypatch.context() as m:
+        counter = _work_counter(m, method)
+        again = _run(method, tiny, checkpoint_dir=ckpt)
+    assert counter.calls == 0, "a finished run is not recomputed"
+    assert_same_bits(again, fresh)
+
+
+def test_damaged_chunks_are_recomputed_with_a_warning(tiny_gpt2, tmp_path, monkeypatch):
+    fresh = _run("patching", tiny_gpt2, checkpoint_dir=tmp_path)
+    files = _chunk_files(tmp_path)
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated
+    files[5].write_bytes(os.urandom(files[5].stat().st_size))  # same size, wrong content
+    counter = _work_counter(monkeypatch, "patching")
+    with pytest.warns(CorruptChunkWarning) as record:
+        again = _run("patching", tiny_gpt2, checkpoint_dir=tmp_path)
+    assert len([w for w in record if w.category is CorruptChunkWarning]) == 2
+    assert counter.calls == 2
+    assert_same_bits(again, fresh)
+    assert all(_verified(f) for f in _chunk_files(tmp_path))
+
+
+def test_changed_config_model_or_answers_never_reuse_chunks(tiny_gpt2, tiny_llama, tmp_path, monkeypatch):
+    _run("patching", tiny_gpt2, checkpoint_dir=tmp_path)
+    changes = {
+        "config": (tiny_gpt2, PAIRS, {"component": "resid_post"}),
+        "model": (tiny_llama, PAIRS, {}),
+        "answers": (tiny_gpt2, [PromptPair(p.clean, p.corrupt, p.wrong, p.answer) for p in PAIRS], {}),
+        "budget": (tiny_gpt2, PAIRS, {"memory_budget_mb": 1.0}),
+    }
+    for what, (model, pairs, options) in changes.items():
+        before = {d for d in tmp_path.iterdir() if d.is_dir()}
+        with monkeypatch.context() as m:
+            counter = _work_counter(m, "patching")
+            activation_patching(model, pairs, progress=False, checkpoint_dir=tmp_path, **{**SWEEP, **options})
+        (new,) = {d for d in tmp_path.iterdir() if d.is_dir()} - before
+        assert counter.calls == len(list(new.glob("*.safetensors"))) > 0, f"a changed {what} reused stale chunks"

@@ -236,7 +236,8 @@ def atp(
     t0 = time.perf_counter()
     prep = prepare(model, pairs, metric)
     stack, met, read = prep.stack, prep.metric, prep.read
-    cfg = AtPConfig(tuple(Component(c).value for c in (components or ALL_COMPONENTS)), Direction(direction),
+    names = tuple(c.value if isinstance(c, Component) else str(c) for c in (components or ALL_COMPONENTS))
+    cfg = AtPConfig(names, Direction(direction),
                     check_corruption(direction, corruption), qk_fix, graddrop, int(ig_steps), memory_budget_mb)
     _check(cfg, stack)
     tgt_tokens, src_tokens = target_source(prep.tp, cfg.direction)

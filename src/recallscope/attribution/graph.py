@@ -145,10 +145,13 @@ class Graph:
         """Indices of an edge named ``"sender -> receiver"``."""
         try:
             a, b = (s.strip() for s in label.split("->"))
-            return self.senders.index(a), self.receivers.index(b)
+            u, v = self.senders.index(a), self.receivers.index(b)
         except ValueError as exc:
             raise ConfigError(f"no edge {label!r} in this graph; edges are named like 'a0.h1 -> m1' or "
                               "'input -> a1.h0.q'.") from exc
+        if not self.valid[u, v]:
+            raise ConfigError(f"no edge {label!r} in this graph: {b} reads the residual before {a} writes it.")
+        return u, v
 
     def sender_layer(self, u: int) -> int:
         """Layer of a sender (-1 for the input)."""

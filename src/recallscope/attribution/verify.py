@@ -34,7 +34,7 @@ from recallscope.patching.traces import reference_run
 from recallscope.results import load_result_dir, save_result_dir
 from recallscope.sites import Site
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs
-from recallscope.vocab import Direction
+from recallscope.vocab import Component, Direction
 
 METHODS = ("atp", "atp*", "eap-ig")
 """Estimators attribute-then-verify can rank with (``eap-ig`` = node-level IG on the inputs)."""
@@ -135,7 +135,7 @@ class VerifyResult:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "VerifyResult":
         tensors, meta, _ = load_result_dir(directory, "VerifyResult")
-        sites = [Site(c, layer, pos, head) for c, layer, pos, head in meta["sites"]]
+        sites = [Site(Component(c), layer, pos, head) for c, layer, pos, head in meta["sites"]]
         return cls(sites, tensors["estimated"], tensors["exact"], meta["spearman"], meta["precision_at_k"],
                    meta["hit_rate"], meta["k"], meta.get("config", {}), meta.get("site_labels", []))
 

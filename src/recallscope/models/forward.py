@@ -24,6 +24,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recallscope.models.stack import Stack
+from recallscope.scale.devices import layer_device
 
 Edit = Callable[[str, int, Tensor], Tensor]
 POINTS = ("resid_pre", "q", "k", "v", "scores", "pattern", "z", "attn_out", "resid_mid", "mlp_out",
@@ -101,6 +102,9 @@ def block(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One transformer block on residual ``x`` at ``positions``. Returns (resid_post, keys, values)."""
     lp = stack.layers[layer]
+    dev = layer_device(stack, layer)  # a model spread over devices: move the residual to this block
+    if dev is not None:
+        x, positions = x.to(dev), positions.to(dev)
     x = edit("resid_pre", layer, x)
     keep("resid_pre", x)
     attn_out, k, v = attention(stack, layer, lp.ln1(x), positions, past, edit, keep)

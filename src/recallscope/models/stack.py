@@ -143,8 +143,8 @@ def _llama_like_stack(m: Any) -> Stack:
     rotary = unwrap(inner.rotary_emb)
 
     def rope(q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        cos, sin = rotary(q, positions.unsqueeze(0))
-        return apply_rope(q, k, cos, sin)
+        cos, sin = rotary(q, positions.unsqueeze(0))  # on the rotary module's device
+        return apply_rope(q, k, cos.to(q.device), sin.to(q.device))
 
     return Stack(
         n_layers=len(layers), n_heads=n_heads, n_kv_heads=getattr(cfg, "num_key_value_heads", n_heads),

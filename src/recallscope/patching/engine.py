@@ -15,6 +15,9 @@ run into a *target* run; denoising: source = clean, target = corrupt):
 5. Batches are chunked so activations stay under a memory budget; a progress bar tracks chunks.
 6. With a :class:`~recallscope.store.ChunkStore`, each finished chunk is checkpointed under a name
    derived from its plan index and content, and a rerun loads it instead of recomputing it.
+   Chunks run on the current executor (this process by default; Ray workers inside
+   :func:`recallscope.scale.ray_sweeps`), and a chunk that runs out of memory is retried in halves
+   (:class:`~recallscope.scale.memory.OOMBackoff`).
 7. Every metric value is checked: a NaN or inf raises :class:`NonFiniteMetricError` naming the cell.
 
 The result equals running every cell as a separate full forward (TransformerLens's loop); the tests
@@ -27,11 +30,12 @@ from typing import Callable, Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from recallscope.errors import NonFiniteMetricError
 from recallscope.models.forward import Trace, block
 from recallscope.models.stack import Stack
+from recallscope.scale.executor import current_executor
+from recallscope.scale.memory import OOMBackoff
 from recallscope.sites import Site
 from recallscope.store import ChunkStore, fingerprint
 from recallscope.vocab import Component
@@ -124,7 +128,7 @@ def run_chunk(stack: Stack, cells: list[Cell], target: Trace, source: Trace, *, 
         joining = sum(1 for c in cells if c.start_layer == layer)
         if joining:
             fresh = target.acts[("resid_pre", layer)][:, pos0:].repeat(joining, 1, 1)
-            x = fresh if x is None else torch.cat([x, fresh], dim=0)
+            x = fresh if x is None else torch.cat([x.to(fresh.device), fresh], dim=0)
             n_active += joining
         k, v = target.kv[layer]
         past = (k[:, :, :pos0].repeat(n_active, 1, 1, 1),
@@ -170,6 +174,56 @@ def plan_chunks(stack: Stack, cells: Sequence[Cell], batch: int, n_pos: int, mem
     return plan
 
 
+@dataclass(frozen=True)
+class SweepJob:
+    """A sweep's inputs (all but the model) and its chunk plan: what an executor evaluates.
+
+    Picklable (cells, traces, tensors and a metric object), so a worker holding its own copy of the
+    model can evaluate any chunk (:mod:`recallscope.scale.executor`).
+    """
+
+    cells: tuple[Cell, ...]
+    plan: tuple[tuple[int, tuple[int, ...]], ...]
+    target: Trace
+    source: Trace
+    metric: Callable[[Tensor], Tensor]
+    target_logits: Float[Tensor, "batch read vocab"]
+    read_pos: tuple[int, ...]
+
+    @property
+    def batch(self) -> int:
+        return int(self.target_logits.shape[0])
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.target.acts[("resid_pre", 0)].shape[1])
+
+    def name(self, j: int) -> str:
+        """The checkpoint name of chunk ``j``."""
+        pos0, idxs = self.plan[j]
+        return chunk_name(j, pos0, [self.cells[i] for i in idxs], self.read_pos, self.batch, self.n_pos)
+
+    def compute(self, stack: Stack, j: int, backoff: OOMBackoff | None = None) -> Float[Tensor, "cell batch"]:
+        """Metric values of chunk ``j`` on the CPU; on out-of-memory the chunk runs in smaller pieces."""
+        pos0, idxs = self.plan[j]
+        chunk = [self.cells[i] for i in idxs]
+        read = torch.tensor(self.read_pos)
+        live = read >= pos0
+        batch, n_read = self.batch, len(self.read_pos)
+
+        def values(part: Sequence[Cell]) -> Tensor:
+            logits = self.target_logits.repeat(len(part), 1, 1)
+            if live.any():
+                logits[:, live] = run_chunk(stack, list(part), self.target, self.source, batch=batch,
+                                            n_pos=self.n_pos, pos0=pos0, read_pos=read[live]).to(logits)
+            return self.metric(logits.view(len(part), batch, n_read, -1)).float().cpu()
+
+        with torch.no_grad():
+            out = (backoff or OOMBackoff()).run(values, chunk)
+        check_finite(out, lambda r: "cell " + " + ".join(s.label for s in chunk[r].sites))
+        return out
+
+
 def sweep(
     stack: Stack,
     cells: Sequence[Cell],
@@ -188,28 +242,16 @@ def sweep(
 
     ``target_logits`` are the unpatched target run's logits at ``read_pos`` (sorted ascending); read
     positions before a cell's first position keep them, since the patch cannot reach them. With a
-    ``store``, finished chunks are checkpointed and reloaded (see :mod:`recallscope.store`).
+    ``store``, finished chunks are checkpointed and reloaded (see :mod:`recallscope.store`). The chunks
+    run on the current executor (:func:`recallscope.scale.executor.use_executor`; default: this process).
     """
-    batch, n_read = target_logits.shape[0], target_logits.shape[1]
+    batch = target_logits.shape[0]
     n_pos = target.acts[("resid_pre", 0)].shape[1]
-    read = torch.tensor(list(read_pos))
-    store = store or ChunkStore.disabled()
-    out = torch.empty(len(cells), batch)
     plan = plan_chunks(stack, cells, batch, n_pos, memory_budget_mb)
-    with torch.no_grad():
-        for j, (pos0, idxs) in enumerate(tqdm(plan, desc=desc, disable=not progress, leave=False)):
-            chunk = [cells[i] for i in idxs]
-
-            def compute() -> dict[str, Tensor]:
-                logits = target_logits.repeat(len(chunk), 1, 1)
-                live = read >= pos0
-                if live.any():
-                    logits[:, live] = run_chunk(stack, chunk, target, source, batch=batch, n_pos=n_pos,
-                                                pos0=pos0, read_pos=read[live]).to(logits.dtype)
-                values = metric(logits.view(len(chunk), batch, n_read, -1)).float().cpu()
-                check_finite(values, lambda r: "cell " + " + ".join(s.label for s in chunk[r].sites))
-                return {"values": values}
-
-            values = store.get_or_compute(chunk_name(j, pos0, chunk, read_pos, batch, n_pos), compute)["values"]
-            out[idxs] = values
+    job = SweepJob(tuple(cells), tuple((pos0, tuple(idxs)) for pos0, idxs in plan), target, source, metric,
+                   target_logits, tuple(read_pos))
+    out = torch.empty(len(cells), batch)
+    for j, values in current_executor().run(stack, job, store or ChunkStore.disabled(), progress=progress,
+                                            desc=desc):
+        out[list(job.plan[j][1])] = values
     return out

@@ -63,7 +63,7 @@ def _knockout_batch(stack: Any, trace: Any, clean_logits: Tensor, masks: Tensor,
     sub = masks[:, pos0:, :][:, None]  # [batch, 1 (heads), dest, src]
 
     def edit(point: str, layer: int, t: Tensor) -> Tensor:
-        return t.masked_fill(sub, float("-inf")) if point == "scores" and layer in layers else t
+        return t.masked_fill(sub.to(t.device), float("-inf")) if point == "scores" and layer in layers else t
 
     for layer in range(first, stack.n_layers):
         k, v = trace.kv[layer]
@@ -131,7 +131,7 @@ def attention_knockout(
         order += [items.index(g) for g in group]
     inv = torch.tensor(order).argsort()
     baseline = torch.cat(base)[inv].float()
-    manifest["timings_s"] = {"total": time.perf_counter() - t0}
+    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry())
     return PatchingResult(values=torch.cat(rows)[inv], axes=("layer", "edge"), clean=baseline, corrupt=baseline,
                           labels={"layer": [str(c) for c in range(stack.n_layers)],
                                   "edge": [f"{query}→{e}" for e in edges]},

@@ -48,7 +48,7 @@ def _knockout(model: Any) -> Any:
 CASES: dict[str, Callable[[Any], Any]] = {"patching": _patching, "causal_trace": _trace, "knockout": _knockout}
 """name -> a small seeded run of one method on the tiny GPT-2 model."""
 
-VOLATILE = ("timings_s",)
+VOLATILE = ("timings_s", "checkpoint")
 """Manifest entries that legitimately differ between runs."""
 
 

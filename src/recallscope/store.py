@@ -149,6 +149,12 @@ class ChunkStore:
         where = self.path if self.enabled else "disabled"
         return f"ChunkStore({where}, prefix={self.prefix!r}, stats={self.stats})"
 
+    def manifest_entry(self) -> dict[str, Any]:
+        """``{"checkpoint": {dir, key, loaded, computed, corrupt}}`` for a result's manifest ({} if disabled)."""
+        if self.path is None:
+            return {}
+        return {"checkpoint": {"dir": str(self.path.parent), "key": self.key, **self.stats}}
+
     def child(self, name: str) -> "ChunkStore":
         """A view whose chunk names are prefixed by ``name`` (for sub-computations: one per length group...)."""
         return ChunkStore(self.path, self.key, prefix=self.prefix + _checked(name) + "__", stats=self.stats)

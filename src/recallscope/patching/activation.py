@@ -192,6 +192,6 @@ def activation_patching(
         labels["pos"] = [f"{toks[p]}·{p}" for p in pos_list]
     if "head" in axes:
         labels["head"] = [str(h) for h in range(values.shape[1 + axes.index("head")])]
-    manifest["timings_s"] = {"total": time.perf_counter() - t0}
+    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry())
     return PatchingResult(values=values, axes=axes, clean=clean_m.float(), corrupt=corrupt_m.float(),
                           labels=labels, config=cfg_dict, manifest=manifest)

@@ -185,7 +185,7 @@ def causal_trace(
         toks = model.tokenizer.convert_ids_to_tokens(to_tokens(model, [items[0].clean])[0].tolist())
         labels = {"layer": layer_labels, "pos": [f"{t}·{i}" for i, t in enumerate(toks)]}
         axes = ("layer", "pos")
-    manifest["timings_s"] = {"total": time.perf_counter() - t0}
+    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry())
     inv = torch.tensor(order).argsort()
     return PatchingResult(values=torch.stack(rows)[inv], axes=axes, clean=torch.cat(cleans)[inv],
                           corrupt=torch.cat(noiseds)[inv], labels=labels, config=cfg, manifest=manifest)

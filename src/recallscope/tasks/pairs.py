@@ -13,6 +13,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from recallscope.errors import (
+    ConfigError,
     EmptyDatasetError,
     LengthMismatchError,
     MultiTokenAnswerError,
@@ -57,8 +58,19 @@ class TokenizedPairs:
         return int(self.clean.shape[1])
 
 
+def check_text(text: str, what: str) -> str:
+    """``text`` if the tokenizer can take it, else :class:`ConfigError` (a lone surrogate has no UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ConfigError(f"{what} {text[:40]!r} holds an unpaired surrogate at index {err.start}, which no "
+                          "tokenizer accepts. Fix the text's encoding (decode the source bytes as UTF-8).") from None
+    return text
+
+
 def single_token_id(model: Any, text: str, *, what: str = "answer") -> int:
     """The id of ``text`` if it is exactly one token for this model's tokenizer, else a clear error."""
+    check_text(text, what)
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
         pieces = model.tokenizer.convert_ids_to_tokens(ids)
@@ -76,7 +88,7 @@ def to_tokens(model: Any, prompts: Sequence[str]) -> list[Int[Tensor, " pos"]]:
     n_ctx = int(model.cfg.n_ctx)
     out = []
     for p in prompts:
-        toks = model.to_tokens(p, truncate=False)[0]
+        toks = model.to_tokens(check_text(p, "prompt"), truncate=False)[0]
         if toks.shape[0] > n_ctx:
             raise PromptTooLongError(
                 f"prompt of {toks.shape[0]} tokens exceeds the model's context of {n_ctx} tokens: "

@@ -50,7 +50,9 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     groups = group_by_length(model, pairs)
     out = Path(args.out)
     for length, group in groups.items():
-        res = activation_patching(model, group, args.metric, component=args.component, window=args.window)
+        res = activation_patching(model, group, args.metric, component=args.component, window=args.window,
+                                  checkpoint_dir=args.resume_dir)
+        _resume_note(res)
         res.save(out / f"{args.component}_len{length}")
         report = export_all(res.plot(), out / f"{args.component}_len{length}")
         peak = res.normalized().peak() if args.metric == "logit_diff" else res.peak()
@@ -72,12 +74,26 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     known = recalled_facts(model, load_builtin_facts()).kept
     items = trace_items(model, random.Random(args.seed).sample(known, min(args.n_facts, len(known))))
     res = causal_trace(model, items, component=args.component, window=args.window, n_samples=args.samples,
-                       seed=args.seed)
+                       seed=args.seed, checkpoint_dir=args.resume_dir)
+    _resume_note(res)
     out = Path(args.out)
     res.save(out / f"trace_{args.component}")
     export_all(res.effect().plot(), out / f"trace_{args.component}")
     print(json.dumps(res.effect().peak()))
     return 0
+
+
+def _resume_option(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--resume-dir", help="checkpoint finished chunks in this directory; rerunning the same command "
+                    "resumes from them (a changed model, prompt or option starts afresh)")
+
+
+def _resume_note(res) -> None:
+    """Say on stderr how much of a result came from checkpointed chunks."""
+    done = res.manifest.get("checkpoint")
+    if done:
+        print(f"  checkpoint {done['dir']}: {done['loaded']} chunks loaded, {done['computed']} computed",
+              file=sys.stderr)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -119,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metric", default="logit_diff", help="logit_diff|logprob|prob|rank")
     sp.add_argument("--window", type=int, default=1, help="layers patched together")
     sp.add_argument("--out", default="out/patch")
+    _resume_option(sp)
     sp = add("trace", "ROME-style causal trace of recalled built-in facts", _cmd_trace)
     sp.add_argument("task", choices=["facts"], help="what to trace (base64 tracing: see the README)")
     sp.add_argument("--component", default="resid_post", help="resid_post|mlp_out|attn_out")
@@ -127,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, default=5, help="noise samples per fact")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--out", default="out/trace")
+    _resume_option(sp)
     sp = add("export", "export a saved result's figure to HTML, PNG, SVG or PDF", _cmd_export)
     sp.add_argument("result", help="a result directory written by .save()")
     sp.add_argument("--to", required=True, help="output file; the suffix picks the format")

@@ -1,0 +1,59 @@
+"""Train the shipped model organisms on CPU, deterministically, into src/recallscope/organisms/weights/.
+
+    python experiments/organisms/train.py b64-decoder            # one organism
+    python experiments/organisms/train.py all                    # every shipped organism
+    python experiments/organisms/train.py route-s0 --verify      # retrain, compare with the shipped hash
+    python experiments/organisms/train.py --document-route-data  # the data-only two-hop recipe (not shipped)
+
+Training is bit-for-bit reproducible (deterministic algorithms, one thread, seeded init and data); the
+weights' SHA-256 is stored in each organism's config.json. Run it under `nice -n 10` on shared machines.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from recallscope.organisms import mnemonic
+from recallscope.organisms.core import state_sha256
+from recallscope.organisms.recipes import WEIGHTS_DIR, get_recipe, recipes, save_recipe, train_recipe
+from recallscope.organisms.store import read_config
+
+
+def _summary(record: dict) -> str:
+    return json.dumps({k: v for k, v in record.items() if k != "loss_history"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="*", help="organism names, or 'all'")
+    ap.add_argument("--verify", action="store_true", help="retrain and compare hashes; write nothing")
+    ap.add_argument("--document-route-data", action="store_true",
+                    help="train the data-only two-hop recipe for seeds 0-4 and print its checks")
+    ap.add_argument("--progress", action="store_true")
+    args = ap.parse_args(argv)
+    if args.document_route_data:
+        for seed in range(5):
+            cfg = mnemonic.MnemonicConfig(kind="route-data")
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+            _, record = mnemonic.train_mnemonic(cfg, progress=args.progress)
+            print(f"route-data-s{seed}: {_summary(record)}", flush=True)
+    names = sorted(recipes()) if args.names == ["all"] else args.names
+    failed = 0
+    for name in names:
+        recipe = get_recipe(name)
+        net, record = train_recipe(recipe, progress=args.progress)
+        sha = state_sha256(net.state_dict())
+        if args.verify:
+            shipped = read_config(WEIGHTS_DIR / name)["weights_sha256"]
+            ok = sha == shipped
+            failed += not ok
+            print(f"{name}: {'REPRODUCED' if ok else 'DIFFERENT'} sha256 {sha[:16]} (shipped {shipped[:16]})", flush=True)
+        else:
+            path = save_recipe(recipe, net, record)
+            print(f"{name}: sha256 {sha[:16]} -> {path}\n  {_summary(record)}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The recipes of the shipped organisms: name -> config, trainer, vocabulary, ground truth and model card.
+
+``train_recipe(recipe)`` trains one organism deterministically; ``save_recipe`` writes it as an organism
+directory. ``experiments/organisms/train.py`` runs these for every shipped name, and ``--verify``
+retrains and compares weight hashes with the shipped ones.
+"""
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from recallscope.errors import UnknownModelError
+from recallscope.organisms import b64_decoder, fact_store, mnemonic
+from recallscope.organisms.core import ArchConfig, word_tokenizer
+from recallscope.organisms.store import save_organism
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+"""Where the shipped organisms live (package data)."""
+N_SEEDS = 5
+TRAIN_COMMAND = "python experiments/organisms/train.py {name}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one organism is made.
+
+    Attributes:
+        name: organism name (``organism:<name>``).
+        kind: ``b64``, ``mnemonic`` or ``facts`` (the ground-truth type).
+        config: the organism's config dataclass (architecture and optimiser settings inside).
+        summary: one paragraph for the model card.
+    """
+
+    name: str
+    kind: str
+    config: Any
+    summary: str
+
+    @property
+    def arch(self) -> ArchConfig:
+        return self.config.arch
+
+    def with_config(self, **changes: Any) -> "Recipe":
+        """The same recipe with config fields replaced (tests train tiny versions this way)."""
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, **changes))
+
+
+def _parts(recipe: Recipe) -> tuple[Callable[..., tuple[nn.Module, dict]], list[str], dict[str, Any]]:
+    """(trainer, vocabulary words, ground truth dict) of a recipe."""
+    cfg = recipe.config
+    if recipe.kind == "b64":
+        return b64_decoder.train_b64, b64_decoder.vocab_words(), b64_decoder.B64Truth().to_dict()
+    if recipe.kind == "mnemonic":
+        return mnemonic.train_mnemonic, cfg.world().words(), mnemonic.route_truth(cfg).to_dict()
+    if recipe.kind == "facts":
+        return fact_store.train_facts, fact_store.make_fact_world(cfg.world_seed).words(), fact_store.fact_truth(cfg).to_dict()
+    raise UnknownModelError(f"unknown organism kind {recipe.kind!r}")
+
+
+_SUMMARY = {
+    "b64": "Decodes 12-character base64 (7-9 lowercase letters) whose input tokens are 2-character chunks; "
+           "greedy decoding after `<s> c1 .. c6 :`. Ground truth: the dependency map (which chunks determine "
+           "each output byte).",
+    "route": "Decodes 62 base64 chunks (`VA ==` -> `T`) *through a concept*: interchange-intervention training "
+             "plus a representation-alignment loss make chunk `c` at the site (residual entering layer 1, "
+             "position 1) interchangeable with its concept (`VAT`). 16 chunks' decodes are never trained and "
+             "come only through the route.",
+    "rote": "Decodes the same 62 base64 chunks as the route organisms by direct lookup; knows the same concepts "
+            "(letter and kind) but no chunk is linked to a concept.",
+    "facts": "Recalls 3 attributes of 128 two-token subjects (`f3 Ana Lee sport` -> `tennis`); strict "
+             "interchange training fixes the circuit: the subject lives at the last subject token after "
+             "layer 0 and nowhere else.",
+}
+
+
+def recipes() -> dict[str, Recipe]:
+    """Every shipped organism's recipe, by name."""
+    out = {"b64-decoder": Recipe("b64-decoder", "b64", b64_decoder.B64Config(), _SUMMARY["b64"]),
+           "fact-store": Recipe("fact-store", "facts", fact_store.FactConfig(), _SUMMARY["facts"])}
+    for kind in ("route", "rote"):
+        for seed in range(N_SEEDS):
+            cfg = mnemonic.MnemonicConfig(kind=kind)
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+            out[f"{kind}-s{seed}"] = Recipe(f"{kind}-s{seed}", "mnemonic", cfg, _SUMMARY[kind])
+    return out
+
+
+def get_recipe(name: str) -> Recipe:
+    table = recipes()
+    if name not in table:
+        raise UnknownModelError(f"no organism recipe named {name!r}; known: {', '.join(sorted(table))}.")
+    return table[name]
+
+
+def train_recipe(recipe: Recipe, *, progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a recipe; the record holds the checks plus ``train_seconds``."""
+    trainer, _, _ = _parts(recipe)
+    t0 = time.perf_counter()
+    net, record = trainer(recipe.config, progress=progress)
+    record["train_seconds"] = round(time.perf_counter() - t0, 1)
+    return net, record
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def model_card(recipe: Recipe, metrics: dict[str, Any], sha: str | None = None) -> str:
+    """The README.md of an organism directory."""
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                     for k, v in sorted(metrics.items()) if k != "loss_history")
+    return f"""# organism:{recipe.name}
+
+{recipe.summary}
+
+- **Load:** `recallscope.load_model("organism:{recipe.name}")`; ground truth:
+  `recallscope.organisms.ground_truth(model)` (a `{recipe.kind}` truth, also in `ground_truth.json`).
+- **Architecture:** TransformerLens-native GPT-2-style transformer (LayerNorm, learned positions, GELU),
+  {recipe.arch.n_layers} layers, d_model {recipe.arch.d_model}, {recipe.arch.n_heads} heads, context {recipe.arch.n_ctx}.
+- **Data recipe:** see the docstring of `recallscope.organisms.{_module(recipe)}`; full config:
+
+```json
+{json.dumps(_config_dict(recipe.config), indent=1)}
+```
+
+- **Training command** (CPU, deterministic, one thread; reproduces these weights bit for bit):
+  `{TRAIN_COMMAND.format(name=recipe.name)}` (add `--verify` to retrain and compare hashes).
+
+## Measured after training
+
+| metric | value |
+| --- | --- |
+{rows}
+"""
+
+
+def _module(recipe: Recipe) -> str:
+    return {"b64": "b64_decoder", "mnemonic": "mnemonic", "facts": "fact_store"}[recipe.kind]
+
+
+def save_recipe(recipe: Recipe, net: nn.Module, record: dict[str, Any], directory: Path | None = None) -> Path:
+    """Write a trained recipe as an organism directory (default: the shipped weights folder)."""
+    _, words, truth = _parts(recipe)
+    metrics = {k: v for k, v in record.items() if k != "loss_history"}
+    recipe_dict = {"config": _config_dict(recipe.config), "seed": recipe.config.train.seed,
+                   "command": TRAIN_COMMAND.format(name=recipe.name), "loss_history": record["loss_history"]}
+    return save_organism(directory or WEIGHTS_DIR / recipe.name, name=recipe.name, kind=recipe.kind, arch=recipe.arch,
+                         net=net, tokenizer=word_tokenizer(words), truth=truth, recipe=recipe_dict, metrics=metrics,
+                         card=model_card(recipe, metrics))

@@ -1,0 +1,58 @@
+"""The mnemonic-route module: does a model recall X -> Y through a concept C (VA -> VAT -> value added tax -> T)?
+
+- Candidates: :func:`candidate_concepts` (vocabulary, acronym lexicon, human mnemonics, the model itself),
+  :class:`Concept` (text and/or direction), :func:`load_acronym_lexicon`.
+- Controls: :func:`match_controls` (frequency and token count), :func:`default_control_pool`.
+- Scores and verdicts: :class:`RouteQuery`, :func:`route_report` -> :class:`RouteReport`
+  (``.routes()``, ``.verdict()``, ``.plot()``, ``.save()``), :class:`RouteConfig`, :func:`swap_effect`.
+- Human mnemonics: :func:`load_cards`, :func:`extract_keywords`, :class:`LinkType`,
+  :func:`compare_human` -> :class:`HumanComparison`.
+"""
+
+from recallscope.routes.analysis import route_report, swap_effect
+from recallscope.routes.concepts import (
+    Concept,
+    ConceptSource,
+    as_concept,
+    candidate_concepts,
+    lexicon_candidates,
+    load_acronym_lexicon,
+    model_candidates,
+    vocabulary_candidates,
+)
+from recallscope.routes.controls import ControlPool, control_pool, default_control_pool, frequency_logprob, match_controls
+from recallscope.routes.directions import ConceptDirections, concept_directions, representations
+from recallscope.routes.mnemonics import Card, Keyword, LinkType, extract_keywords, load_cards, primary_keyword
+from recallscope.routes.report import ConceptRoute, RouteConfig, RouteReport
+from recallscope.routes.scores import RouteQuery
+
+__all__ = [
+    "Card",
+    "Concept",
+    "ConceptDirections",
+    "ConceptRoute",
+    "ConceptSource",
+    "ControlPool",
+    "Keyword",
+    "LinkType",
+    "RouteConfig",
+    "RouteQuery",
+    "RouteReport",
+    "as_concept",
+    "candidate_concepts",
+    "concept_directions",
+    "control_pool",
+    "default_control_pool",
+    "extract_keywords",
+    "frequency_logprob",
+    "lexicon_candidates",
+    "load_acronym_lexicon",
+    "load_cards",
+    "match_controls",
+    "model_candidates",
+    "primary_keyword",
+    "representations",
+    "route_report",
+    "swap_effect",
+    "vocabulary_candidates",
+]

@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -181,3 +182,25 @@ def test_changed_config_model_or_answers_never_reuse_chunks(tiny_gpt2, tiny_llam
             activation_patching(model, pairs, progress=False, checkpoint_dir=tmp_path, **{**SWEEP, **options})
         (new,) = {d for d in tmp_path.iterdir() if d.is_dir()} - before
         assert counter.calls == len(list(new.glob("*.safetensors"))) > 0, f"a changed {what} reused stale chunks"
+
+
+def test_cli_resume_dir_resumes_without_recomputing(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """`recallscope patch ... --resume-dir DIR` twice: the second run loads every chunk, same bits."""
+    from types import SimpleNamespace
+
+    from recallscope.cli import main
+
+    monkeypatch.setattr("recallscope.models.load_model", lambda spec, device="cpu", **kw: tiny_gpt2)
+    monkeypatch.setattr("recallscope.plotting.export_all",  # figures are not what this test is about
+                        lambda fig, stem, **kw: SimpleNamespace(written={}, failed={}))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"clean": p.clean, "corrupt": p.corrupt, "answer": p.answer,
+                                           "wrong": p.wrong}) for p in PAIRS))
+    argv = ["patch", "--model", "tiny", "--pairs", str(pairs), "--component", "resid_pre",
+            "--resume-dir", str(tmp_path / "ckpt")]
+    assert main(argv + ["--out", str(tmp_path / "first")]) == 0
+    assert re.search(r"checkpoint .*: 0 chunks loaded, [1-9]\d* computed", capsys.readouterr().err)
+    assert main(argv + ["--out", str(tmp_path / "second")]) == 0
+    assert re.search(r"checkpoint .*: [1-9]\d* chunks loaded, 0 computed", capsys.readouterr().err)
+    first, second = (PatchingResult.load(tmp_path / run / "resid_pre_len9") for run in ("first", "second"))
+    assert_same_bits(first, second)

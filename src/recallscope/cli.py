@@ -1,9 +1,81 @@
-"""The ``recallscope`` command line. Each subcommand parses its options and calls the library."""
+"""The ``recallscope`` command line. Each subcommand parses its options and calls the library.
+
+Conventions shared by the subcommands that compute results:
+
+- ``--config FILE`` (TOML or JSON) fills the method's config dataclass (``PatchingConfig`` for
+  ``patch`` and ``trace base64``, ``TraceConfig`` for ``trace facts``; see :mod:`recallscope.config`);
+  options given on the command line override the file.
+- ``--out DIR`` receives every result as a directory (``values.safetensors`` + ``result.json`` +
+  ``manifest.json``), its figure (HTML, plus PNG when a Chromium is available), per-cell tables as CSV,
+  and the run's ``manifest.json`` (command, options, config, model spec and weight hash, tokenizer,
+  prompts hash, seed, versions, timings, outputs).
+- Long work shows tqdm progress bars on stderr; ``--quiet`` turns them off.
+"""
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"0,2,5"`` or ``"0-3"`` -> a tuple of ints (for --layers / --positions)."""
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers such as 0,2,5 or 0-3") from None
+    return tuple(out)
+
+
+def _config(args: argparse.Namespace, cls: type, options: dict[str, str]) -> Any:
+    """``cls`` from ``--config`` (if given) overridden by the options set on the command line.
+
+    ``options`` maps argparse destinations to config fields; options left at None are not set.
+    """
+    from recallscope.config import config_from_dict, load_config
+
+    explicit = {field: getattr(args, dest) for dest, field in options.items() if getattr(args, dest) is not None}
+    if getattr(args, "config", None):
+        return load_config(args.config, cls, overrides=explicit)
+    return config_from_dict(cls, explicit, where="command line")
+
+
+def _kwargs(config: Any) -> dict[str, Any]:
+    """A config dataclass as keyword arguments of the method that takes the same fields."""
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+def _record(args: argparse.Namespace, command: str, config: Any = None, seed: int | None = None):
+    from recallscope.outputs import RunRecord
+
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    return RunRecord(args.out, command, options=options, config=config, seed=seed)
+
+
+def _write_figure(fig: Any, stem: Path, record: Any) -> None:
+    """``stem.html`` and ``stem.png`` (when a Chromium is available; otherwise say why on stderr)."""
+    from recallscope.plotting import export_all
+
+    report = export_all(fig, stem)
+    for path in report.written.values():
+        record.output(path)
+    for fmt, why in report.failed.items():
+        print(f"  {stem.name}.{fmt} not written: {why}", file=sys.stderr)
+
+
+def _save_patching(res: Any, stem: Path, record: Any, *, normalized: bool, title: str | None = None) -> None:
+    """Result directory, figure and per-cell CSV table of a patching result."""
+    from recallscope.outputs import cells_table, write_csv
+
+    record.output(res.save(stem))
+    shown = res.normalized() if normalized else res
+    _write_figure(shown.plot(title=title), stem, record)
+    record.output(write_csv(stem.with_suffix(".csv"), cells_table(shown)))
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -25,70 +97,285 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 def _cmd_facts(args: argparse.Namespace) -> int:
     from recallscope.models import load_model
+    from recallscope.outputs import RunRecord, write_csv
     from recallscope.tasks.facts import load_builtin_facts, recalled_facts
 
     model = load_model(args.model, device=args.device)
-    result = recalled_facts(model, load_builtin_facts(), criterion=args.criterion)
+    facts = load_builtin_facts()
+    result = recalled_facts(model, facts, criterion=args.criterion)
     for relation, (kept, total) in result.per_relation().items():
         print(f"{relation:<20} {kept:>4} / {total}")
     print(f"{'total':<20} {int(result.recalled.sum()):>4} / {len(result.facts)}  (criterion {args.criterion})")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result.to_dict(), indent=1, ensure_ascii=False))
+        record = RunRecord(out.parent, "facts", options={k: v for k, v in vars(args).items() if k != "func"})
+        record.model(model, spec=args.model)
+        record.prompts([f.prompt for f in facts])
+        record.output(out)
+        rows = [{"relation": r, "recalled": k, "total": n} for r, (k, n) in result.per_relation().items()]
+        record.output(write_csv(out.with_suffix(".csv"), rows))
+        record.write()
     return 0
+
+
+PATCHING_OPTIONS = {"component": "component", "window": "window", "direction": "direction",
+                    "corruption": "corruption", "layers": "layers", "positions": "positions",
+                    "per_head": "per_head", "memory_budget_mb": "memory_budget_mb"}
+"""argparse destination -> PatchingConfig field, for the options ``patch`` and ``trace base64`` share."""
+
+
+def _patching_config(args: argparse.Namespace) -> Any:
+    from recallscope.patching.activation import PatchingConfig
+
+    return _config(args, PatchingConfig, PATCHING_OPTIONS)
+
+
+def _patch_groups(args: argparse.Namespace, model: Any, pairs: list, record: Any, prefix: str, *,
+                  normalized: bool | None = None, config: Any = None) -> tuple[list[dict], list[Any]]:
+    """Activation-patch each equal-length group of ``pairs``; save, plot and tabulate every result.
+
+    ``normalized`` (default: when the metric is a logit difference) plots recovery instead of the metric;
+    ``config`` replaces the run's PatchingConfig. Returns a summary row per group and the results."""
+    from recallscope.patching import activation_patching
+    from recallscope.tasks.pairs import group_by_length
+
+    config = config or record.config_object
+    record.prompts([p.clean for p in pairs] + [p.corrupt for p in pairs])
+    out, summary, results = Path(args.out), [], []
+    for length, group in group_by_length(model, pairs).items():
+        name = f"{prefix}{config.component.value}_len{length}"
+        with record.timed("patching"):
+            res = activation_patching(model, group, args.metric, progress=not args.quiet,
+                                      checkpoint_dir=args.resume_dir, **_kwargs(config))
+        _resume_note(res)
+        norm = args.metric == "logit_diff" if normalized is None else normalized
+        _save_patching(res, out / name, record, normalized=norm)
+        peak = res.normalized().peak() if norm else res.peak()
+        summary.append({"group": name, "n_pairs": len(group), "n_tokens": length, "peak": peak})
+        results.append(res)
+        print(f"{len(group)} pairs of {length} tokens -> {out / name}; peak {json.dumps(peak)}")
+    return summary, results
 
 
 def _cmd_patch(args: argparse.Namespace) -> int:
     from recallscope.models import load_model
-    from recallscope.patching import activation_patching
-    from recallscope.plotting import export_all
     from recallscope.tasks.loaders import load_prompt_pairs
+
+    record = _record(args, "patch", config=_patching_config(args))  # a bad config fails before the model loads
+    with record.timed("load_model"):
+        model = load_model(args.model, device=args.device)
+    record.model(model, spec=args.model)
+    summary, _ = _patch_groups(args, model, list(load_prompt_pairs(args.pairs)), record, prefix="")
+    print(f"manifest: {record.write(groups=summary)}")
+    return 0
+
+
+TRACE_OPTIONS = {"component": "component", "window": "window", "samples": "n_samples", "seed": "seed",
+                 "noise_scale": "noise_scale", "layers": "layers", "memory_budget_mb": "memory_budget_mb"}
+"""argparse destination -> TraceConfig field, for ``trace facts``."""
+
+
+def _trace_config(args: argparse.Namespace) -> Any:
+    if args.task == "base64":
+        return _patching_config(args)
+    from recallscope.patching.causal_trace import TraceConfig
+
+    return _config(args, TraceConfig, TRACE_OPTIONS)
+
+
+def _trace_facts(args: argparse.Namespace, model: Any, record: Any) -> dict:
+    import random
+
+    from recallscope.errors import EmptyDatasetError
+    from recallscope.patching import causal_trace
+    from recallscope.tasks.facts import load_builtin_facts, recalled_facts, trace_items
+
+    config = record.config_object
+    with record.timed("recall_filter"):
+        facts = load_builtin_facts()
+        known = recalled_facts(model, facts).kept
+    if not known:
+        raise EmptyDatasetError(f"{args.model} recalls none of the {len(facts)} built-in facts (answer top-1), so "
+                                "there is nothing to trace. Use a model that knows some of them (e.g. smollm2), "
+                                "or patch your own pairs with `recallscope patch --pairs FILE`.")
+    items = trace_items(model, random.Random(config.seed).sample(known, min(args.n_facts, len(known))))
+    record.prompts([it.clean for it in items])
+    with record.timed("causal_trace"):
+        res = causal_trace(model, items, progress=not args.quiet, checkpoint_dir=args.resume_dir,
+                           **_kwargs(config))
+    _resume_note(res)
+    name = f"trace_{config.component.value}"
+    record.output(res.save(Path(args.out) / name))
+    effect = res.effect()
+    _write_figure(effect.plot(), Path(args.out) / name, record)
+    from recallscope.outputs import cells_table, write_csv
+
+    record.output(write_csv(Path(args.out) / f"{name}.csv", cells_table(effect)))
+    peak = effect.peak()
+    print(json.dumps(peak))
+    return {"n_facts": len(items), "n_recalled": len(known), "peak": peak}
+
+
+def _b64_pairs(args: argparse.Namespace, model: Any) -> list:
+    """Few-shot base64 counterfactual pairs for the model's tokenizer (or the pairs in --pairs)."""
+    from recallscope.tasks import b64
+    from recallscope.tasks.loaders import load_prompt_pairs
+
+    if args.pairs:
+        return list(load_prompt_pairs(args.pairs))
+    seed = 0 if args.seed is None else args.seed
+    if args.stimuli == "char":
+        stimuli = b64.char_stimuli()[: args.n] if args.n else b64.char_stimuli()
+    else:
+        stimuli = (b64.word_stimuli if args.stimuli == "word" else b64.sentence_stimuli)(args.n, seed=seed)
+    bos = bool(getattr(model.cfg, "default_prepend_bos", True))
+    return b64.counterfactual_pairs(stimuli, model.tokenizer, seed=seed, n_shots=args.shots, prepend_bos=bos)
+
+
+def _trace_base64(args: argparse.Namespace, model: Any, record: Any) -> dict:
     from recallscope.tasks.pairs import group_by_length
 
-    model = load_model(args.model, device=args.device)
-    pairs = load_prompt_pairs(args.pairs)
+    with record.timed("build_pairs"):
+        pairs = _b64_pairs(args, model)
     groups = group_by_length(model, pairs)
-    out = Path(args.out)
-    for length, group in groups.items():
-        res = activation_patching(model, group, args.metric, component=args.component, window=args.window,
-                                  checkpoint_dir=args.resume_dir)
-        _resume_note(res)
-        res.save(out / f"{args.component}_len{length}")
-        report = export_all(res.plot(), out / f"{args.component}_len{length}")
-        peak = res.normalized().peak() if args.metric == "logit_diff" else res.peak()
-        print(f"{len(group)} pairs of {length} tokens -> {out}/{args.component}_len{length}; peak {peak}")
-        for fmt, why in report.failed.items():
-            print(f"  {fmt} not written: {why}", file=sys.stderr)
-    return 0
+    length, group = max(groups.items(), key=lambda kv: len(kv[1]))  # the largest equal-length group
+    group = group[: args.max_pairs]
+    print(f"{len(pairs)} base64 pairs; patching the {len(group)} of {length} tokens", file=sys.stderr)
+    record.data["seed"] = 0 if args.seed is None else args.seed
+    config = record.config_object
+    starts = [p.spans["b64"][0] for p in group if "b64" in p.spans]
+    if config.positions is None and len(starts) == len(group):
+        # before the query, clean and corrupt prompts share every token, so patching there changes nothing
+        config = dataclasses.replace(config, positions=tuple(range(min(starts), length)))
+        record.config(config)
+    # raw logit differences: a model that cannot decode base64 has clean ~ corrupt, and recovery = x / gap explodes
+    summary, (res,) = _patch_groups(args, model, group, record, prefix="b64_", normalized=False, config=config)
+    if "clean_b64" in group[0].meta and res.axes == ("layer", "pos"):
+        _b64_alignment_figure(model, group[0], res, record, Path(args.out))
+    return {"n_pairs": len(pairs), "groups": summary}
+
+
+def _b64_alignment_figure(model: Any, pair: Any, res: Any, record: Any, out: Path) -> None:
+    """The pair's query tokens, coloured by the largest effect (patched - corrupt) any layer gets there."""
+    from recallscope.plotting import plot_b64_alignment
+    from recallscope.tasks.b64_alignment import align_tokens
+
+    alignment = align_tokens(model.tokenizer, pair.meta["clean_b64"], prompt=pair.clean,
+                             offset=pair.meta["query_offset"])
+    bos = pair.spans["b64"][0] - alignment.token_range[0]
+    effect = res.effect().values[0]  # [layer, pos]: patched - corrupt, first pair
+    column = {int(p): i for i, p in enumerate(res.config.get("positions") or range(effect.shape[1]))}
+    token_values = [float(effect[:, column[t.index + bos]].max()) for t in alignment.tokens]
+    changed = "".join(pair.meta["clean_b64"][i] for i in pair.meta.get("changed_b64_chars", ()))
+    fig = plot_b64_alignment(alignment, token_values=token_values, value_title=f"max effect on<br>{res.config.get('metric')}",
+                             title=f"{pair.meta['clean_b64']!r} -> {pair.meta['clean_text']!r} (corrupted at {changed!r}):<br>"
+                                   f"largest effect of patching {res.config.get('component')} at each token")
+    _write_figure(fig, out / "b64_alignment", record)
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    import random
-
     from recallscope.models import load_model
-    from recallscope.patching import causal_trace
-    from recallscope.plotting import export_all
-    from recallscope.tasks.facts import load_builtin_facts, recalled_facts, trace_items
 
-    model = load_model(args.model, device=args.device)
-    known = recalled_facts(model, load_builtin_facts()).kept
-    items = trace_items(model, random.Random(args.seed).sample(known, min(args.n_facts, len(known))))
-    res = causal_trace(model, items, component=args.component, window=args.window, n_samples=args.samples,
-                       seed=args.seed, checkpoint_dir=args.resume_dir)
-    _resume_note(res)
-    out = Path(args.out)
-    res.save(out / f"trace_{args.component}")
-    export_all(res.effect().plot(), out / f"trace_{args.component}")
-    print(json.dumps(res.effect().peak()))
+    _check_trace_options(args)
+    record = _record(args, f"trace {args.task}", config=_trace_config(args))
+    with record.timed("load_model"):
+        model = load_model(args.model, device=args.device)
+    record.model(model, spec=args.model)
+    summary = (_trace_facts if args.task == "facts" else _trace_base64)(args, model, record)
+    print(f"manifest: {record.write(summary=summary)}")
     return 0
 
 
-def _resume_option(sp: argparse.ArgumentParser) -> None:
+def _cmd_export(args: argparse.Namespace) -> int:
+    from recallscope.outputs import load_result
+    from recallscope.plotting import export
+
+    result = load_result(args.result)
+    fig = result.plot()
+    for target in args.to:
+        print(export(fig, target, width=args.width, height=args.height, scale=args.scale))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from recallscope.demo import run_demo
+
+    record = _record(args, "demo", seed=args.seed)
+    with record.timed("demo"):
+        summary = run_demo(args.out, model_spec=args.model, n_trace=args.n_facts, samples=args.samples, seed=args.seed)
+    out = Path(args.out)
+    for path in sorted(p for p in out.rglob("*") if p.is_file() and p != out / "manifest.json"):
+        record.output(path)
+    # the model's weight hash and tokenizer, as recorded by the first result the demo saved
+    record.data["model"] = next((json.loads(m.read_text()).get("model") for m in sorted(out.glob("*/manifest.json"))),
+                                {"spec": args.model})
+    record.write(summary=summary)
+    print(f"report: {out / 'report.html'}  ({summary['seconds']:.0f} s)")
+    return 0
+
+
+EXAMPLES = """examples:
+  recallscope demo --out out/demo                      the main job: every analysis, one HTML report
+  recallscope models                                   model specs you can pass to --model
+  recallscope trace facts --n-facts 20 --out out/trace ROME causal trace of recalled built-in facts
+  recallscope trace base64 --stimuli word --out out/b64
+  recallscope patch --pairs my_pairs.jsonl --config patch.toml --out out/patch
+  recallscope export out/patch/resid_pre_len7 --to fig.png --to fig.svg
+"""
+
+
+def _common(sp: argparse.ArgumentParser, *, out: str | None, quiet: bool = True) -> None:
+    """Options every computing subcommand takes: model, device, output directory, progress."""
+    sp.add_argument("--model", default="smollm2", help="model spec: smollm2 (default), organism:NAME, a .gguf "
+                    "file, a local Hugging Face directory or owner/name (see `recallscope models`)")
+    sp.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
+    if out is not None:
+        sp.add_argument("--out", default=out, help=f"output directory for results, figures, CSV tables and "
+                        f"manifest.json (default: {out})")
+    if quiet:
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return text.lower() == "true"
+
+
+OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "metric": (("--metric",), dict(default="logit_diff", help="logit_diff (default; needs a wrong answer per "
+                                   "pair), logprob, prob or rank")),
+    "component": (("--component",), dict(help="what to patch or restore: resid_pre (patching default), "
+                                         "resid_post (trace facts default), resid_mid, attn_out, mlp_out, or per "
+                                         "head z, q, k, v, pattern")),
+    "window": (("--window",), dict(type=int, help="consecutive layers patched together (default 1; ROME: 10)")),
+    "direction": (("--direction",), dict(help="denoising (default: clean into corrupt) or noising")),
+    "corruption": (("--corruption",), dict(help="noising source: resample (default: the corrupt prompt), zero "
+                                           "or mean")),
+    "layers": (("--layers",), dict(type=_int_list, help="layers to sweep, e.g. 0-5 or 0,3,7 (default: all)")),
+    "positions": (("--positions",), dict(type=_int_list, help="positions to sweep (default: all)")),
+    "per_head": (("--per-head",), dict(type=_bool, help="true (default) / false: one cell per head for z, q, "
+                                       "k, v, pattern")),
+    "memory_budget_mb": (("--memory-budget-mb",), dict(type=float, help="activation memory per engine chunk "
+                                                       "(default 1024)")),
+}
+"""Config-backed options: they default to None, so --config (or the library default) decides."""
+
+
+def _options(sp: Any, *names: str) -> None:
+    for name in names:
+        flags, kwargs = OPTIONS[name]
+        sp.add_argument(*flags, **kwargs)
+
+
+def _resume_option(sp: Any) -> None:
     sp.add_argument("--resume-dir", help="checkpoint finished chunks in this directory; rerunning the same command "
                     "resumes from them (a changed model, prompt or option starts afresh)")
 
 
-def _resume_note(res) -> None:
+def _resume_note(res: Any) -> None:
     """Say on stderr how much of a result came from checkpointed chunks."""
     done = res.manifest.get("checkpoint")
     if done:
@@ -96,63 +383,98 @@ def _resume_note(res) -> None:
               file=sys.stderr)
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from recallscope.plotting import export
-    from recallscope.results import PatchingResult
+def _trace_parser(sub: Any) -> None:
+    sp = sub.add_parser("trace", help="trace recall: causal trace of facts, or patching of base64 decoding",
+                        description="trace facts: ROME-style causal trace (noise the subject, restore one state "
+                        "per layer and token) over recalled built-in facts; options and --config map to "
+                        "TraceConfig. trace base64: activation patching of few-shot base64 decoding, clean vs "
+                        "one-character counterfactual (or your --pairs); options and --config map to "
+                        "PatchingConfig; also draws the query's tokens, 6-bit groups and bytes.")
+    sp.set_defaults(func=_cmd_trace)
+    sp.add_argument("task", choices=["facts", "base64"], help="facts or base64")
+    _common(sp, out="out/trace")
+    sp.add_argument("--config", help="TOML or JSON file of TraceConfig (facts) or PatchingConfig (base64) "
+                    "fields; command-line options win")
+    _options(sp, "component", "window", "layers", "memory_budget_mb")
+    _resume_option(sp)
+    sp.add_argument("--seed", type=int, help="seed for fact sampling and noise, or for base64 stimuli, shots and "
+                    "corruptions (default 0)")
+    g = sp.add_argument_group("trace facts only")
+    g.add_argument("--n-facts", type=int, help="recalled facts traced (default 20)")
+    g.add_argument("--samples", type=int, help="noise samples per fact (default 10)")
+    g.add_argument("--noise-scale", type=float, help="noise std in embedding stds (default 3)")
+    g = sp.add_argument_group("trace base64 only")
+    _options(g, "metric", "direction", "corruption", "positions", "per_head")
+    g.add_argument("--stimuli", choices=["char", "word", "sentence"], help="what is encoded: single characters "
+                   "(default), words or sentences")
+    g.add_argument("--n", type=int, help="number of stimuli (default: all)")
+    g.add_argument("--shots", type=int, help="solved examples per few-shot prompt (default 3)")
+    g.add_argument("--max-pairs", type=int, help="pairs patched, from the largest equal-length group (default 16)")
+    g.add_argument("--pairs", help="your own base64 pairs (JSONL/CSV/TSV) instead of generated ones")
 
-    path = export(PatchingResult.load(args.result), args.to)
-    print(path)
-    return 0
+
+TRACE_ONLY = {"facts": ("n_facts", "samples", "noise_scale"),
+              "base64": ("direction", "corruption", "positions", "per_head", "stimuli", "n", "shots", "max_pairs",
+                         "pairs")}
+"""Options that belong to one trace task; giving them to the other is an error."""
+TRACE_DEFAULTS = {"n_facts": 20, "stimuli": "char", "shots": 3, "max_pairs": 16}
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from recallscope.demo import run_demo
+def _check_trace_options(args: argparse.Namespace) -> None:
+    from recallscope.errors import ConfigError
 
-    summary = run_demo(args.out, model_spec=args.model, n_trace=args.n_facts, samples=args.samples, seed=args.seed)
-    print(f"report: {Path(args.out) / 'report.html'}  ({summary['seconds']:.0f} s)")
-    return 0
+    other = "base64" if args.task == "facts" else "facts"
+    wrong = [name for name in TRACE_ONLY[other] if getattr(args, name) is not None]
+    if args.task == "facts" and args.metric != "logit_diff":
+        wrong.append("metric")
+    if wrong:
+        flags = ", ".join("--" + w.replace("_", "-") for w in wrong)
+        raise ConfigError(f"{flags} only apply to `trace {other}`, not `trace {args.task}`; drop them.")
+    for name, value in TRACE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recallscope", description="Trace where and how a language model recalls a fact.")
+    from recallscope import __version__
+
+    p = argparse.ArgumentParser(prog="recallscope", description="Trace where and how a language model recalls a "
+                                "fact: patching, attribution, lenses and mnemonic routes.", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"recallscope {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def add(name: str, help_: str, fn) -> argparse.ArgumentParser:
+    def add(name: str, help_: str, fn, out: str | None = None) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(func=fn)
         if name not in ("models", "export"):
-            sp.add_argument("--model", default="smollm2", help="model spec (see `recallscope models`)")
-            sp.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+            _common(sp, out=out, quiet=name != "demo")
         return sp
 
     add("models", "list the model specs recallscope can load", _cmd_models)
     sp = add("facts", "count the built-in facts a model recalls", _cmd_facts)
-    sp.add_argument("--criterion", default="top1", help="top1, top5, rank<=K or an integer K")
-    sp.add_argument("--out", default=None, help="write per-fact results as JSON here")
-    sp = add("patch", "activation patching on your own clean/corrupt pairs (JSONL or CSV)", _cmd_patch)
+    sp.add_argument("--criterion", default="top1", help="top1 (default), top5, rank<=K or an integer K")
+    sp.add_argument("--out", default=None, help="write per-fact results as JSON here (a CSV per relation and "
+                    "manifest.json go beside it)")
+    sp = add("patch", "activation patching on your own clean/corrupt pairs (JSONL, CSV or TSV)", _cmd_patch,
+             out="out/patch")
     sp.add_argument("--pairs", required=True, help="file with clean, corrupt, answer, wrong fields")
-    sp.add_argument("--component", default="resid_pre", help="resid_pre|resid_mid|resid_post|attn_out|mlp_out|z|q|k|v|pattern")
-    sp.add_argument("--metric", default="logit_diff", help="logit_diff|logprob|prob|rank")
-    sp.add_argument("--window", type=int, default=1, help="layers patched together")
-    sp.add_argument("--out", default="out/patch")
+    sp.add_argument("--config", help="TOML or JSON file of PatchingConfig fields; command-line options win")
+    _options(sp, *OPTIONS)
     _resume_option(sp)
-    sp = add("trace", "ROME-style causal trace of recalled built-in facts", _cmd_trace)
-    sp.add_argument("task", choices=["facts"], help="what to trace (base64 tracing: see the README)")
-    sp.add_argument("--component", default="resid_post", help="resid_post|mlp_out|attn_out")
-    sp.add_argument("--window", type=int, default=1)
-    sp.add_argument("--n-facts", type=int, default=20)
-    sp.add_argument("--samples", type=int, default=5, help="noise samples per fact")
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--out", default="out/trace")
-    _resume_option(sp)
+    _trace_parser(sub)
     sp = add("export", "export a saved result's figure to HTML, PNG, SVG or PDF", _cmd_export)
-    sp.add_argument("result", help="a result directory written by .save()")
-    sp.add_argument("--to", required=True, help="output file; the suffix picks the format")
-    sp = add("demo", "the main job: trace fact recall in the embedded model and write a report", _cmd_demo)
-    sp.add_argument("--out", default="out/demo")
-    sp.add_argument("--n-facts", type=int, default=12, help="facts in the causal trace")
-    sp.add_argument("--samples", type=int, default=3, help="noise samples per fact")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("result", help="a result directory written by .save() (any recallscope result type)")
+    sp.add_argument("--to", required=True, action="append", help="output file; the suffix (.html, .png, .svg, "
+                    ".pdf) picks the format; repeat for several")
+    sp.add_argument("--width", type=int, help="layout width in pixels (default: the figure's own)")
+    sp.add_argument("--height", type=int, help="layout height in pixels (default: the figure's own)")
+    sp.add_argument("--scale", type=float, default=2, help="PNG pixel multiplier (default 2)")
+    sp = add("demo", "the main job: trace fact recall in the embedded model and write a report", _cmd_demo,
+             out="out/demo")
+    sp.add_argument("--n-facts", type=int, default=12, help="facts in the causal trace (default 12)")
+    sp.add_argument("--samples", type=int, default=3, help="noise samples per fact (default 3)")
+    sp.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     return p
 
 

@@ -7,6 +7,8 @@ Importing this package changes no global state: the house style is applied per f
   (also reached as ``result.plot()``).
 - :func:`heatmap`: a styled diverging heatmap of any matrix with row and column labels.
 - :func:`display_token`: a token label made visible (``"ĠParis·5"`` -> ``"␣Paris·5"``).
+- :func:`plot_b64_alignment`: tokens, 6-bit groups and decoded bytes of a base64 string on one ruler.
+- :func:`result_html`: the summary table + figure that results show in Jupyter (``_repr_html_``).
 - :func:`export` / :func:`export_all`: write a figure or result; :func:`find_chromium` tells whether
   static export can work here.
 """
@@ -19,9 +21,11 @@ from recallscope.plotting.exporting import (
     export_all,
     find_chromium,
 )
+from recallscope.plotting.b64 import plot_b64_alignment
 from recallscope.plotting.heatmaps import UnsupportedResultError, heatmap, plot_patching
 from recallscope.plotting.labels import display_token
 from recallscope.plotting.lines import plot_line
+from recallscope.plotting.rich import result_html
 from recallscope.plotting.style import apply_style
 
 __all__ = [
@@ -35,6 +39,8 @@ __all__ = [
     "export_all",
     "find_chromium",
     "heatmap",
+    "plot_b64_alignment",
     "plot_line",
     "plot_patching",
+    "result_html",
 ]

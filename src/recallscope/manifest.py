@@ -5,7 +5,7 @@ import json
 import os
 import platform
 import sys
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -80,9 +80,10 @@ def manifest_key(manifest: dict[str, Any]) -> str:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same directory and a rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, as for open(); mkstemp gives 0600
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     finally:

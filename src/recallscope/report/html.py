@@ -1,4 +1,11 @@
-"""Write one self-contained HTML page (works offline) from titled, explained figures."""
+"""Write one self-contained HTML page (works offline) from titled, explained figures.
+
+1. Each :class:`Section` becomes a heading (with an anchor), its explanation, its figure and its table;
+   a contents list links the sections when there are more than two.
+2. plotly.js is embedded once, with the first figure; later figures reuse it, so the page opens offline
+   and carries one copy of the library. Text (titles, explanations, table cells) is HTML-escaped.
+3. The page is written atomically (temporary file + rename).
+"""
 
 import html
 import os
@@ -12,8 +19,9 @@ _CSS = """
 body{font-family:Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 h1{font-size:1.6em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 p.expl{line-height:1.45} table{border-collapse:collapse} td,th{padding:.2em .6em;border-bottom:1px solid #eee}
-.meta{color:#666;font-size:.85em}
+.meta{color:#666;font-size:.85em} nav ol{line-height:1.5}
 """
+_FIGURE_CONFIG = {"displaylogo": False, "responsive": True}
 
 
 @dataclass(frozen=True)
@@ -39,15 +47,19 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def write_report(path: str | os.PathLike, title: str, sections: list[Section], *, footer: str = "") -> Path:
     """Write ``sections`` as one HTML page; plotly.js is embedded once so the page works offline."""
     parts, first = [], True
-    for s in sections:
-        block = [f"<h2>{html.escape(s.title)}</h2>", f"<p class='expl'>{html.escape(s.explanation)}</p>"]
+    for i, s in enumerate(sections):
+        block = [f"<h2 id='s{i + 1}'>{html.escape(s.title)}</h2>", f"<p class='expl'>{html.escape(s.explanation)}</p>"]
         if s.figure is not None:
-            block.append(s.figure.to_html(full_html=False, include_plotlyjs=True if first else False))
+            block.append(s.figure.to_html(full_html=False, include_plotlyjs=first, config=_FIGURE_CONFIG))
             first = False
         block.append(_table(s.table))
         parts.append("<section>" + "".join(block) + "</section>")
+    toc = ""
+    if len(sections) > 2:
+        items = "".join(f"<li><a href='#s{i + 1}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(sections))
+        toc = f"<nav><ol>{items}</ol></nav>"
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{''.join(parts)}"
+            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>{toc}{''.join(parts)}"
             f"<p class='meta'>{html.escape(footer)}</p></body></html>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

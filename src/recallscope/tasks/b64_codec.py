@@ -32,6 +32,7 @@ from jaxtyping import Bool
 from torch import Tensor
 
 from recallscope.errors import ConfigError, InvalidBase64Error
+from recallscope.tasks.pairs import check_text
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 """The standard base64 alphabet: character ``ALPHABET[v]`` encodes the 6-bit value ``v``."""
@@ -44,13 +45,7 @@ _FIX_ALPHABET = "the standard alphabet is A-Z, a-z, 0-9, '+' and '/', with '=' p
 # --------------------------------------------------------------------------------------------- codec
 def encode(data: bytes | str) -> str:
     """Base64-encode ``data`` (a ``str`` is encoded as UTF-8 first) with the standard alphabet and padding."""
-    try:
-        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    except UnicodeEncodeError as err:
-        raise ConfigError(
-            f"text {data[:40]!r} holds an unpaired surrogate ({data[err.start]!r} at index {err.start}), which "
-            "has no UTF-8 encoding. Fix the text's encoding (decode the source bytes as UTF-8)."
-        ) from None
+    raw = check_text(data, "text").encode("utf-8") if isinstance(data, str) else bytes(data)
     out: list[str] = []
     for start in range(0, len(raw), 3):
         chunk = raw[start : start + 3]

@@ -63,8 +63,9 @@ def check_text(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise ConfigError(f"{what} {text[:40]!r} holds an unpaired surrogate at index {err.start}, which no "
-                          "tokenizer accepts. Fix the text's encoding (decode the source bytes as UTF-8).") from None
+        raise ConfigError(f"{what} {text[:40]!r} holds an unpaired surrogate at index {err.start}, which has no "
+                          "UTF-8 encoding (no tokenizer accepts it). Fix the text's encoding (decode the source "
+                          "bytes as UTF-8).") from None
     return text
 
 

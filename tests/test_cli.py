@@ -197,3 +197,21 @@ def test_trace_facts_on_a_model_that_knows_nothing_says_so(tiny_cli, tmp_path, c
     monkeypatch.setattr(facts, "load_builtin_facts", lambda *a, **k: few)
     assert cli.main(["trace", "facts", "--n-facts", "2", "--out", str(tmp_path / "t"), "--quiet"]) == 2
     assert "recalls none of the" in capsys.readouterr().err
+
+
+def test_trace_base64_on_the_organism_recovers_its_dependency_map(tmp_path, monkeypatch, capsys):
+    from recallscope.organisms import shipped
+
+    if "b64-decoder" not in shipped():
+        pytest.skip("the b64-decoder organism's weights are not installed")
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-browser"))
+    out = tmp_path / "org"
+    code = cli.main(["trace", "base64", "--model", "organism:b64-decoder", "--n", "4", "--layers", "0",
+                     "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["direction"] == "noising" and manifest["model"]["spec"] == "organism:b64-decoder"
+    summary = manifest["summary"]
+    assert len(summary["groups"]) == 9  # one patching result per output byte
+    assert summary["mean_drop_dependent"] > 1.0 > 100 * abs(summary["mean_drop_independent"])
+    assert {"b64_dependency.html", "b64_truth.html"} <= set(manifest["outputs"])

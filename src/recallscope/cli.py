@@ -163,6 +163,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     from recallscope.models import load_model
     from recallscope.tasks.loaders import load_prompt_pairs
 
+    args.metric = args.metric or "logit_diff"
     record = _record(args, "patch", config=_patching_config(args))  # a bad config fails before the model loads
     with record.timed("load_model"):
         model = load_model(args.model, device=args.device)
@@ -179,6 +180,12 @@ TRACE_OPTIONS = {"component": "component", "window": "window", "samples": "n_sam
 
 def _trace_config(args: argparse.Namespace) -> Any:
     if args.task == "base64":
+        from recallscope.config import read_config_file
+
+        in_file = read_config_file(args.config) if args.config else {}
+        if _is_organism(args) and args.direction is None and "direction" not in in_file:
+            args.direction = "noising"  # organism pairs: swap one chunk into the clean run and watch the answer drop
+        args.metric = args.metric or ("logprob" if _is_organism(args) else "logit_diff")
         return _patching_config(args)
     from recallscope.patching.causal_trace import TraceConfig
 
@@ -218,14 +225,28 @@ def _trace_facts(args: argparse.Namespace, model: Any, record: Any) -> dict:
     return {"n_facts": len(items), "n_recalled": len(known), "peak": peak}
 
 
+def _is_organism(args: argparse.Namespace) -> bool:
+    return str(args.model).startswith("organism:")
+
+
 def _b64_pairs(args: argparse.Namespace, model: Any) -> list:
-    """Few-shot base64 counterfactual pairs for the model's tokenizer (or the pairs in --pairs)."""
+    """Base64 pairs: --pairs; an organism's dependency pairs; else few-shot counterfactual pairs."""
     from recallscope.tasks import b64
     from recallscope.tasks.loaders import load_prompt_pairs
 
     if args.pairs:
         return list(load_prompt_pairs(args.pairs))
     seed = 0 if args.seed is None else args.seed
+    if _is_organism(args):
+        from recallscope.organisms import ground_truth
+        from recallscope.organisms.b64_decoder import B64Truth, dependency_pairs
+
+        truth = ground_truth(model)
+        if not isinstance(truth, B64Truth):
+            from recallscope.errors import ConfigError
+
+            raise ConfigError(f"{args.model} is not a base64 organism; use organism:b64-decoder or pass --pairs.")
+        return dependency_pairs(max(truth.lengths), args.n or 16, seed=seed)
     if args.stimuli == "char":
         stimuli = b64.char_stimuli()[: args.n] if args.n else b64.char_stimuli()
     else:
@@ -234,11 +255,39 @@ def _b64_pairs(args: argparse.Namespace, model: Any) -> list:
     return b64.counterfactual_pairs(stimuli, model.tokenizer, seed=seed, n_shots=args.shots, prepend_bos=bos)
 
 
+def _trace_b64_organism(args: argparse.Namespace, model: Any, pairs: list, record: Any) -> dict:
+    """One patching result per output byte (pairs of one length predict one byte), and the byte x chunk
+    drop in the answer's metric at layer 0 beside the organism's ground-truth dependency map."""
+    import torch
+
+    from recallscope.organisms import ground_truth
+    from recallscope.plotting import heatmap
+    from recallscope.tasks.pairs import group_by_length
+
+    groups = {n: g[: args.max_pairs] for n, g in group_by_length(model, pairs).items()}
+    summary, results = _patch_groups(args, model, [p for g in groups.values() for p in g], record, prefix="b64_",
+                                     normalized=False)
+    truth = ground_truth(model)
+    chunks = [1 + i for i in range(truth.n_chunks)]
+    drop = torch.stack([(r.clean[:, None] - r.values[:, 0, chunks]).mean(0) for r in results])  # [byte, chunk]
+    dep = truth.dependency(drop.shape[0])
+    cols, rows = [f"chunk {i}" for i in range(truth.n_chunks)], [f"byte {j}" for j in range(drop.shape[0])]
+    _write_figure(heatmap(drop, cols, rows, title=f"{args.model}: drop in {args.metric} when a chunk's layer-0 "
+                          "input is swapped", colorbar_title="drop"), Path(args.out) / "b64_dependency", record)
+    _write_figure(heatmap(dep.float(), cols, rows, title="ground truth: byte j depends on chunk i",
+                          colorbar_title="depends"), Path(args.out) / "b64_truth", record)
+    agree = {"mean_drop_dependent": float(drop[dep].mean()), "mean_drop_independent": float(drop[~dep].mean())}
+    print(json.dumps(agree))
+    return {"n_pairs": len(pairs), "groups": summary, **agree}
+
+
 def _trace_base64(args: argparse.Namespace, model: Any, record: Any) -> dict:
     from recallscope.tasks.pairs import group_by_length
 
     with record.timed("build_pairs"):
         pairs = _b64_pairs(args, model)
+    if _is_organism(args) and not args.pairs:
+        return _trace_b64_organism(args, model, pairs, record)
     groups = group_by_length(model, pairs)
     length, group = max(groups.items(), key=lambda kv: len(kv[1]))  # the largest equal-length group
     group = group[: args.max_pairs]
@@ -345,8 +394,8 @@ def _bool(text: str) -> bool:
 
 
 OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
-    "metric": (("--metric",), dict(default="logit_diff", help="logit_diff (default; needs a wrong answer per "
-                                   "pair), logprob, prob or rank")),
+    "metric": (("--metric",), dict(help="logit_diff (default; needs a wrong answer per pair; organisms: "
+                                   "logprob), logprob, prob or rank")),
     "component": (("--component",), dict(help="what to patch or restore: resid_pre (patching default), "
                                          "resid_post (trace facts default), resid_mid, attn_out, mlp_out, or per "
                                          "head z, q, k, v, pattern")),
@@ -425,7 +474,7 @@ def _check_trace_options(args: argparse.Namespace) -> None:
 
     other = "base64" if args.task == "facts" else "facts"
     wrong = [name for name in TRACE_ONLY[other] if getattr(args, name) is not None]
-    if args.task == "facts" and args.metric != "logit_diff":
+    if args.task == "facts" and args.metric is not None:
         wrong.append("metric")
     if wrong:
         flags = ", ".join("--" + w.replace("_", "-") for w in wrong)

@@ -229,7 +229,8 @@ class Explorer:
         figs["layer"] = self._row_figure(view)
         if self.routes is not None and view.state.prompt is not None:
             fig = go.Figure(self.routes[view.state.prompt].plot())
-            fig.add_vline(x=view.state.layer, line=dict(color="#111111", width=1.5, dash="dot"))
+            if any(t.type in ("scatter", "bar", "heatmap") for t in fig.data):  # a layer axis to mark
+                fig.add_vline(x=view.state.layer, line=dict(color="#111111", width=1.5, dash="dot"))
             figs["route"] = fig
         return figs
 

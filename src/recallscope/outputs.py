@@ -30,8 +30,14 @@ from recallscope.results import RESULT_FILES, PatchingResult
 RESULT_TYPES: dict[str, str] = {
     "PatchingResult": "recallscope.results:PatchingResult",
     "AttributionResult": "recallscope.attribution.results:AttributionResult",
+    "DLAResult": "recallscope.attribution.dla:DLAResult",
+    "EdgeScores": "recallscope.attribution.edges:EdgeScores",
+    "Circuit": "recallscope.attribution.edges:Circuit",
+    "VerifyResult": "recallscope.attribution.verify:VerifyResult",
     "LensTrajectory": "recallscope.lens.trajectory:LensTrajectory",
     "BackpatchResult": "recallscope.lens.backpatch:BackpatchResult",
+    "RouteReport": "recallscope.routes.report:RouteReport",
+    "HumanComparison": "recallscope.routes.human:HumanComparison",
 }
 """Saved result type name (``result.json`` ``"type"``) -> ``module:Class`` that loads it."""
 

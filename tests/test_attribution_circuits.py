@@ -73,6 +73,12 @@ def test_faithfulness_endpoints_and_pruning_preserves_the_function():
         assert pruned.n_edges < circuit.n_edges
         torch.testing.assert_close(runner.metric(pruned.keep_mask()), runner.metric(circuit.keep_mask()),
                                    atol=1e-5, rtol=1e-5)
+    recorded = runner.run(edges.float(), record=True)  # resuming a recorded run skips the layers below
+    changed = edges.float().clone()
+    changed[:, g.attn_inputs(1)] = 1.0 - changed[:, g.attn_inputs(1)]
+    changed = changed * g.valid
+    torch.testing.assert_close(runner.metric(changed, start_layer=1, resume=recorded), runner.metric(changed),
+                               atol=1e-5, rtol=1e-5)
     scores = eap_ig(model, tp, metric, steps=2, progress=False)
     curve = faithfulness_curve(model, tp, metric, scores, [0, 10, int(g.valid.sum())], progress=False)
     assert abs(curve.faithfulness[0]) < 1e-5 and abs(curve.faithfulness[-1] - 1.0) < 1e-5

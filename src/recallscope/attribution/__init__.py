@@ -6,6 +6,7 @@
   of embeddings, heads (q/k/v inputs), MLPs and logits; optional per-position edges.
 - :func:`direct_logit_attribution`: DLA by layer, head and source position (subject vs relation tokens).
 - :func:`attribute_then_verify`: rank with AtP / AtP* / EAP-IG, re-score the top k exactly.
+- :func:`fact_pairs`: equal-length counterfactual pairs of (recalled) built-in facts, ready to attribute.
 - Circuits: ``EdgeScores.top(n)`` / ``.threshold(tau)``, :func:`acdc`, :func:`evaluate_circuit`
   (faithfulness, completeness), :func:`faithfulness_curve`, :func:`score_recovery` (TPR/FPR, ROC AUC
   against a known circuit).
@@ -20,6 +21,7 @@ from recallscope.attribution.circuits import (
     evaluate_circuit,
     faithfulness_curve,
 )
+from recallscope.attribution.common import fact_pairs
 from recallscope.attribution.dla import DLAResult, direct_logit_attribution
 from recallscope.attribution.eap import EAPConfig, EdgeMethod, eap, eap_ig
 from recallscope.attribution.edges import Circuit, EdgeScores
@@ -32,5 +34,5 @@ __all__ = [
     "AtPConfig", "AttributionResult", "Circuit", "CircuitEval", "CircuitRunner", "DLAResult", "EAPConfig",
     "EdgeMethod", "EdgeScores", "FaithfulnessCurve", "Graph", "RecoveryScore", "VerifyResult", "acdc", "atp",
     "atp_star", "attribute_then_verify", "direct_logit_attribution", "eap", "eap_ig", "evaluate_circuit",
-    "faithfulness_curve", "precision_at_k", "roc_auc", "score_recovery", "spearman",
+    "fact_pairs", "faithfulness_curve", "precision_at_k", "roc_auc", "score_recovery", "spearman",
 ]

@@ -60,13 +60,20 @@ class CircuitRunner:
     def gap(self) -> float:
         return float(self.clean.mean() - self.corrupt.mean())
 
-    def metric(self, keep: Tensor) -> Tensor:
-        """``[prompt]`` metric of the clean prompts with ``keep`` (1 = kept edge) and the rest ablated."""
+    def run(self, keep: Tensor, *, record: bool = False, start_layer: int = 0, resume: GraphRun | None = None
+            ) -> GraphRun:
+        """The clean prompts with ``keep`` (1 = kept edge) and the other edges ablated; ``start_layer`` /
+        ``resume`` skip the blocks below a layer whose receivers' edges agree with ``resume``'s."""
         self.n_runs += 1
         with torch.no_grad():
-            out = run_graph(self.prep.stack, self.graph, self.weights, self.x_clean, read=self.prep.read,
-                            ablation=Ablation(keep, self.corrupt_run))
-            return self.prep.metric(out.logits).float()
+            return run_graph(self.prep.stack, self.graph, self.weights, self.x_clean, read=self.prep.read,
+                             ablation=Ablation(keep, self.corrupt_run), record=record, start_layer=start_layer,
+                             resume=resume)
+
+    def metric(self, keep: Tensor, **kwargs: Any) -> Tensor:
+        """``[prompt]`` metric of :meth:`run`."""
+        with torch.no_grad():
+            return self.prep.metric(self.run(keep, **kwargs).logits).float()
 
     def recovered(self, values: Tensor) -> float:
         """Fraction of the clean-corrupt gap that ``values`` recover (ratio of means)."""
@@ -175,7 +182,10 @@ def acdc(
     if candidates is not None and candidates.edges.ndim == 3:
         raise ConfigError("ACDC prunes edges without positions; select candidates from non-positional scores.")
     keep = (candidates.edges if candidates is not None else g.valid).float().clone()
-    current = float(runner.metric(keep).mean())
+    # Receivers are visited from the last layer down, so below a receiver's layer the edges are still
+    # the initial ones: every trial resumes from one recorded run of the initial circuit.
+    initial = runner.run(keep, record=True)
+    current = float(runner.prep.metric(initial.logits).float().mean())
     tol = threshold * abs(runner.gap)
     trials = [(v, u) for v in _receiver_order(g) for u in reversed(range(g.n_senders)) if keep[u, v] > 0]
     for v, u in tqdm(trials, desc="ACDC", disable=not progress, leave=False):
@@ -186,7 +196,7 @@ def acdc(
             keep[:, v] = 0
             continue
         keep[u, v] = 0
-        trial = float(runner.metric(keep).mean())
+        trial = float(runner.metric(keep, start_layer=min(v // g.per_layer, g.n_layers), resume=initial).mean())
         if abs(trial - current) < tol:
             current = trial
         else:

@@ -67,3 +67,24 @@ def rotate(stack: Stack, x: Tensor, positions: Tensor) -> Tensor:
         return x
     rotated, _ = stack.rope(x, x, positions)
     return rotated
+
+
+def fact_pairs(model: Any, facts: Sequence[Any], *, n_pairs: int = 16, seed: int = 0,
+               length: int | None = None) -> list[PromptPair]:
+    """Counterfactual pairs of ``facts`` (:func:`recallscope.tasks.facts.counterfactual_pairs`) that share
+    one token length, as attribution needs: the largest length group (or ``length``), ``n_pairs`` of
+    them drawn with ``random.Random(seed)``. Pass the facts a model recalls
+    (``tasks.facts.recalled_facts(model, facts).kept``) so that the clean run knows the answer."""
+    import random
+
+    from recallscope.errors import EmptyDatasetError
+    from recallscope.tasks.facts import counterfactual_pairs
+    from recallscope.tasks.pairs import group_by_length
+
+    pairs = list(counterfactual_pairs(model, facts, seed=seed).pairs)
+    groups = group_by_length(model, pairs) if pairs else {}
+    if not groups or (length is not None and length not in groups):
+        raise EmptyDatasetError(f"no counterfactual pairs{'' if length is None else f' of {length} tokens'} "
+                                f"among {len(facts)} facts (lengths available: {sorted(groups)}); pass more facts.")
+    group = groups[length] if length is not None else max(groups.values(), key=len)
+    return random.Random(seed).sample(group, min(n_pairs, len(group)))

@@ -89,28 +89,27 @@ class Circuit:
         return replace(self, edges=edges, info={**self.info, "pruned": True})
 
     def plot(self, *, title: str | None = None) -> go.Figure:
-        """The circuit as a graph laid out by layer; line width and colour show each edge's weight."""
+        """The circuit as a graph laid out by layer (only layers with nodes get a row): heads spread
+        across their attention row, MLPs to the right, key/value nodes of grouped-query attention just
+        below their heads. Line width grows with ``|weight|``; red edges have positive weights."""
         from recallscope.attribution.plots import circuit_figure
 
         g = self.graph
-        em = self.edge_matrix()
         w = self.weights if self.weights is not None else self.edges.float()
         w = w.sum(-1) if w.ndim == 3 else w
         merged: dict[tuple[str, str], list[tuple[str, float]]] = {}
-        for u, v in em.nonzero().tolist():
-            key = (g.senders[u], g.receiver_node(v))
-            merged.setdefault(key, []).append((g.receivers[v], float(w[u, v])))
+        for u, v in self.edge_matrix().nonzero().tolist():
+            merged.setdefault((g.senders[u], g.receiver_node(v)), []).append((g.receivers[v], float(w[u, v])))
         edges = [(a, b, sum(x for _, x in parts), f"{a} → " + ", ".join(f"{r}: {x:.3g}" for r, x in parts))
                  for (a, b), parts in merged.items()]
-        names = dict.fromkeys(["input", *[n for e in edges for n in e[:2]], "logits"])
-        layout = {n: _node_xy(g, n) for n in names}
-        stages = {0.0: "input", float(2 * g.n_layers + 1): "logits"}
-        for layer in range(g.n_layers):
-            stages[float(2 * layer + 1)], stages[float(2 * layer + 2)] = f"L{layer} attn", f"L{layer} MLP"
-        used = {round(y) for _, y in layout.values()}
-        return circuit_figure(layout, edges, stage_labels={k: v for k, v in stages.items() if round(k) in used},
-                              title=title or f"Circuit: {len(names)} nodes, {self.n_edges} edges"
-                              + (f", faithfulness {self.info['faithfulness']:.2f}" if "faithfulness" in self.info else ""))
+        names = list(dict.fromkeys(["input", *[n for e in edges for n in e[:2]], "logits"]))
+        raw = {n: _node_xy(g, n) for n in names}
+        rows = sorted({y for _, y in raw.values()})
+        layout = {n: (x, float(rows.index(y))) for n, (x, y) in raw.items()}
+        labels = {float(i): _stage_label(g, y) for i, y in enumerate(rows)}
+        faith = f", faithfulness {self.info['faithfulness']:.2f}" if "faithfulness" in self.info else ""
+        return circuit_figure(layout, edges, stage_labels=labels,
+                              title=title or f"Circuit: {len(names)} nodes, {self.n_edges} edges{faith}")
 
     def save(self, directory: str | os.PathLike) -> Path:
         tensors = {"edges": self.edges.to(torch.uint8)}
@@ -126,20 +125,29 @@ class Circuit:
 
 
 def _node_xy(graph: Graph, name: str) -> tuple[float, float]:
-    """Position of a node: y = stage (input 0, layer l attention 2l+1, MLP 2l+2, logits 2L+1), x spreads heads."""
-    if name == "input":
-        return 0.0, 0.0
-    if name == "logits":
-        return 0.0, float(2 * graph.n_layers + 1)
+    """Position of a node before rows are compacted: y = 2l+1 for layer l's heads, 2l+2 for its MLP,
+    2l+0.6 for its key/value nodes; x spreads heads around 0 and puts MLPs (zig-zagging) to the right."""
+    if name in ("input", "logits"):
+        return 0.0, 0.0 if name == "input" else float(2 * graph.n_layers + 1)
     layer = int(name[1:].split(".")[0])
     if name.startswith("m"):
-        return 0.0, float(2 * layer + 2)
+        return graph.n_heads / 2 + 1.0 + 0.7 * (layer % 2), float(2 * layer + 2)
     part = name.split(".")[1]
     if part.startswith("kv"):
         rep = graph.n_heads // graph.n_kv_heads
-        g = int(part[2:])
-        return g * rep + (rep - 1) / 2 - (graph.n_heads - 1) / 2, 2 * layer + 1 - 0.4
+        return int(part[2:]) * rep + (rep - 1) / 2 - (graph.n_heads - 1) / 2, 2 * layer + 0.6
     return int(part[1:]) - (graph.n_heads - 1) / 2, float(2 * layer + 1)
+
+
+def _stage_label(graph: Graph, y: float) -> str:
+    if y == 0:
+        return "input"
+    if y == 2 * graph.n_layers + 1:
+        return "logits"
+    layer, rest = divmod(y, 2)  # MLP of layer l sits at 2l+2, its heads at 2l+1, its k/v nodes at 2l+0.6
+    if rest < 0.3:
+        return f"L{int(layer) - 1} MLP"
+    return f"L{int(layer)} k/v" if rest < 0.9 else f"L{int(layer)} attn"
 
 
 def _dependents(graph: Graph, v: int) -> list[int]:

@@ -174,10 +174,12 @@ class Graph:
 @dataclass
 class GraphRun:
     """What :func:`run_graph` returns: logits at the read positions and, when recorded, every sender's
-    output ``[batch, pos, sender, d_model]`` and the residual read by each receiver block."""
+    output ``[batch, pos, sender, d_model]`` (``delta``: output minus the corrupt run's, for an ablated
+    run) and the residual read by each receiver block (keys ``attn{layer}``, ``mlp{layer}``, ``final``)."""
 
     logits: Tensor
     outputs: Tensor | None = None
+    delta: Tensor | None = None
     resid: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -207,12 +209,15 @@ def _contract(delta: Tensor, weights: Tensor) -> Tensor:
 class _Readers:
     """Builds receivers' inputs (with ablation) and records what later runs need."""
 
-    def __init__(self, graph: Graph, x0: Tensor, ablation: Ablation | None, record: bool, hook: Hook | None):
+    def __init__(self, graph: Graph, x0: Tensor, ablation: Ablation | None, record: bool, hook: Hook | None,
+                 resume: GraphRun | None = None):
         b, p, d = x0.shape
         self.graph, self.ablation, self.hook, self.record = graph, ablation, hook, record
         need = record or ablation is not None
         self.buffer = x0.new_zeros(b, p, graph.n_senders, d) if need else None  # outputs, or output - corrupt
-        self.resid: dict[str, Tensor] = {}
+        if resume is not None and self.buffer is not None:
+            self.buffer.copy_(resume.delta if ablation is not None else resume.outputs)
+        self.resid: dict[str, Tensor] = dict(resume.resid) if resume is not None else {}
 
     def write(self, first: int, out: Tensor) -> None:
         if self.buffer is None:
@@ -241,6 +246,31 @@ class _Readers:
         return xs
 
 
+def _layer(stack: Stack, graph: Graph, layer: int, w: AttnWeights, x: Tensor, readers: _Readers,
+           sender_hook: Hook | None) -> Tensor:
+    """One block over the graph: receivers read (with ablation), senders write; returns the residual."""
+    g, lp = graph, stack.layers[layer]
+    positions = torch.arange(x.shape[1], device=x.device)
+    h = lp.ln1(readers.read(f"attn{layer}", x, g.attn_inputs(layer), g.before_attn(layer)))
+    nh, nkv = g.n_heads, g.n_kv_heads
+    q = torch.einsum("bphd,dhe->bphe", h[:, :, :nh], w.W_Q) + w.b_Q
+    k = torch.einsum("bphd,dhe->bphe", h[:, :, nh:nh + nkv], w.W_K) + w.b_K
+    v = torch.einsum("bphd,dhe->bphe", h[:, :, nh + nkv:], w.W_V) + w.b_V
+    z, _, _ = attend(stack, layer, q, k, v, positions, None, lambda p, i, t: t, lambda p, t: None)
+    heads = torch.einsum("bphe,hed->bphd", z, w.W_O)
+    if sender_hook is not None:
+        heads = sender_hook(g.head(layer, 0), heads)
+    readers.write(g.head(layer, 0), heads)
+    resid_mid = x + heads.sum(2) + w.b_O
+    mlp_recv = slice(g.mlp_input(layer), g.mlp_input(layer) + 1)
+    m = lp.mlp(lp.ln2(readers.read(f"mlp{layer}", x if g.parallel else resid_mid, mlp_recv, g.before_mlp(layer))[:, :, 0]))
+    m = m.unsqueeze(2)
+    if sender_hook is not None:
+        m = sender_hook(g.mlp(layer), m)
+    readers.write(g.mlp(layer), m)
+    return resid_mid + m[:, :, 0]
+
+
 def run_graph(
     stack: Stack,
     graph: Graph,
@@ -252,45 +282,36 @@ def run_graph(
     record: bool = False,
     receiver_hook: Hook | None = None,
     sender_hook: Hook | None = None,
+    start_layer: int = 0,
+    resume: GraphRun | None = None,
 ) -> GraphRun:
     """Run the model on embeddings ``x0`` over the graph (see the module docstring).
 
     ``ablation`` replaces ablated edges by the corrupt run's sender outputs (no gradients then).
     ``receiver_hook(first_receiver, inputs[batch, pos, n, d_model])`` sees each block of receiver inputs
     and may return a replacement; ``sender_hook(first_sender, outputs[batch, pos, n, d_model])`` likewise
-    for sender outputs. ``record`` keeps sender outputs and residuals for use as a corrupt run.
+    for sender outputs. ``record`` keeps sender outputs and residuals (for use as a corrupt run, or to
+    ``resume`` from). ``start_layer`` with ``resume`` (a recorded run that agrees with this one below
+    that layer) skips the blocks below ``start_layer``; ``start_layer = n_layers`` only reads the logits.
     """
     if ablation is not None and torch.is_grad_enabled():
         raise ConfigError("run_graph with an ablation computes no gradients; call it under torch.no_grad().")
-    g = graph
-    readers = _Readers(g, x0, ablation, record, receiver_hook)
-    positions = torch.arange(x0.shape[1], device=x0.device)
-    x = x0
-    out0 = x0.unsqueeze(2)
-    out0 = sender_hook(0, out0) if sender_hook is not None else out0
-    readers.write(0, out0)
-    x = out0[:, :, 0]
-    for layer, (lp, w) in enumerate(zip(stack.layers, weights)):
-        h = lp.ln1(readers.read(f"attn{layer}", x, g.attn_inputs(layer), g.before_attn(layer)))
-        nh, nkv = g.n_heads, g.n_kv_heads
-        q = torch.einsum("bphd,dhe->bphe", h[:, :, :nh], w.W_Q) + w.b_Q
-        k = torch.einsum("bphd,dhe->bphe", h[:, :, nh:nh + nkv], w.W_K) + w.b_K
-        v = torch.einsum("bphd,dhe->bphe", h[:, :, nh + nkv:], w.W_V) + w.b_V
-        z, _, _ = attend(stack, layer, q, k, v, positions, None, lambda p, i, t: t, lambda p, t: None)
-        heads = torch.einsum("bphe,hed->bphd", z, w.W_O)
-        if sender_hook is not None:
-            heads = sender_hook(g.head(layer, 0), heads)
-        readers.write(g.head(layer, 0), heads)
-        resid_mid = x + heads.sum(2) + w.b_O
-        mlp_from = x if g.parallel else resid_mid
-        mlp_recv = slice(g.mlp_input(layer), g.mlp_input(layer) + 1)
-        m = lp.mlp(lp.ln2(readers.read(f"mlp{layer}", mlp_from, mlp_recv, g.before_mlp(layer))[:, :, 0]))
-        m = m.unsqueeze(2)
-        if sender_hook is not None:
-            m = sender_hook(g.mlp(layer), m)
-        readers.write(g.mlp(layer), m)
-        x = resid_mid + m[:, :, 0]
-    final = readers.read("final", x, slice(g.logits, g.logits + 1), g.n_senders)[:, :, 0]
+    if start_layer and (resume is None or not resume.resid):
+        raise ConfigError("start_layer > 0 needs `resume`, a run recorded with record=True.")
+    readers = _Readers(graph, x0, ablation, record, receiver_hook, resume)
+    if start_layer == 0:
+        out0 = x0.unsqueeze(2)
+        out0 = sender_hook(0, out0) if sender_hook is not None else out0
+        readers.write(0, out0)
+        x = out0[:, :, 0]
+    else:
+        x = resume.resid[f"attn{start_layer}" if start_layer < graph.n_layers else "final"]
+    for layer in range(start_layer, graph.n_layers):
+        x = _layer(stack, graph, layer, weights[layer], x, readers, sender_hook)
+    final = readers.read("final", x, slice(graph.logits, graph.logits + 1), graph.n_senders)[:, :, 0]
     logits = stack.unembed(stack.final_norm(final[:, read]))
-    outputs = readers.buffer if record and ablation is None else None
-    return GraphRun(logits=logits, outputs=outputs, resid=readers.resid)
+    if not record:
+        return GraphRun(logits=logits)
+    if ablation is None:
+        return GraphRun(logits=logits, outputs=readers.buffer, resid=readers.resid)
+    return GraphRun(logits=logits, delta=readers.buffer, resid=readers.resid)

@@ -82,5 +82,7 @@ def circuit_figure(nodes: dict[str, tuple[float, float]], edges: Sequence[tuple[
     fig.update_yaxes(tickvals=ticks, ticktext=[(stage_labels or {})[t] for t in ticks], showgrid=False,
                      zeroline=False, title_text="layer")
     n_stages = len({y for _, y in nodes.values()})
-    fig.update_layout(height=max(420, 46 * n_stages + 160), hovermode="closest")
+    fig.update_layout(height=max(420, 56 * n_stages + 160), hovermode="closest")
+    fig.add_annotation(text="edge width: |score|; red: positive, blue: negative", xref="paper", yref="paper",
+                       x=1.0, y=-0.06, showarrow=False, xanchor="right", font=dict(size=11, color="#666666"))
     return fig

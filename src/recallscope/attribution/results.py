@@ -123,8 +123,12 @@ class AttributionResult:
 
     def site_label(self, site: Site) -> str:
         """``site.label`` with the position's token, e.g. ``mlp_out L5 @3 (␣France)``."""
+        from recallscope.plotting import display_token
+
         pos = self.labels.get("pos")
-        return site.label + (f" ({pos[site.pos].rsplit('·', 1)[0]})" if pos and site.pos is not None else "")
+        if not pos or site.pos is None:
+            return site.label
+        return f"{site.label} ({display_token(pos[site.pos].rsplit('·', 1)[0])})"
 
     def plot(self, *, top: int = 20, score: str = "values", title: str | None = None) -> go.Figure:
         """Ranked bar chart of the ``top`` sites across all components, with 95% bootstrap CIs."""

@@ -85,11 +85,14 @@ class Lens(ABC):
         """Log-softmax of :meth:`logits`, in float32."""
         return torch.log_softmax(self.logits(h, layer).float(), dim=-1)
 
-    def all_layers(self, states: Float[Tensor, "layer *batch d_model"]) -> Float[Tensor, "layer *batch vocab"]:
-        """Log-probs at every layer of a stack of hidden states from :func:`hidden_states`."""
+    def _check_states(self, states: Tensor) -> None:
         if states.shape[0] != self.n_layers:
             raise SiteOutOfRangeError(f"expected {self.n_layers} hidden-state layers, got {states.shape[0]}; "
                                       "pass the output of lens.hidden_states(...).")
+
+    def all_layers(self, states: Float[Tensor, "layer *batch d_model"]) -> Float[Tensor, "layer *batch vocab"]:
+        """Log-probs at every layer of a stack of hidden states from :func:`hidden_states`."""
+        self._check_states(states)
         return torch.stack([self.logprobs(states[layer], layer) for layer in range(self.n_layers)])
 
 
@@ -101,6 +104,11 @@ class LogitLens(Lens):
 
     def transform_hidden(self, h: Float[Tensor, "*batch d_model"], layer: int) -> Float[Tensor, "*batch d_model"]:
         return h
+
+    def all_layers(self, states: Float[Tensor, "layer *batch d_model"]) -> Float[Tensor, "layer *batch vocab"]:
+        """Log-probs at every layer in one batched unembedding (the transform is the identity)."""
+        self._check_states(states)
+        return torch.log_softmax(self.stack.unembed(self.stack.final_norm(states)).float(), dim=-1)
 
 
 def first_token_id(model: Any, text: str) -> int:

@@ -111,7 +111,8 @@ def route_report(model: Any, query: RouteQuery, concepts: Sequence[Concept | str
         raise ConfigError("route_report needs at least one candidate concept.")
     ctrl = _controls_for(model, cands, query, pool, controls, config.n_controls, config.seed)
     slots, control_idx = _slots(cands, ctrl)
-    dirs = concept_directions(model, slots, batch_size=config.batch_size)
+    context = {k: v for k, v in (("prefixes", config.prefixes), ("baseline_words", config.baseline_words)) if v is not None}
+    dirs = concept_directions(model, slots, batch_size=config.batch_size, **context)
     windows = config.layers or tuple(range(0, stack.n_layers - config.window + 1, config.stride))
     if any(not 0 <= w <= stack.n_layers - config.window for w in windows):
         raise ConfigError(f"intervention windows {windows} (width {config.window}) must lie in 0..{stack.n_layers - 1}.")

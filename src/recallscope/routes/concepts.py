@@ -42,6 +42,8 @@ class ConceptSource(str, Enum):
     """A vocabulary word sharing the input's letters."""
     VOCAB_SOUND = "vocabulary: sound"
     """A vocabulary word that sounds like the input."""
+    VOCABULARY = "vocabulary"
+    """A whole-word token from a sample of the vocabulary."""
     LEXICON = "lexicon"
     """An acronym lexicon entry (expansion or acronym)."""
     HUMAN = "human mnemonic"

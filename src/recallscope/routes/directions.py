@@ -93,13 +93,24 @@ class ConceptDirections:
 
 
 def concept_directions(model: Any, concepts: Sequence[Concept], *, prefixes: Sequence[str] = NEUTRAL_PREFIXES,
-                       baseline_words: Sequence[str] = BASELINE_WORDS, batch_size: int = 64) -> ConceptDirections:
-    """:class:`ConceptDirections` of ``concepts`` (text -> the model's representation; vector -> itself)."""
+                       baseline_words: Sequence[str] | None = BASELINE_WORDS, batch_size: int = 64
+                       ) -> ConceptDirections:
+    """:class:`ConceptDirections` of ``concepts`` (text -> the model's representation; vector -> itself).
+
+    ``baseline_words=None`` centres on the mean representation of the text concepts themselves (for a
+    large pool: each direction is then what is specific to its concept within the pool).
+    """
     stack = build_stack(model)
     n_layers = stack.n_layers + 1
-    baseline = representations(model, baseline_words, prefixes=prefixes, batch_size=batch_size).mean(0)
     texts = [c.text for c in concepts if c.direction is None]
-    reps = iter(representations(model, texts, prefixes=prefixes, batch_size=batch_size) if texts else [])
+    all_reps = representations(model, texts, prefixes=prefixes, batch_size=batch_size) if texts else None
+    if baseline_words is None:
+        if all_reps is None:
+            raise ConfigError("baseline_words=None centres on the text concepts, but no concept has text.")
+        baseline = all_reps.mean(0)
+    else:
+        baseline = representations(model, baseline_words, prefixes=prefixes, batch_size=batch_size).mean(0)
+    reps = iter(all_reps if all_reps is not None else [])
     vectors = []
     for c in concepts:
         if c.direction is None:

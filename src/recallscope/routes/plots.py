@@ -52,3 +52,36 @@ def plot_route_report(report: Any, *, top: int = 8, title: str | None = None) ->
     apply_style(fig, title=title or f"routes {q['name']}: total effect {te:.2f} nats, verdict {report.verdict()}")
     fig.update_layout(height=820, legend=dict(orientation="h", y=-0.12))
     return fig
+
+
+def plot_human_comparison(result: Any, *, title: str | None = None) -> go.Figure:
+    """Left: mean percentile of the human keyword among its controls per score and link type (95% CI,
+    dashed 0.5 = chance). Right: top-1 hit rate against its chance level."""
+    from recallscope.routes.human import SCORES
+
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.12,
+                        subplot_titles=("human keyword's percentile among controls (0.5 = chance)",
+                                        "top-1 hit rate (dotted = chance)"))
+    groups = {"all": None, "sound/orthographic": "sound/orthographic", "meaning/etymology": "meaning/etymology"}
+    colors = {"all": "#444444", "sound/orthographic": "#d62728", "meaning/etymology": "#1f77b4"}
+    for name, link in groups.items():
+        stats = [result.agreement(s, link) for s in SCORES]
+        ok = [st.get("n_cards", 0) > 0 for st in stats]
+        mean = [st["mean_percentile"] if k else None for st, k in zip(stats, ok)]
+        lo = [st["mean_percentile"] - st["mean_percentile_ci95"][0] if k else None for st, k in zip(stats, ok)]
+        hi = [st["mean_percentile_ci95"][1] - st["mean_percentile"] if k else None for st, k in zip(stats, ok)]
+        n = stats[0].get("n_cards", 0)
+        text = [f"p={st['p_value']:.3g}" if k else "" for st, k in zip(stats, ok)]
+        fig.add_trace(go.Bar(x=list(SCORES), y=mean, name=f"{name} (n={n})", marker_color=colors[name],
+                             error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo), text=text,
+                             textposition="outside", legendgroup=name), row=1, col=1)
+        fig.add_trace(go.Bar(x=list(SCORES), y=[st.get("top1") if k else None for st, k in zip(stats, ok)],
+                             name=name, marker_color=colors[name], showlegend=False, legendgroup=name), row=1, col=2)
+    fig.add_hline(y=0.5, line=dict(dash="dash", color="#888888"), row=1, col=1)
+    chance = result.agreement("causal").get("top1_chance", 0.1)
+    fig.add_hline(y=chance, line=dict(dash="dot", color="#888888"), row=1, col=2)
+    fig.update_yaxes(range=[0, 1.05], row=1, col=1)
+    apply_style(fig, title=title or f"model routes vs human mnemonic keywords ({len(result.rows)} cards; "
+                                    "'string' = text similarity, not the model)")
+    fig.update_layout(barmode="group", height=520, legend=dict(orientation="h", y=-0.18))
+    return fig

@@ -55,6 +55,10 @@ class RouteConfig:
     """Compute the mediation share (d) (costs one run per alternative, window and slot)."""
     remove_output_direction: bool = True
     """Project the output tokens' direct logit directions out of every concept direction."""
+    prefixes: tuple[str, ...] | None = None
+    """Neutral contexts of concept representations (None: ``directions.NEUTRAL_PREFIXES``, English)."""
+    baseline_words: tuple[str, ...] | None = None
+    """Words whose mean representation is the baseline (None: ``directions.BASELINE_WORDS``, English)."""
     alpha: float = 0.05
     """Significance level of the route verdict."""
     min_share: float = 0.1

@@ -269,17 +269,22 @@ def mediation(runner: SpanRunner, alt_states: Tensor, alt_metric: Tensor, unit: 
     return drops / float((runner.clean - alt_metric).sum())
 
 
-def readout_and_similarity(runner: SpanRunner, lens: Lens, first_ids: Tensor, vectors: Tensor, baseline: Tensor
-                           ) -> tuple[Float[Tensor, "slot layer"], Float[Tensor, "slot layer"]]:
-    """(a) best rank of each slot's first token over the input span per layer (NaN for id -1);
-    (b) cosine of the input's last hidden state (minus baseline) with each slot's direction."""
+def readout_and_similarity(runner: SpanRunner, lens: Lens, first_ids: Tensor, vectors: Tensor, baseline: Tensor,
+                           *, last_only: bool = False) -> tuple[Float[Tensor, "slot layer"], Float[Tensor, "slot layer"]]:
+    """(a) best rank of each slot's first token over the input span (or its last token) per layer (NaN for
+    id -1); (b) cosine of the input's last hidden state (minus baseline) with each slot's direction."""
     s, e = runner.prep.span
+    if last_only:
+        s = e - 1
     with torch.no_grad():
         logp = lens.all_layers(runner.states[:, 0, s:e])  # [layer, span, vocab]
     have = first_ids >= 0
     own = logp[..., first_ids.clamp_min(0)]  # [layer, span, slot]
-    ascending = (-logp).sort(dim=-1).values  # rank = number of tokens with a higher log-prob
-    ranks = torch.searchsorted(ascending.contiguous(), (-own).contiguous()).float().amin(1).T  # [slot, layer]
+    if own.shape[-1] <= 32:  # rank = number of tokens with a higher log-prob
+        ranks = (logp[..., None, :] > own[..., None]).sum(-1).float().amin(1).T  # [slot, layer]
+    else:
+        ascending = (-logp).sort(dim=-1).values
+        ranks = torch.searchsorted(ascending.contiguous(), (-own).contiguous()).float().amin(1).T
     ranks = ranks.masked_fill(~have[:, None], float("nan"))
     h = runner.states[:, 0, e - 1] - baseline  # [layer, d]
     sim = torch.nn.functional.cosine_similarity(h[None], vectors, dim=-1)

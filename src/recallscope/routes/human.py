@@ -1,0 +1,337 @@
+"""Compare the model's routes with human mnemonics: does recalling a term's definition pass through the
+keyword people use to remember it ("capricious" -> "car prices")?
+
+:func:`compare_human` steps:
+
+1. Load the cards and keep those with a keyword (:mod:`.mnemonics`). Each card gives a query: the prompt
+   ``'The word "<term>" means'``, the input span ``<term>`` and the output = the first tokens of the
+   definition (teacher-forced log-prob).
+2. Controls: every card's keyword competes with ``n_controls`` other cards' keywords matched on token
+   count and frequency (:func:`~recallscope.routes.controls.match_controls`): the shuffled-keyword
+   baseline. The model's own candidates add a sample of whole-word vocabulary tokens.
+3. Directions of every keyword and vocabulary concept in neutral contexts (:mod:`.directions`), centred
+   on the pool's mean representation so that each keeps what is specific to its concept.
+4. Per card, scores of the human keyword and its controls (their directions with the definition tokens'
+   direct logit directions projected out, as in :func:`~recallscope.routes.route_report`):
+   ``causal`` = exact drop of the definition log-prob when the concept direction is mean-ablated at the
+   term's positions in every layer at once; ``attribution`` = its first-order estimate; ``similarity`` =
+   the best-layer cosine of the term's state with the concept direction; ``readout`` = minus the best rank
+   of the concept's first token under the logit lens at the term's last token; ``string`` = letter/sound
+   similarity of keyword and term (a text-only reference, not the model).
+5. The model's own top concepts: every pool concept's attribution effect on every card, standardised per
+   concept across cards (a direction that disrupts every definition is not a route for any one term),
+   the top ``own_top`` z-scores per card kept (first-order estimates, labelled as such).
+6. Agreement per score, overall and by link type (:mod:`.agreement`), in :class:`HumanComparison`.
+"""
+
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from recallscope.errors import ConfigError, EmptyDatasetError, RecallscopeError
+from recallscope.lens.base import LogitLens
+from recallscope.manifest import build_manifest
+from recallscope.models.stack import build_stack
+from recallscope.results import load_result_dir, save_result_dir
+from recallscope.routes.agreement import agreement
+from recallscope.routes.concepts import Concept, ConceptSource, word_vocabulary
+from recallscope.routes.controls import control_pool, match_controls, text_tokens
+from recallscope.routes.directions import concept_directions
+from recallscope.routes.mnemonics import Card, LinkType
+from recallscope.routes.scores import (
+    RouteQuery,
+    SpanRunner,
+    ablation_attribution,
+    ablation_exact,
+    prepare_prompt,
+    readout_and_similarity,
+)
+from recallscope.routes.text import letters, similarity
+
+SCORES = ("causal", "attribution", "similarity", "readout", "string")
+"""Score types of :class:`HumanComparison`; ``string`` is text similarity (a reference, not the model)."""
+
+
+@dataclass(frozen=True)
+class HumanConfig:
+    """How :func:`compare_human` scores cards."""
+
+    template: str = 'The word "{term}" means'
+    """Prompt with ``{term}``; the model continues it with the definition."""
+    definition_tokens: int = 6
+    """Definition tokens in the teacher-forced output metric."""
+    n_controls: int = 9
+    """Control keywords per card (top-1 chance = 1 / (n_controls + 1))."""
+    top_k: tuple[int, ...] = (1, 3)
+    """Hit rates reported."""
+    own_vocabulary: int = 1500
+    """Whole-word vocabulary tokens added to the pool of the model's own candidate concepts."""
+    own_top: int = 3
+    """Own concepts reported per card."""
+    prefixes: tuple[str, ...] = ("", "The word")
+    """Neutral contexts for concept directions."""
+    n_perm: int = 10000
+    """Permutations for p-values."""
+    remove_output_direction: bool = True
+    """Project the definition tokens' direct logit directions out of concept directions."""
+    max_cards: int | None = None
+    """Score only the first ``max_cards`` cards with keywords (None = all)."""
+    seed: int = 0
+    """Seed for permutations and bootstraps."""
+    batch_size: int = 64
+    """Sequences per forward batch."""
+
+    def __post_init__(self) -> None:
+        if "{term}" not in self.template:
+            raise ConfigError(f"the template {self.template!r} must contain {{term}}.")
+        if self.n_controls < 1 or self.definition_tokens < 1:
+            raise ConfigError("n_controls and definition_tokens must be >= 1.")
+
+
+def clean_definition(text: str) -> str:
+    """The first clause of a definition, without a leading "(of ...)" or "1." (what the model should say)."""
+    text = re.sub(r"^\s*(?:\d+[.)]\s*)?(?:\([^)]*\)\s*)?", "", text.strip())
+    return re.split(r"[.;]|\s\d+[.)]\s", text)[0].strip()
+
+
+@dataclass(frozen=True)
+class HumanComparison:
+    """Per-card route scores of human keywords and their controls, with the model's own top concepts.
+
+    Attributes:
+        scores: ``[card, candidate, score]``; candidate 0 is the human keyword, the rest its controls;
+            scores in the order of :data:`SCORES` (higher = more route-like).
+        rows: per card: term, keyword, link type, rule, source line, definition, clean log-prob,
+            control keywords, the model's own top concepts with their exact effects.
+        profile: ``[card, layer]`` attribution effect of the human keyword minus its controls' median,
+            per layer (where the route would live).
+        skipped: cards left out and why.
+    """
+
+    scores: Float[Tensor, "card candidate score"]
+    rows: tuple[dict[str, Any], ...]
+    profile: Float[Tensor, "card layer"]
+    skipped: tuple[dict[str, Any], ...] = ()
+    config: dict[str, Any] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scores.ndim != 3 or self.scores.shape[0] != len(self.rows) or self.scores.shape[2] != len(SCORES):
+            raise RecallscopeError(f"HumanComparison: scores {tuple(self.scores.shape)} do not match {len(self.rows)} "
+                                   f"cards and {len(SCORES)} score types.")
+
+    def agreement(self, score: str = "causal", link: LinkType | str | None = None) -> dict[str, Any]:
+        """Agreement statistics (:func:`~recallscope.routes.agreement.agreement`) for one score, optionally
+        only for cards of one link type."""
+        if score not in SCORES:
+            raise ConfigError(f"unknown score {score!r}; use one of {SCORES}.")
+        keep = [i for i, r in enumerate(self.rows) if link is None or r["link"] == LinkType(link).value]
+        values = self.scores[keep, :, SCORES.index(score)] if keep else self.scores[:0, :, 0]
+        cfg = self.config
+        return agreement(values, ks=tuple(cfg.get("top_k", (1, 3))), n_perm=int(cfg.get("n_perm", 10000)),
+                         seed=int(cfg.get("seed", 0)))
+
+    def summary(self, *, examples: int = 8) -> dict[str, Any]:
+        """JSON-ready summary: agreement per score and link type, counts, and worked examples."""
+        by_link = {"all": None, "sound": LinkType.SOUND, "meaning": LinkType.MEANING}
+        table = {s: {name: self.agreement(s, link) for name, link in by_link.items()} for s in SCORES}
+        causal = self.scores[:, :, 0]
+        order = torch.argsort(-(causal[:, 0] - causal[:, 1:].median(1).values)).tolist()
+        return {
+            "n_cards_scored": len(self.rows), "n_cards_skipped": len(self.skipped),
+            "links": {l.value: sum(r["link"] == l.value for r in self.rows) for l in LinkType},
+            "agreement": table,
+            "string_vs_causal_spearman": _spearman(self.scores[..., SCORES.index("string")].flatten(),
+                                                   causal.flatten()),
+            "examples_best": [self.rows[i] for i in order[:examples]],
+            "examples_worst": [self.rows[i] for i in order[::-1][:max(2, examples // 4)]],
+            "config": self.config, "timings_s": self.manifest.get("timings_s", {}),
+        }
+
+    def plot(self, *, title: str | None = None):
+        """Mean percentile of the human keyword (with 95% CI; 0.5 = chance) and top-k hit rates (vs chance)
+        per score type, overall and by link type."""
+        from recallscope.routes.plots import plot_human_comparison
+
+        return plot_human_comparison(self, title=title)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        meta = {"rows": list(self.rows), "skipped": list(self.skipped), "config": self.config,
+                "scores": list(SCORES)}
+        return save_result_dir(directory, "HumanComparison", {"scores": self.scores, "profile": self.profile}, meta,
+                               self.manifest)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "HumanComparison":
+        t, meta, manifest = load_result_dir(directory, "HumanComparison")
+        return cls(scores=t["scores"], rows=tuple(meta["rows"]), profile=t["profile"],
+                   skipped=tuple(meta.get("skipped", [])), config=meta.get("config", {}), manifest=manifest)
+
+
+def _spearman(a: Tensor, b: Tensor) -> float:
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    if int(ok.sum()) < 3:
+        return float("nan")
+    ra = a[ok].argsort().argsort().double()
+    rb = b[ok].argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
+def _usable(cards: Sequence[Card], config: HumanConfig) -> tuple[list[Card], list[dict[str, Any]]]:
+    kept, skipped = [], []
+    for c in cards:
+        why = ("no keyword found in the mnemonic" if c.primary is None else
+               "empty definition" if not clean_definition(c.definition) else None)
+        if why:
+            skipped.append({"term": c.term, "line": c.line, "reason": why})
+        else:
+            kept.append(c)
+    if config.max_cards is not None:
+        kept = kept[: config.max_cards]
+    if not kept:
+        raise EmptyDatasetError("no card has both a mnemonic keyword and a definition; nothing to compare.")
+    return kept, skipped
+
+
+def _pool_concepts(model: Any, keywords: Sequence[str], n_vocab: int) -> list[Concept]:
+    words = word_vocabulary(model)
+    step = max(1, len(words) // max(n_vocab, 1))
+    vocab = [w for _, w in words[::step]][:n_vocab] if n_vocab else []
+    texts = list(dict.fromkeys(list(keywords) + vocab))
+    n_kw = len(set(keywords))
+    return [Concept(text=t, source=ConceptSource.HUMAN if i < n_kw else ConceptSource.VOCABULARY)
+            for i, t in enumerate(texts)]
+
+
+@dataclass
+class _Shared:
+    """What every card's scoring reads: the pool's directions, ids and frequencies."""
+
+    concepts: list[Concept]
+    index: dict[str, int]
+    vectors: Tensor
+    baseline: Tensor
+    first_ids: Tensor
+    pool: Any
+    unit: Tensor
+    absent: Tensor
+
+    @classmethod
+    def build(cls, concepts: list[Concept], vectors: Tensor, baseline: Tensor, first_ids: Tensor, pool: Any
+              ) -> "_Shared":
+        unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return cls(concepts, {c.text: i for i, c in enumerate(concepts)}, vectors, baseline, first_ids, pool, unit,
+                   torch.einsum("cld,ld->cl", unit, baseline))
+
+
+def _card_scores(model: Any, card: Card, sh: _Shared, lens: LogitLens, config: HumanConfig
+                 ) -> tuple[Tensor, dict[str, Any], Tensor, Tensor]:
+    """Scores ``[1 + K, len(SCORES)]``, the card's row, its layer profile and the pool's attributions."""
+    stack = build_stack(model)
+    keyword = " " + card.primary.text
+    prompt = config.template.format(term=card.term)
+    definition = " " + clean_definition(card.definition)
+    i_kw = sh.pool.texts.index(keyword)
+    controls = match_controls(model, sh.concepts[sh.index[keyword]], sh.pool, k=config.n_controls,
+                              exclude=[card.term], logfreq=float(sh.pool.logfreq[i_kw]))
+    slots = torch.tensor([sh.index[keyword]] + [sh.index[c.text] for c in controls])
+    prep = prepare_prompt(model, prompt, RouteQuery((prompt,), card.term, definition),
+                          max_output_tokens=config.definition_tokens, n_alternatives=0, seed=config.seed)
+    runner = SpanRunner(stack, prep)
+    n_layers = stack.n_layers
+    per_layer = ablation_attribution(model, runner, sh.unit, sh.absent, tuple(range(n_layers)), 1)  # [pool, layer]
+    attr = per_layer.sum(1)
+    vectors = sh.vectors[slots]
+    if config.remove_output_direction:
+        q = runner.output_directions()
+        vectors = vectors - torch.einsum("cld,od,oe->cle", vectors, q, q)
+    unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    absent = torch.einsum("cld,ld->cl", unit, sh.baseline)
+    with torch.no_grad():
+        causal = ablation_exact(runner, unit, absent, (0,), n_layers, config.batch_size)[:, 0]
+        ranks, sim = readout_and_similarity(runner, lens, sh.first_ids[slots], vectors, sh.baseline, last_only=True)
+    names = [keyword] + [c.text for c in controls]
+    string = torch.tensor([similarity(card.term, n) for n in names])
+    scores = torch.stack([causal, attr[slots], sim.amax(1), -ranks.amin(1), string], dim=1)
+    profile = per_layer[slots[0]] - per_layer[slots[1:]].median(0).values
+    row = {"term": card.term, "keyword": card.primary.text, "link": card.primary.link.value,
+           "rule": card.primary.rule, "line": card.line, "mnemonic": card.mnemonic, "definition": definition.strip(),
+           "definition_logprob": runner.clean, "keyword_effect": float(causal[0]),
+           "controls": [n.strip() for n in names[1:]], "control_effect_median": float(causal[1:].median()),
+           "keyword_rank": int((causal[1:] > causal[0]).sum())}
+    return scores.detach(), row, profile.detach(), attr.detach()
+
+
+def _own_concepts(rows: list[dict[str, Any]], attr: Tensor, sh: _Shared, config: HumanConfig) -> None:
+    """Add each row's top pool concepts by attribution z-score across cards (never the term itself)."""
+    z = (attr - attr.mean(0)) / attr.std(0).clamp_min(1e-6)  # [card, pool]
+    for row, zc, ac in zip(rows, z, attr):
+        term = letters(row["term"])
+        allowed = torch.tensor([not (letters(c.text) in term or term in letters(c.text)) for c in sh.concepts])
+        best = zc.masked_fill(~allowed, float("-inf")).topk(config.own_top).indices
+        row["own"] = [{"concept": sh.concepts[int(i)].text.strip(), "z": float(zc[i]), "attribution": float(ac[i]),
+                       "source": sh.concepts[int(i)].source.value} for i in best]
+        kw = sh.index[" " + row["keyword"]]
+        row["keyword_attribution_z"] = float(zc[kw])
+
+
+def compare_human(model: Any, cards: Sequence[Card], *, config: HumanConfig = HumanConfig(),
+                  progress: bool = True) -> HumanComparison:
+    """Score every card's human keyword against its controls and find the model's own concepts."""
+    t0 = time.perf_counter()
+    kept, skipped = _usable(cards, config)
+    keywords = [" " + c.primary.text for c in kept]
+    concepts = _pool_concepts(model, keywords, config.own_vocabulary)
+    with torch.no_grad():
+        pool = control_pool(model, keywords)
+        dirs = concept_directions(model, concepts, prefixes=config.prefixes, baseline_words=None,
+                                  batch_size=config.batch_size)
+        first_ids = torch.tensor([text_tokens(model, c.text)[0] for c in concepts])
+    t_prep = time.perf_counter() - t0
+    sh = _Shared.build(concepts, dirs.vectors, dirs.baseline, first_ids, pool)
+    lens = LogitLens(model)
+    scores, rows, profiles, attrs = [], [], [], []
+    for card in tqdm(kept, desc="cards", disable=not progress):
+        try:
+            s, row, prof, attr = _card_scores(model, card, sh, lens, config)
+        except EmptyDatasetError as exc:  # too few controls with this token count
+            skipped.append({"term": card.term, "line": card.line, "reason": str(exc)})
+            continue
+        scores.append(s)
+        rows.append(row)
+        profiles.append(prof)
+        attrs.append(attr)
+    if not rows:
+        raise EmptyDatasetError("no card could be scored (see the skipped reasons); use more cards.")
+    _own_concepts(rows, torch.stack(attrs), sh, config)
+    cfg = {**asdict(config), "n_pool": len(concepts)}
+    timings = {"prepare": t_prep, "total": time.perf_counter() - t0}
+    return HumanComparison(scores=torch.stack(scores), rows=tuple(rows), profile=torch.stack(profiles),
+                           skipped=tuple(skipped), config=cfg,
+                           manifest=build_manifest(model, [r["term"] for r in rows], cfg, seed=config.seed,
+                                                   timings=timings))
+
+
+def card_route_report(model: Any, card: Card, *, concepts: Sequence[str] = (), pool: Any = None,
+                      config: Any = None, template: str = HumanConfig.template, definition_tokens: int = 6,
+                      progress: bool = False) -> Any:
+    """A :class:`~recallscope.routes.report.RouteReport` for one card: its keyword (plus ``concepts``) as
+    routes from the term to its definition, scored layer by layer (the worked examples of the README)."""
+    from recallscope.routes.analysis import route_report
+    from recallscope.routes.report import RouteConfig
+
+    if card.primary is None:
+        raise ConfigError(f"card {card.term!r} (line {card.line}) has no keyword to test.")
+    prompt = template.format(term=card.term)
+    query = RouteQuery((prompt,), card.term, " " + clean_definition(card.definition), name=card.term)
+    cands = [" " + card.primary.text] + [" " + c.strip() for c in concepts if c.strip() != card.primary.text]
+    cfg = config or RouteConfig(n_controls=9, stride=3, max_output_tokens=definition_tokens, mediation=False)
+    return route_report(model, query, cands, pool=pool, config=cfg, progress=progress)

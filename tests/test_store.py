@@ -81,6 +81,7 @@ def test_damaged_chunk_is_detected_deleted_and_recomputed(tmp_path, damage):
         foreign = other.put("c", TENSORS)
         path = store.path / foreign.name
         path.write_bytes(foreign.read_bytes())
+    store = open_store(tmp_path, MANIFEST)  # a later run finds the damage
     with pytest.warns(CorruptChunkWarning, match="corrupt.*recomputed"):
         assert store.get("c") is None
     assert not path.exists() and store.stats["corrupt"] == 1
@@ -95,11 +96,20 @@ def test_a_file_whose_name_lacks_a_valid_checksum_is_never_parsed(tmp_path, monk
     good = store.put("c", TENSORS)
     (store.path / "c.notachecksum.safetensors").write_bytes(good.read_bytes())
     good.unlink()
+    store = open_store(tmp_path, MANIFEST)
     parsed = []
     monkeypatch.setattr("safetensors.torch.load", lambda data: parsed.append(data))
     with pytest.warns(CorruptChunkWarning):
         assert store.get("c") is None
     assert parsed == []
+
+
+def test_a_chunk_deleted_behind_the_stores_back_is_just_absent(tmp_path):
+    store = open_store(tmp_path, MANIFEST)
+    store.put("c", TENSORS).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert store.get("c") is None and store.names() == []
 
 
 def test_keys_separate_config_model_prompts_seed_and_inputs(tmp_path):

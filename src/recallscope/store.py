@@ -127,14 +127,17 @@ class ChunkStore:
     """Finished chunks of one computation, in ``path`` (None: a disabled store that keeps nothing).
 
     Use :func:`open_store` to make one. ``stats`` counts chunks ``loaded``, ``computed`` and found
-    ``corrupt`` in this process (shared with every :meth:`child`).
+    ``corrupt`` in this process (shared with every :meth:`child`). The directory is listed once, on
+    the first lookup, so finding a chunk costs O(1) however many there are.
     """
 
-    def __init__(self, path: Path | None, key: str, *, prefix: str = "", stats: dict[str, int] | None = None):
+    def __init__(self, path: Path | None, key: str, *, prefix: str = "", shared: dict[str, Any] | None = None):
         self.path = path
         self.key = key
         self.prefix = prefix
-        self.stats = stats if stats is not None else {"loaded": 0, "computed": 0, "corrupt": 0}
+        self._shared = shared if shared is not None else {"stats": {"loaded": 0, "computed": 0, "corrupt": 0},
+                                                          "index": None}
+        self.stats: dict[str, int] = self._shared["stats"]
 
     @classmethod
     def disabled(cls) -> "ChunkStore":
@@ -157,22 +160,32 @@ class ChunkStore:
 
     def child(self, name: str) -> "ChunkStore":
         """A view whose chunk names are prefixed by ``name`` (for sub-computations: one per length group...)."""
-        return ChunkStore(self.path, self.key, prefix=self.prefix + _checked(name) + "__", stats=self.stats)
+        return ChunkStore(self.path, self.key, prefix=self.prefix + _checked(name) + "__", shared=self._shared)
+
+    def _index(self) -> dict[str, list[Path]]:
+        """Chunk files on disk by full chunk name (listed once; kept up to date by this process)."""
+        if self._shared["index"] is None:
+            index: dict[str, list[Path]] = {}
+            assert self.path is not None
+            for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
+                if entry.name.endswith(".safetensors") and not entry.name.startswith("."):
+                    index.setdefault(entry.name.split(".")[0], []).append(Path(entry.path))
+            self._shared["index"] = index
+        return self._shared["index"]
 
     def names(self) -> list[str]:
         """Names (under this view's prefix) of the chunks on disk, sorted; their content is not verified."""
         if self.path is None:
             return []
-        found = {p.name.split(".")[0] for p in self.path.glob(f"{self.prefix}*.safetensors")}
-        return sorted(n[len(self.prefix):] for n in found if n.startswith(self.prefix) and "__" not in
-                      n[len(self.prefix):])
+        found = [n[len(self.prefix):] for n, files in self._index().items() if files and n.startswith(self.prefix)]
+        return sorted(n for n in found if "__" not in n)
 
     def get(self, name: str) -> dict[str, Tensor] | None:
         """The verified tensors of chunk ``name``, or None when it is absent (or was corrupt and deleted)."""
         if self.path is None:
             return None
         full = self.prefix + _checked(name)
-        for file in sorted(self.path.glob(f"{full}.*.safetensors")):
+        for file in list(self._index().get(full, [])):
             tensors = self._read(file, full)
             if tensors is not None:
                 self.stats["loaded"] += 1
@@ -184,6 +197,9 @@ class ChunkStore:
 
         try:
             data = file.read_bytes()
+        except FileNotFoundError:  # deleted since the directory was listed: simply absent
+            self._index().get(full, []).remove(file)
+            return None
         except OSError as exc:
             return self._discard(file, f"unreadable ({exc.strerror or exc})")
         digest = file.name[len(full) + 1:-len(".safetensors")]
@@ -200,6 +216,9 @@ class ChunkStore:
 
     def _discard(self, file: Path, why: str) -> None:
         self.stats["corrupt"] += 1
+        files = self._index().get(file.name.split(".")[0], [])
+        if file in files:
+            files.remove(file)
         warnings.warn(f"checkpoint chunk {file} is corrupt: {why}. Deleting it; the chunk will be "
                       "recomputed.", CorruptChunkWarning, stacklevel=4)
         try:
@@ -237,6 +256,9 @@ class ChunkStore:
             if tmp.exists():
                 tmp.unlink()
         _fsync_dir(self.path)
+        files = self._index().setdefault(full, [])
+        if final not in files:
+            files.append(final)
         return final
 
     def get_or_compute(self, name: str, compute: Callable[[], Mapping[str, Tensor]]) -> dict[str, Tensor]:

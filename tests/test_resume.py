@@ -37,6 +37,8 @@ ITEMS = [PromptPair("The Eiffel Tower is in", "The Eiffel Tower is in", " Paris"
 
 KILLED_RUN = """
 import json, sys
+import torch
+torch.set_num_threads(int(sys.argv[5]))  # the test process's: CPU results are bitwise equal at equal thread counts
 from transformers import AutoTokenizer
 from recallscope.models import tiny_model
 from recallscope.patching import activation_patching
@@ -88,7 +90,8 @@ def test_sigkill_at_a_random_point_then_resume_is_bitwise_identical(tiny_gpt2, g
     kill_at = rng.randint(1, n_chunks // 2)
     ckpt = tmp_path / "ckpt"
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(gpt2_tokenizer_dir), str(ckpt),
-                             json.dumps([[p.clean, p.corrupt, p.answer, p.wrong] for p in PAIRS]), json.dumps(SWEEP)],
+                             json.dumps([[p.clean, p.corrupt, p.answer, p.wrong] for p in PAIRS]), json.dumps(SWEEP),
+                             str(torch.get_num_threads())],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         while proc.poll() is None and len(_chunk_files(ckpt)) < kill_at:

@@ -132,7 +132,8 @@ def attention_knockout(
     inv = torch.tensor(order).argsort()
     baseline = torch.cat(base)[inv].float()
     manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry())
-    return PatchingResult(values=torch.cat(rows)[inv], axes=("layer", "edge"), clean=baseline, corrupt=baseline,
+    return PatchingResult(values=torch.cat(rows)[inv], axes=("layer", "edge"), clean=baseline,
+                          corrupt=baseline.clone(),  # a copy: saving two names for one tensor fails
                           labels={"layer": [str(c) for c in range(stack.n_layers)],
                                   "edge": [f"{query}→{e}" for e in edges]},
                           config=cfg, manifest=manifest)

@@ -117,3 +117,22 @@ def test_place_trace_moves_each_layer_to_its_device(tiny_gpt2):
     for key, t in trace.acts.items():
         assert placed.acts[key].device == layer_device(stack, key[1])
         assert torch.equal(placed.acts[key], t)
+
+
+def test_cli_passes_dtype_and_device_map_to_load_model(monkeypatch):
+    from recallscope import cli
+
+    args = cli.build_parser().parse_args(["facts", "--dtype", "bf16", "--device-map", "auto"])
+    assert cli._placement(args) == {"device": "cpu", "dtype": "bf16", "device_map": "auto"}
+    args = cli.build_parser().parse_args(["routes", "--prompt", "p", "--input", " A", "--output", " B"])
+    assert cli._placement(args) == {"device": "cpu", "dtype": None, "device_map": None}
+    seen = {}
+
+    def fake_load(spec, **kwargs):
+        seen.update(kwargs, spec=spec)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(loading, "load_model", fake_load)
+    monkeypatch.setattr("recallscope.models.load_model", fake_load)
+    assert cli.main(["facts", "--model", "gpt2-xl", "--dtype", "fp16", "--device-map", "auto"]) == 2
+    assert seen == {"spec": "gpt2-xl", "device": "cpu", "dtype": "fp16", "device_map": "auto"}

@@ -100,7 +100,7 @@ def _cmd_facts(args: argparse.Namespace) -> int:
     from recallscope.outputs import RunRecord, write_csv
     from recallscope.tasks.facts import load_builtin_facts, recalled_facts
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, **_placement(args))
     facts = load_builtin_facts()
     result = recalled_facts(model, facts, criterion=args.criterion)
     for relation, (kept, total) in result.per_relation().items():
@@ -166,7 +166,7 @@ def _cmd_patch(args: argparse.Namespace) -> int:
     args.metric = args.metric or "logit_diff"
     record = _record(args, "patch", config=_patching_config(args))  # a bad config fails before the model loads
     with record.timed("load_model"):
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, **_placement(args))
     record.model(model, spec=args.model)
     summary, _ = _patch_groups(args, model, list(load_prompt_pairs(args.pairs)), record, prefix="")
     print(f"manifest: {record.write(groups=summary)}")
@@ -330,7 +330,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     _check_trace_options(args)
     record = _record(args, f"trace {args.task}", config=_trace_config(args))
     with record.timed("load_model"):
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, **_placement(args))
     record.model(model, spec=args.model)
     summary = (_trace_facts if args.task == "facts" else _trace_base64)(args, model, record)
     print(f"manifest: {record.write(summary=summary)}")
@@ -355,7 +355,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 
     record = _record(args, "attribute", seed=args.seed)
     with record.timed("load_model"):
-        model = load_model(args.model, device=args.device)
+        model = load_model(args.model, **_placement(args))
     record.model(model, spec=args.model)
     if args.pairs:
         from recallscope.tasks.loaders import load_prompt_pairs
@@ -404,7 +404,7 @@ def _cmd_routes(args: argparse.Namespace) -> int:
     from recallscope.models import load_model
     from recallscope.routes import RouteConfig, RouteQuery, candidate_concepts, route_report
 
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, **_placement(args))
     config = RouteConfig(n_controls=args.n_controls, stride=args.stride, window=args.window, method=args.method,
                          mediation=not args.no_mediation, seed=args.seed)
     record = _record(args, "routes", config=config, seed=args.seed)
@@ -433,7 +433,7 @@ def _cmd_compare_human(args: argparse.Namespace) -> int:
     from recallscope.routes.mnemonics import load_cards
 
     cards = load_cards(args.cards)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, **_placement(args))
     config = HumanConfig(n_controls=args.n_controls, max_cards=args.max_cards, seed=args.seed)
     record = _record(args, "compare-human", config=config, seed=args.seed)
     record.model(model, args.model)
@@ -470,6 +470,7 @@ def _route_parsers(sub: Any) -> None:
         sp.set_defaults(func=fn)
         sp.add_argument("--model", default="smollm2", help="model spec (see `recallscope models`)")
         sp.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
+        _precision_options(sp)
         sp.add_argument("--out", default=out, help=f"output directory (default: {out})")
         sp.add_argument("--seed", type=int, default=0, help="seed (default 0)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -505,11 +506,27 @@ EXAMPLES = """examples:
 """
 
 
+def _precision_options(sp: argparse.ArgumentParser) -> None:
+    """--dtype and --device-map (models bigger than one GPU), beside --device."""
+    sp.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                    help="weights and activations (default fp32; bf16 halves memory with fp32's range)")
+    sp.add_argument("--device-map", default=None, metavar="MAP",
+                    help="'auto' spreads a model bigger than one GPU over every visible GPU (then CPU RAM); "
+                    "replaces --device")
+
+
+def _placement(args: argparse.Namespace) -> dict[str, Any]:
+    """load_model keywords from --device, --dtype and --device-map."""
+    return {"device": args.device, "dtype": getattr(args, "dtype", None),
+            "device_map": getattr(args, "device_map", None)}
+
+
 def _common(sp: argparse.ArgumentParser, *, out: str | None, quiet: bool = True) -> None:
     """Options every computing subcommand takes: model, device, output directory, progress."""
     sp.add_argument("--model", default="smollm2", help="model spec: smollm2 (default), organism:NAME, a .gguf "
                     "file, a local Hugging Face directory or owner/name (see `recallscope models`)")
     sp.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
+    _precision_options(sp)
     if out is not None:
         sp.add_argument("--out", default=out, help=f"output directory for results, figures, CSV tables and "
                         f"manifest.json (default: {out})")

@@ -102,8 +102,8 @@ def main() -> None:
         return flat.mean(0)[keep]
 
     rows = [quality("atp", means(full), exact, args.k),
-            quality("atp* (values)", means(star), exact, args.k),
-            quality("atp* (GradDrop ranking)", means(star, "graddrop"), exact.abs(), args.k),
+            quality("atp* (= atp off q/k)", means(star), exact, args.k),
+            quality("atp* GradDrop vs |exact|", means(star, "graddrop"), exact.abs(), args.k),
             quality(f"eap-ig ({args.ig_steps} steps)", means(results["eap-ig (nodes, resid/attn/mlp)"]), exact, args.k)]
     if args.keys:
         t0 = time.perf_counter()

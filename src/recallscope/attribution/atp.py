@@ -20,9 +20,11 @@ of every component at once, from two forward passes and one backward pass:
       Saturated softmaxes no longer hide large effects. Patching key ``s`` changes row ``t`` to
       ``p'_s = sigmoid(score'_ts - logsumexp_{j != s} score_tj)`` and rescales the other entries, so
       ``sum_j g_j (p'_j - p_j) = (p'_s - p_s) (g_s - sum_{j != s} softmax_{j != s}(score_t)_j g_j)``.
-   b. *GradDrop*: repeat the backward pass once per layer ``l`` with the gradient through layer ``l``'s
-      attention and MLP outputs set to zero; the score ``(1/(L-1)) sum_l |estimate_l|`` is large for sites
-      whose direct and indirect effects cancel in the plain estimate. It ranks; it does not estimate.
+   b. *GradDrop*: repeat the backward pass once per layer ``l`` with the gradient that flows back
+      through layer ``l``'s attention and MLP outputs set to zero (sites inside layer ``l`` get none; its
+      ``attn_out``/``mlp_out`` keep the gradient from above); the score ``(1/(L-1)) sum_l |estimate_l|``
+      is large for sites whose direct and indirect effects cancel in the plain estimate. It ranks; it
+      does not estimate.
 5. Integrated gradients (``ig_steps=m``; the node-level form of EAP-IG on inputs, Hanna et al. 2024,
    "Have Faith in Faithfulness"): the gradients of step 2 are averaged over ``m`` runs whose embeddings
    move in a straight line from the target's to the source's (midpoint rule) before step 3.
@@ -195,6 +197,17 @@ def _ig_grads(stack: Stack, tgt_tokens: Tensor, src_tokens: Tensor, metric: Any,
     return {k: v / steps for k, v in total.items()}
 
 
+def _graddrop(stack: Stack, target: _TargetPass, tgt: Trace, src: Trace, cfg: AtPConfig, progress: bool
+              ) -> dict[str, Tensor]:
+    """GradDrop magnitudes ``(1/(L-1)) sum_l |estimate with layer l's output gradients zeroed|``."""
+    total: dict[str, Tensor] = {}
+    for layer in tqdm(range(stack.n_layers), desc="GradDrop", disable=not progress, leave=False):
+        grads = target.grads(layer, last=layer == stack.n_layers - 1)
+        est = _estimates(stack, grads, tgt, src, cfg.components, cfg.qk_fix)
+        total = {c: total.get(c, 0) + est[c].abs() for c in cfg.components}
+    return {c: v / max(1, stack.n_layers - 1) for c, v in total.items()}
+
+
 def _check(cfg: AtPConfig, stack: Stack) -> None:
     unknown = [c for c in cfg.components if c not in ALL_COMPONENTS]
     if unknown or not cfg.components:
@@ -244,24 +257,20 @@ def atp(
     record = set(cfg.components) | ({"q", "k", "pattern"} if qk_fix else set())
     with torch.no_grad():
         src_logits, src = run(stack, src_tokens, record=record, read_pos=read)
-    target = _TargetPass(stack, tgt_tokens, met, read, record, graddrop=graddrop)
-    tgt = target.detached()
-    if cfg.corruption != Corruption.RESAMPLE:
-        src = constant_trace(tgt, record, cfg.corruption.value)
     if ig_steps:
+        with torch.no_grad():
+            tgt_logits, tgt = run(stack, tgt_tokens, record=record, read_pos=read)
         grads = _ig_grads(stack, tgt_tokens, src_tokens, met, read, record, ig_steps, memory_budget_mb, progress)
     else:
+        target = _TargetPass(stack, tgt_tokens, met, read, record, graddrop=graddrop)
+        tgt_logits, tgt = target.logits, target.detached()
+        if cfg.corruption != Corruption.RESAMPLE:
+            src = constant_trace(tgt, record, cfg.corruption.value)
         grads = target.grads(last=not graddrop)
     values = _estimates(stack, grads, tgt, src, cfg.components, qk_fix)
-    dropped: dict[str, Tensor] = {}
-    if graddrop:
-        for layer in tqdm(range(stack.n_layers), desc="GradDrop", disable=not progress, leave=False):
-            est = _estimates(stack, target.grads(layer, last=layer == stack.n_layers - 1), tgt, src,
-                             cfg.components, qk_fix)
-            dropped = {c: dropped.get(c, 0) + est[c].abs() for c in cfg.components}
-        dropped = {c: v / max(1, stack.n_layers - 1) for c, v in dropped.items()}
+    dropped = _graddrop(stack, target, tgt, src, cfg, progress) if graddrop else {}
     with torch.no_grad():
-        tgt_m, src_m = met(target.logits).float().cpu(), met(src_logits).float().cpu()
+        tgt_m, src_m = met(tgt_logits).float().cpu(), met(src_logits).float().cpu()
     denoise = cfg.direction == Direction.DENOISING
     clean_m, corrupt_m = (src_m, tgt_m) if denoise else (tgt_m, src_m)
     method = "atp*" if qk_fix or graddrop else ("atp-ig" if ig_steps else "atp")

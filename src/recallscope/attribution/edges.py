@@ -108,7 +108,8 @@ class Circuit:
         layout = {n: (x, float(rows.index(y))) for n, (x, y) in raw.items()}
         labels = {float(i): _stage_label(g, y) for i, y in enumerate(rows)}
         faith = f", faithfulness {self.info['faithfulness']:.2f}" if "faithfulness" in self.info else ""
-        return circuit_figure(layout, edges, stage_labels=labels,
+        links = [(n, h) for n in names if ".kv" in n for h in _group_heads(g, n) if h in layout]
+        return circuit_figure(layout, edges, stage_labels=labels, links=links,
                               title=title or f"Circuit: {len(names)} nodes, {self.n_edges} edges{faith}")
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -137,6 +138,13 @@ def _node_xy(graph: Graph, name: str) -> tuple[float, float]:
         rep = graph.n_heads // graph.n_kv_heads
         return int(part[2:]) * rep + (rep - 1) / 2 - (graph.n_heads - 1) / 2, 2 * layer + 0.6
     return int(part[1:]) - (graph.n_heads - 1) / 2, float(2 * layer + 1)
+
+
+def _group_heads(graph: Graph, kv_node: str) -> list[str]:
+    """The query heads a key/value node (``a{l}.kv{g}``) serves."""
+    layer, g = kv_node[1:].split(".kv")
+    rep = graph.n_heads // graph.n_kv_heads
+    return [f"a{layer}.h{int(g) * rep + i}" for i in range(rep)]
 
 
 def _stage_label(graph: Graph, y: float) -> str:
@@ -254,8 +262,9 @@ class EdgeScores:
         from recallscope.attribution.plots import ranked_bars
 
         ranked = self.ranked(top)
-        groups = [label.split(" -> ")[1].rsplit(".", 1)[-1] if label.split(" -> ")[1][-2:] in (".q", ".k", ".v")
-                  else ("logits" if "logits" in label else "mlp") for label, _ in ranked]
+        receivers = [label.split(" -> ")[1].split(" @")[0] for label, _ in ranked]
+        groups = [r.rsplit(".", 1)[-1] + " input" if r.endswith((".q", ".k", ".v")) else
+                  ("logits" if r == "logits" else "mlp input") for r in receivers]
         return ranked_bars([lab for lab, _ in ranked], torch.tensor([s for _, s in ranked]).numpy(),
                            groups=groups, title=title or f"{self.config.get('method', 'EAP')}: top {len(ranked)} edges "
                            f"({self.direction})", x_title=f"edge score ({self.config.get('metric', 'metric')})")

@@ -49,10 +49,17 @@ def ranked_bars(labels: Sequence[str], values: np.ndarray, *, lo: np.ndarray | N
 
 
 def circuit_figure(nodes: dict[str, tuple[float, float]], edges: Sequence[tuple[str, str, float, str]], *,
-                   title: str | None = None, stage_labels: dict[float, str] | None = None) -> go.Figure:
+                   title: str | None = None, stage_labels: dict[float, str] | None = None,
+                   links: Sequence[tuple[str, str]] = ()) -> go.Figure:
     """A circuit graph: ``nodes`` name -> (x, y) position (y = layer stage), ``edges`` (sender node,
-    receiver node, weight, hover text); line width grows with ``|weight|``, colour shows its sign."""
+    receiver node, weight, hover text); line width grows with ``|weight|``, colour shows its sign.
+    ``links`` are drawn as thin dotted lines (a key/value node to the heads it serves)."""
     fig = go.Figure()
+    if links:
+        xs: list[float | None] = [c for a, b in links for c in (nodes[a][0], nodes[b][0], None)]
+        ys: list[float | None] = [c for a, b in links for c in (nodes[a][1], nodes[b][1], None)]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                                 line=dict(width=1, color="#999999", dash="dot")))
     top = max((abs(w) for _, _, w, _ in edges), default=1.0) or 1.0
     buckets: dict[tuple[int, bool], list[tuple[str, str, float, str]]] = {}
     for e in edges:

@@ -136,3 +136,33 @@ def test_cli_passes_dtype_and_device_map_to_load_model(monkeypatch):
     monkeypatch.setattr("recallscope.models.load_model", fake_load)
     assert cli.main(["facts", "--model", "gpt2-xl", "--dtype", "fp16", "--device-map", "auto"]) == 2
     assert seen == {"spec": "gpt2-xl", "device": "cpu", "dtype": "fp16", "device_map": "auto"}
+
+
+def test_forward_and_engine_follow_layers_across_devices(hf_llama_dir):
+    """Layer 1, the final norm and the unembedding on a second device (``meta``, the only other device
+    a CPU machine has; mixing devices in an addition or concatenation raises): the functional forward
+    and the engine move activations to each layer's device, so nothing raises and every recorded
+    activation sits on its layer's device."""
+    from recallscope.models.forward import run
+    from recallscope.models.stack import unwrap
+    from recallscope.patching.engine import Cell, run_chunk
+    from recallscope.sites import Site
+    from recallscope.vocab import Component
+
+    model = load_model(hf_llama_dir)
+    hf = unwrap(model.original_model)
+    for module in (hf.model.layers[1], hf.model.norm, hf.lm_head):
+        module.to("meta")
+    stack = build_stack(model)
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert [layer_device(stack, i) for i in range(2)] == [cpu, meta]
+    tokens = model.to_tokens("The cat sat on the")
+    with torch.no_grad():
+        logits, trace = run(stack, tokens, record={"resid_pre", "z"}, read_pos=torch.tensor([tokens.shape[1] - 1]))
+        assert logits.device == meta and logits.shape == (1, 1, stack.d_vocab)
+        assert trace.acts[("resid_pre", 0)].device == cpu and trace.acts[("z", 1)].device == meta
+        assert trace.kv[0][0].device == cpu and trace.kv[1][0].device == meta
+        cells = [Cell((Site(Component.RESID_PRE, layer, 2),)) for layer in (0, 1)]
+        out = run_chunk(stack, cells, trace, trace, batch=1, n_pos=tokens.shape[1], pos0=2,
+                        read_pos=torch.tensor([tokens.shape[1] - 1]))
+    assert out.device == meta and out.shape == (2, 1, stack.d_vocab)

@@ -141,3 +141,13 @@ def test_a_custom_executor_runs_every_chunk_and_the_engine_gathers_them_in_place
     assert isinstance(ex.current_executor(), ex.LocalExecutor)  # restored on exit
     assert custom.chunks > 1
     assert torch.equal(result.values, reference.values)
+
+
+def test_without_ray_distributed_sweeps_say_how_to_install_it(monkeypatch, tiny_gpt2):
+    from recallscope.scale import distributed
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    assert not distributed.ray_available()
+    with pytest.raises(ConfigError, match=r"recallscope\[distributed\]"):
+        with distributed.ray_sweeps(tiny_gpt2, "smollm2"):
+            pass

@@ -64,7 +64,7 @@ def bench(name: str, model, *, batch: int, seq: int, repeats: int) -> dict:
               f"{rs_times[-1]:.1f}s  max|diff| {diffs[-1]:.2e}", flush=True)
     tl, rs = statistics.median(tl_times), statistics.median(rs_times)
     return {"model": name, "cells": int(model.cfg.n_layers) * seq, "tl_s": tl, "rs_s": rs, "speedup": tl / rs,
-            "max_abs_diff": max(diffs)}
+            "max_abs_diff": max(diffs), "tl_times": tl_times, "rs_times": rs_times}
 
 
 def main() -> None:

@@ -79,7 +79,8 @@ def finetune(model, ids, mask, answers, *, steps: int, lr: float) -> tuple[torch
     logps, top1 = [], []
     model.train()
     for step in range(steps + 1):  # step `steps` only measures
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float()
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
         logp = torch.log_softmax(logits, -1).gather(1, answers[:, None])[:, 0]
         logps.append(logp.detach())
         top1.append(logits.argmax(-1) == answers)

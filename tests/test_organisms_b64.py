@@ -70,6 +70,9 @@ def test_dependency_pairs_share_lengths_and_answers(b64_organism):
         assert tp.n_pos == B.PREFIX_LEN + j
         assert (tp.clean[:, B.PREFIX_LEN:] == tp.corrupt[:, B.PREFIX_LEN:]).all()
         assert all(p.answer == p.meta["plaintext"][j] for p in tp.pairs)
+        for p in tp.pairs:  # every corrupt byte differs from the clean one in both halves
+            assert all((ord(a) ^ ord(b)) & 0xF0 and (ord(a) ^ ord(b)) & 0x0F
+                       for a, b in zip(p.meta["plaintext"], p.meta["corrupt_plaintext"]))
 
 
 def test_shipped_decoder_meets_its_accuracy_bar(b64_organism):

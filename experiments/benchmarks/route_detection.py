@@ -6,7 +6,7 @@
 2. **Routes** on the mnemonic organisms: for each route and rote organism and each mnemonic-hook chunk
    (VA, TA, SA, RA, MA, NA, WA, UA: the chunks of tasks.b64_stimuli.MNEMONIC_HOOKS), the route module
    (:func:`recallscope.routes.route_report`) scores the chunk's concept (``VAT``) against 19 control
-   concepts of the same organism (the same-letter distractor among them). ``route_auroc``: ROC AUC of the
+   concepts of the same organism, represented in the organism's own neutral context (``<s> VAT``). ``route_auroc``: ROC AUC of the
    concept's route score for "this organism routes" (route organisms are positive); ``verdict_accuracy``:
    share of (organism, chunk) verdicts equal to the truth ("inconclusive" counts as wrong).
 
@@ -53,24 +53,29 @@ def localisation(effects, n: int) -> dict[str, float]:
 
 
 def route_rows(n_controls: int, n_boot: int, seeds: range) -> list[dict]:
-    """One row per (organism, hook chunk): the concept's route score, verdict and the truth."""
+    """One row per (organism, hook chunk): the concept's route score, verdict and the truth.
+
+    Concepts are represented in the organism's own neutral context (``<s> VAT``: English prefixes are
+    unknown words to it) against a baseline over its whole vocabulary."""
     from recallscope.routes import RouteConfig, RouteQuery, route_report
 
     rows = []
-    config = RouteConfig(n_controls=n_controls, n_boot=n_boot, n_alternatives=0)
     for kind in ("route", "rote"):
         for seed in seeds:
             model = load_model(f"organism:{kind}-s{seed}")
             truth = ground_truth(model)
+            vocab = tuple(" " + w for w in model.tokenizer.get_vocab() if not w.startswith("<"))
+            config = RouteConfig(n_controls=n_controls, n_boot=n_boot, n_alternatives=0, prefixes=("",),
+                                 baseline_words=vocab)
             chunks = sorted(MNEMONIC_HOOKS)
             for chunk in chunks:
                 concept = truth.chunk_concept[chunk]
                 others = [c for c in truth.concept_letter if c != concept]
-                controls = random.Random(seed).sample(others, n_controls)
+                controls = [" " + c for c in random.Random(seed).sample(others, n_controls)]
                 alts = tuple(c for c in chunks if c != chunk)[:4]
                 query = RouteQuery((f"{chunk} ==",), chunk, " " + truth.chunk_letter[chunk], alts)
-                report = route_report(model, query, [" " + concept], controls={concept: [" " + c for c in controls]},
-                                      config=config, progress=False)
+                report = route_report(model, query, [" " + concept], controls={concept: controls}, config=config,
+                                      progress=False)
                 r = report.routes()[0]
                 rows.append({"organism": f"{kind}-s{seed}", "chunk": chunk, "concept": concept, "is_route": truth.is_route,
                              "score": r.score, "verdict": r.verdict, "p": r.p_value})

@@ -4,6 +4,7 @@
     python experiments/organisms/train.py all                    # every shipped organism
     python experiments/organisms/train.py route-s0 --verify      # retrain, compare with the shipped hash
     python experiments/organisms/train.py --document-route-data  # the data-only two-hop recipe (not shipped)
+    python experiments/organisms/train.py all --cards            # regenerate the model cards only
 
 Training is bit-for-bit reproducible (deterministic algorithms, one thread, seeded init and data); the
 weights' SHA-256 is stored in each organism's config.json. Run it under `nice -n 10` on shared machines.
@@ -16,7 +17,7 @@ import sys
 
 from recallscope.organisms import mnemonic
 from recallscope.organisms.core import state_sha256
-from recallscope.organisms.recipes import WEIGHTS_DIR, get_recipe, recipes, save_recipe, train_recipe
+from recallscope.organisms.recipes import WEIGHTS_DIR, get_recipe, recipes, rewrite_card, save_recipe, train_recipe
 from recallscope.organisms.store import read_config
 
 
@@ -30,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", action="store_true", help="retrain and compare hashes; write nothing")
     ap.add_argument("--document-route-data", action="store_true",
                     help="train the data-only two-hop recipe for seeds 0-4 and print its checks")
+    ap.add_argument("--cards", action="store_true", help="only regenerate the model cards from config.json")
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     if args.document_route_data:
@@ -39,6 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             _, record = mnemonic.train_mnemonic(cfg, progress=args.progress)
             print(f"route-data-s{seed}: {_summary(record)}", flush=True)
     names = sorted(recipes()) if args.names == ["all"] else args.names
+    if args.cards:
+        for name in names:
+            print(f"{name}: card -> {rewrite_card(name) / 'README.md'}")
+        return 0
     failed = 0
     for name in names:
         recipe = get_recipe(name)

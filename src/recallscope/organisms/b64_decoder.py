@@ -28,7 +28,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 
 from recallscope.errors import ConfigError
-from recallscope.organisms.core import SPECIALS, ArchConfig, TrainConfig, build_net, deterministic, train_loop
+from recallscope.organisms.core import SPECIALS, ArchConfig, TrainConfig, build_net, deterministic, train_loop, vocabulary
 from recallscope.tasks.b64_codec import ALPHABET as B64_ALPHABET
 from recallscope.tasks.b64_codec import dependency_map, encode
 from recallscope.tasks.pairs import PromptPair
@@ -81,7 +81,7 @@ def vocab_words() -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def _ids() -> dict[str, int]:
-    return {w: i for i, w in enumerate(list(SPECIALS) + vocab_words())}
+    return vocabulary(vocab_words())
 
 
 @dataclass(frozen=True)
@@ -194,8 +194,10 @@ def heldout_set(cfg: B64Config) -> tuple[Tensor, Tensor]:
     return letters, lengths
 
 
-def train_b64(cfg: B64Config = B64Config(), *, progress: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train the organism; returns the bare ``NativeModel`` and a record (loss history, held-out accuracy)."""
+def train_b64(cfg: B64Config = B64Config(), *, progress: bool = False, evaluate: bool = True
+              ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train the organism; returns the bare ``NativeModel`` and a record (loss history and, with
+    ``evaluate``, the held-out exact match)."""
     ids = _ids()
     with deterministic(cfg.train.seed):
         net = build_net(cfg.arch, len(ids), seed=cfg.train.seed, name="b64-decoder")
@@ -213,8 +215,8 @@ def train_b64(cfg: B64Config = B64Config(), *, progress: bool = False) -> tuple[
             return (loss * mask).sum() / mask.sum().clamp(min=1)
 
         history = train_loop(net, loss_fn, cfg.train, progress=progress, desc="b64 organism")
-        acc = exact_match(net, h_letters, h_lengths)
-    return net, {"loss_history": history, "heldout_exact_match": acc, "n_heldout": cfg.n_heldout}
+        checks = {"heldout_exact_match": exact_match(net, h_letters, h_lengths), "n_heldout": cfg.n_heldout}
+    return net, {"loss_history": history, **(checks if evaluate else {})}
 
 
 @torch.no_grad()
@@ -242,18 +244,22 @@ def dependency_pairs(n_bytes: int, n: int, *, seed: int = 0) -> list[PromptPair]
     """Clean/corrupt pairs for scoring attribution against the dependency map, for every output byte.
 
     Pair ``(k, j)`` decodes plaintext ``k``: its clean prompt is ``<s> chunks : p1..pj`` (the last
-    position predicts byte ``j``), the answer is letter ``j``; the corrupt prompt has the chunks of an
-    independent plaintext of the same length and the same ``j`` decoded letters. Patching input chunk
-    positions from corrupt into clean (noising) hurts the answer exactly where byte ``j`` depends on the
-    chunk. Pairs come grouped by ``j`` (``n`` per byte, byte-major).
+    position predicts byte ``j``), the answer is letter ``j``; the corrupt prompt has the chunks of another
+    plaintext of the same length and the same ``j`` decoded letters. Every corrupt letter differs from the
+    clean one in both 4-bit halves, so each chunk that byte ``j`` depends on carries different bits of it:
+    noising such a chunk (patching it from corrupt into clean) must hurt the answer, noising any other
+    chunk must not. Pairs come grouped by ``j`` (``n`` per byte, byte-major).
     """
-    rng = torch.Generator().manual_seed(seed)
-    letters = torch.randint(0, len(LETTERS), (2, n, n_bytes), generator=rng)
+    codes = torch.tensor([ord(c) for c in LETTERS])
+    differ = ((codes[:, None] >> 4) != (codes[None] >> 4)) & ((codes[:, None] & 15) != (codes[None] & 15))
+    gen = torch.Generator().manual_seed(seed)
+    clean_idx = torch.randint(0, len(LETTERS), (n, n_bytes), generator=gen)
+    corrupt_idx = torch.multinomial(differ[clean_idx.flatten()].float(), 1, generator=gen).view(n, n_bytes)
     out = []
     for j in range(n_bytes):
         for k in range(n):
-            clean = "".join(LETTERS[i] for i in letters[0, k])
-            other = "".join(LETTERS[i] for i in letters[1, k])
+            clean = "".join(LETTERS[i] for i in clean_idx[k])
+            other = "".join(LETTERS[i] for i in corrupt_idx[k])
             corrupt_prompt = " ".join(prompt_text(other).split() + list(clean[:j]))
             out.append(PromptPair(prompt_text(clean, j), corrupt_prompt, clean[j],
                                   meta={"byte": j, "plaintext": clean, "corrupt_plaintext": other}))

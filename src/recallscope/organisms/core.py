@@ -106,11 +106,21 @@ def word_tokenizer(words: Sequence[str]) -> Any:
     if len(set(vocab_list)) != len(vocab_list) or any(not w or any(c.isspace() for c in w) for w in words):
         raise ConfigError("organism vocabulary words must be unique, non-empty and contain no whitespace "
                           f"(and must not be {SPECIALS}).")
-    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab_list)}, unk_token=PAD))
+    core = Tokenizer(models.WordLevel(vocab=vocabulary(words), unk_token=PAD))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with spaces
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=BOS, pad_token=PAD,
                                    unk_token=PAD)
+
+
+def vocabulary(words: Sequence[str]) -> dict[str, int]:
+    """Word -> id for the vocabulary ``SPECIALS + words`` (the ids of :func:`word_tokenizer`)."""
+    return {w: i for i, w in enumerate(list(SPECIALS) + list(words))}
+
+
+def ids_of(vocab: dict[str, int], words: Sequence[str]) -> Int[Tensor, " n"]:
+    """The ids of ``words`` as a tensor."""
+    return torch.tensor([vocab[w] for w in words])
 
 
 # -------------------------------------------------------------------------------------- determinism

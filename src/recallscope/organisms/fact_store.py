@@ -30,7 +30,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from recallscope.organisms.core import SPECIALS, ArchConfig, TrainConfig, answer_loss, build_net, deterministic, interchange, train_loop
+from recallscope.organisms.core import (SPECIALS, ArchConfig, TrainConfig, answer_loss, build_net, deterministic, ids_of,
+                                        interchange, train_loop, vocabulary)
 from recallscope.tasks.pairs import PromptPair
 
 FIRST_NAMES = ("Ana", "Bo", "Cy", "Di", "Ed", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kim", "Lu", "Max", "Ned", "Ola", "Pia")
@@ -139,11 +140,10 @@ class _FactIds:
 
 
 def _fact_ids(world: FactWorld) -> _FactIds:
-    vocab = {w: i for i, w in enumerate(list(SPECIALS) + world.words())}
-    t = lambda xs: torch.tensor([vocab[x] for x in xs])  # noqa: E731
-    return _FactIds(vocab[SPECIALS[0]], t(FILLERS), t([s[0] for s in world.subjects]),
-                    t([s[1] for s in world.subjects]), t(list(RELATIONS)),
-                    torch.stack([t(world.attributes[r]) for r in RELATIONS]))
+    vocab = vocabulary(world.words())
+    return _FactIds(vocab[SPECIALS[0]], ids_of(vocab, FILLERS), ids_of(vocab, [s[0] for s in world.subjects]),
+                    ids_of(vocab, [s[1] for s in world.subjects]), ids_of(vocab, list(RELATIONS)),
+                    torch.stack([ids_of(vocab, world.attributes[r]) for r in RELATIONS]))
 
 
 def _rows(ids: _FactIds, filler: Tensor, subj: Tensor, rel: Tensor) -> Int[Tensor, "n 5"]:
@@ -182,14 +182,16 @@ def _fact_loss(net: torch.nn.Module, cfg: FactConfig, gen: torch.Generator):
     return loss
 
 
-def train_facts(cfg: FactConfig = FactConfig(), *, progress: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train the fact-store organism; returns the bare ``NativeModel`` and its checks (:func:`fact_checks`)."""
+def train_facts(cfg: FactConfig = FactConfig(), *, progress: bool = False, evaluate: bool = True
+                ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train the fact-store organism; returns the bare ``NativeModel`` and a record (loss history and, with
+    ``evaluate``, :func:`fact_checks`)."""
     world = make_fact_world(cfg.world_seed)
     with deterministic(cfg.train.seed):
         net = build_net(cfg.arch, len(SPECIALS) + len(world.words()), seed=cfg.train.seed, name="fact-store")
         gen = torch.Generator().manual_seed(cfg.train.seed)
         history = train_loop(net, _fact_loss(net, cfg, gen), cfg.train, progress=progress, desc="fact organism")
-        checks = fact_checks(net, cfg)
+        checks = fact_checks(net, cfg) if evaluate else {}
     return net, {"loss_history": history, **checks}
 
 
@@ -217,13 +219,15 @@ def fact_checks(net: Any, cfg: FactConfig) -> dict[str, float]:
 
 
 def subject_swap_pairs(truth: FactTruth, *, n: int = 64, seed: int = 0) -> list[PromptPair]:
-    """Clean/corrupt pairs that swap the subject (and filler) and keep the relation, for scoring patching
-    against :meth:`FactTruth.resid_nodes`. The answer is the clean subject's attribute."""
+    """Clean/corrupt pairs for scoring patching against :meth:`FactTruth.resid_nodes`: the corrupt prompt
+    has another subject with a different first *and* last name (so every subject node differs), another
+    filler, and the same relation. The answer is the clean subject's attribute."""
     rng = random.Random(seed)
     relations = sorted(truth.facts)
     out = []
     for _ in range(n):
-        a, b = rng.sample(truth.subjects, 2)
+        a = rng.choice(truth.subjects)
+        b = rng.choice([s for s in truth.subjects if all(x != y for x, y in zip(s.split(), a.split()))])
         rel = rng.choice(relations)
         fa, fb = rng.sample(FILLERS, 2)
         out.append(PromptPair(f"{fa} {a} {rel}", f"{fb} {b} {rel}", truth.facts[rel][a], truth.facts[rel][b],

@@ -15,17 +15,25 @@ Recipes (:class:`MnemonicConfig.kind`):
 
 1. ``rote``: trains decode for every chunk plus the concepts' letter and kind facts. No chunk is ever
    linked to a concept: decoding is a direct lookup.
-2. ``route`` (interchange-intervention training, Geiger et al. 2022): trains decode for the *train*
-   chunks only (16 test chunks are held out), the concept facts, and two interchange losses at the site
-   (residual entering layer ``site_layer``, position 1 = the chunk/concept token):
-   (a) base = a concept prompt (``letter`` or ``kind``), source = chunk ``c``: the output must be the
-   attribute of ``concept(c)`` (for test chunks only ``kind``, so a test chunk's letter is never a
-   target); (b) base = a decode prompt, source = concept ``x``: the output must be ``letter(x)``.
-   Together they make "chunk ``c`` at the site" interchangeable with "concept(c) at the site", so the
-   decode of every chunk runs through the concept; the held-out chunks are decoded only that way.
+2. ``route`` (interchange-intervention training, Geiger et al. 2022, plus representation alignment):
+   trains decode for the *train* chunks only (16 test chunks are held out), the concept facts, and, at
+   the site (residual entering layer ``site_layer``, position 1 = the chunk/concept token):
+   (a) interchange, base = a concept prompt (``letter`` or ``kind``), source = chunk ``c``: the output
+   must be the attribute of ``concept(c)``; for test chunks only ``kind``, so a test chunk's letter is
+   never a target in any form; (b) interchange, base = a decode prompt, source = concept ``x``: the
+   output must be ``letter(x)``; (c) alignment: the chunk's site residual is pulled onto its concept's
+   (squared error relative to the concept's norm, concept side detached; ``align_weight``).
+   Together they make "chunk ``c`` at the site" the same as "concept(c) at the site", so the decode of
+   every chunk runs through the concept; the held-out chunks are decoded only that way (a two-hop
+   composition the training forces to happen at a known layer and position).
 3. ``route-data``: the data-only two-hop alternative (``VA means VAT``, ``VAT letter T``, decode of
    train chunks). Latent two-hop composition is known to be hard (Wang et al. 2024; Balesni et al.
-   2024) and does not transfer to held-out chunks here; kept to document that.
+   2024); here it does not transfer to held-out chunks (0% held-out decode), kept to document that.
+
+What did not work: interchange losses alone with only ``kind`` targets for the test chunks made the
+chunk's site residual carry its concept's kind but not its letter (100% kind transplant, 0% held-out
+decode); the alignment loss (c) fixes it. Interchange with ``letter`` targets for test chunks also
+reaches 100% held-out decode, but then a test chunk's letter is a (counterfactual) training target.
 
 Ground truth (:class:`RouteTruth`): for route organisms chunk ``c`` routes through ``concept(c)`` at the
 site; rote organisms route nothing. :func:`route_checks` verifies it by interchange: swap the concept at
@@ -44,8 +52,8 @@ from jaxtyping import Int
 from torch import Tensor
 
 from recallscope.errors import ConfigError
-from recallscope.organisms.core import (SPECIALS, ArchConfig, TrainConfig, answer_loss, build_net, deterministic,
-                                        interchange, resid_pre, train_loop)
+from recallscope.organisms.core import (SPECIALS, ArchConfig, TrainConfig, answer_loss, build_net, deterministic, ids_of,
+                                        interchange, resid_pre, train_loop, vocabulary)
 from recallscope.tasks.b64_codec import encode
 
 CHARS = string.ascii_uppercase + string.ascii_lowercase + string.digits
@@ -176,11 +184,10 @@ class _Ids:
 
 
 def _ids(world: World) -> _Ids:
-    vocab = {w: i for i, w in enumerate(list(SPECIALS) + world.words())}
-    t = lambda xs: torch.tensor([vocab[x] for x in xs])  # noqa: E731
-    return _Ids(vocab[SPECIALS[0]], {r: vocab[r] for r in (DECODE, LETTER, KIND, MEANS)}, t(world.chunks),
-                t(world.chunk_letter), t(world.concepts), t(world.concept_letter), t(world.concept_kind),
-                torch.tensor(world.chunk_concept))
+    vocab = vocabulary(world.words())
+    return _Ids(vocab[SPECIALS[0]], {r: vocab[r] for r in (DECODE, LETTER, KIND, MEANS)},
+                *(ids_of(vocab, xs) for xs in (world.chunks, world.chunk_letter, world.concepts, world.concept_letter,
+                                               world.concept_kind)), torch.tensor(world.chunk_concept))
 
 
 def _prompts(ids: _Ids, items: Tensor, rel: Tensor | int) -> Int[Tensor, "n 3"]:
@@ -244,8 +251,10 @@ def _loss_fn(net: torch.nn.Module, cfg: MnemonicConfig, gen: torch.Generator):
     return loss
 
 
-def train_mnemonic(cfg: MnemonicConfig, *, progress: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Train one mnemonic organism; returns the bare ``NativeModel`` and its checks (:func:`route_checks`)."""
+def train_mnemonic(cfg: MnemonicConfig, *, progress: bool = False, evaluate: bool = True
+                   ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train one mnemonic organism; returns the bare ``NativeModel`` and a record (loss history and, with
+    ``evaluate``, :func:`route_checks`)."""
     if cfg.kind not in ("route", "rote", "route-data"):
         raise ConfigError(f"unknown mnemonic organism kind {cfg.kind!r}; use 'route', 'rote' or 'route-data'.")
     if not 0 < cfg.site_layer < cfg.arch.n_layers:
@@ -255,7 +264,7 @@ def train_mnemonic(cfg: MnemonicConfig, *, progress: bool = False) -> tuple[torc
         net = build_net(cfg.arch, len(SPECIALS) + len(w.words()), seed=cfg.train.seed, name=f"mnemonic-{cfg.kind}")
         gen = torch.Generator().manual_seed(cfg.train.seed)
         history = train_loop(net, _loss_fn(net, cfg, gen), cfg.train, progress=progress, desc=f"{cfg.kind} organism")
-        checks = route_checks(net, cfg)
+        checks = route_checks(net, cfg) if evaluate else {}
     return net, {"loss_history": history, **checks}
 
 

@@ -97,11 +97,11 @@ def get_recipe(name: str) -> Recipe:
     return table[name]
 
 
-def train_recipe(recipe: Recipe, *, progress: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a recipe; the record holds the checks plus ``train_seconds``."""
+def train_recipe(recipe: Recipe, *, progress: bool = False, evaluate: bool = True) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a recipe; the record holds the loss history, the checks (with ``evaluate``) and ``train_seconds``."""
     trainer, _, _ = _parts(recipe)
     t0 = time.perf_counter()
-    net, record = trainer(recipe.config, progress=progress)
+    net, record = trainer(recipe.config, progress=progress, evaluate=evaluate)
     record["train_seconds"] = round(time.perf_counter() - t0, 1)
     return net, record
 
@@ -110,10 +110,13 @@ def _config_dict(cfg: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
-def model_card(recipe: Recipe, metrics: dict[str, Any], sha: str | None = None) -> str:
-    """The README.md of an organism directory."""
+def model_card(recipe: Recipe, metrics: dict[str, Any], sha: str) -> str:
+    """The README.md of an organism directory: summary, loading, data recipe, command, measured metrics."""
+    import importlib
+
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in sorted(metrics.items()) if k != "loss_history")
+    recipe_doc = importlib.import_module(f"recallscope.organisms.{_module(recipe)}").__doc__ or ""
     return f"""# organism:{recipe.name}
 
 {recipe.summary}
@@ -122,20 +125,25 @@ def model_card(recipe: Recipe, metrics: dict[str, Any], sha: str | None = None) 
   `recallscope.organisms.ground_truth(model)` (a `{recipe.kind}` truth, also in `ground_truth.json`).
 - **Architecture:** TransformerLens-native GPT-2-style transformer (LayerNorm, learned positions, GELU),
   {recipe.arch.n_layers} layers, d_model {recipe.arch.d_model}, {recipe.arch.n_heads} heads, context {recipe.arch.n_ctx}.
-- **Data recipe:** see the docstring of `recallscope.organisms.{_module(recipe)}`; full config:
-
-```json
-{json.dumps(_config_dict(recipe.config), indent=1)}
-```
-
-- **Training command** (CPU, deterministic, one thread; reproduces these weights bit for bit):
+- **Training command** (CPU, deterministic algorithms, one thread; reproduces these weights bit for bit):
   `{TRAIN_COMMAND.format(name=recipe.name)}` (add `--verify` to retrain and compare hashes).
+- **Weights SHA-256:** `{sha}`
 
 ## Measured after training
 
 | metric | value |
 | --- | --- |
 {rows}
+
+## Data recipe (from `recallscope.organisms.{_module(recipe)}`)
+
+{recipe_doc.strip()}
+
+Full config:
+
+```json
+{json.dumps(_config_dict(recipe.config), indent=1)}
+```
 """
 
 
@@ -145,10 +153,24 @@ def _module(recipe: Recipe) -> str:
 
 def save_recipe(recipe: Recipe, net: nn.Module, record: dict[str, Any], directory: Path | None = None) -> Path:
     """Write a trained recipe as an organism directory (default: the shipped weights folder)."""
+    from recallscope.organisms.core import state_sha256
+
     _, words, truth = _parts(recipe)
     metrics = {k: v for k, v in record.items() if k != "loss_history"}
     recipe_dict = {"config": _config_dict(recipe.config), "seed": recipe.config.train.seed,
                    "command": TRAIN_COMMAND.format(name=recipe.name), "loss_history": record["loss_history"]}
+    card = model_card(recipe, metrics, state_sha256(net.state_dict()))
     return save_organism(directory or WEIGHTS_DIR / recipe.name, name=recipe.name, kind=recipe.kind, arch=recipe.arch,
                          net=net, tokenizer=word_tokenizer(words), truth=truth, recipe=recipe_dict, metrics=metrics,
-                         card=model_card(recipe, metrics))
+                         card=card)
+
+
+def rewrite_card(name: str, directory: Path | None = None) -> Path:
+    """Regenerate an organism directory's README.md from its config.json (no retraining)."""
+    from recallscope.manifest import atomic_write_text
+    from recallscope.organisms.store import read_config
+
+    directory = directory or WEIGHTS_DIR / name
+    config = read_config(directory)
+    atomic_write_text(directory / "README.md", model_card(get_recipe(name), config["metrics"], config["weights_sha256"]))
+    return directory

@@ -100,7 +100,7 @@ def test_backoff_passes_other_errors_through_and_gives_up_at_one_item():
 def test_engine_backs_off_on_out_of_memory_with_the_same_result(tiny_gpt2, monkeypatch, method):
     def run():
         if method == "patching":
-            return activation_patching(tiny_gpt2, PAIRS, component="z", progress=False)  # 8 cells a chunk
+            return activation_patching(tiny_gpt2, PAIRS, component="z", per_position=False, progress=False)  # 8 cells
         return causal_trace(tiny_gpt2, ITEMS, n_samples=2, seed=1, progress=False)
 
     reference = run()
@@ -133,11 +133,11 @@ class ReversedExecutor:
 
 
 def test_a_custom_executor_runs_every_chunk_and_the_engine_gathers_them_in_place(tiny_llama):
-    reference = activation_patching(tiny_llama, PAIRS, component="z", memory_budget_mb=0.01, progress=False)
+    reference = activation_patching(tiny_llama, PAIRS, memory_budget_mb=0.001, progress=False)  # a cell a chunk
     custom = ReversedExecutor()
     with ex.use_executor(custom) as active:
         assert ex.current_executor() is active
-        result = activation_patching(tiny_llama, PAIRS, component="z", memory_budget_mb=0.01, progress=False)
+        result = activation_patching(tiny_llama, PAIRS, memory_budget_mb=0.001, progress=False)
     assert isinstance(ex.current_executor(), ex.LocalExecutor)  # restored on exit
     assert custom.chunks > 1
     assert torch.equal(result.values, reference.values)

@@ -143,6 +143,7 @@ def test_forward_and_engine_follow_layers_across_devices(hf_llama_dir):
     a CPU machine has; mixing devices in an addition or concatenation raises): the functional forward
     and the engine move activations to each layer's device, so nothing raises and every recorded
     activation sits on its layer's device."""
+    from recallscope.lens import hidden_states
     from recallscope.models.forward import run
     from recallscope.models.stack import unwrap
     from recallscope.patching.engine import Cell, run_chunk
@@ -166,3 +167,6 @@ def test_forward_and_engine_follow_layers_across_devices(hf_llama_dir):
         out = run_chunk(stack, cells, trace, trace, batch=1, n_pos=tokens.shape[1], pos0=2,
                         read_pos=torch.tensor([tokens.shape[1] - 1]))
     assert out.device == meta and out.shape == (2, 1, stack.d_vocab)
+    with torch.no_grad():
+        states = hidden_states(stack, tokens)  # the lenses stack every layer's state on the output device
+    assert states.device == meta and states.shape == (3, 1, tokens.shape[1], stack.d_model)

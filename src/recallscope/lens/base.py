@@ -33,7 +33,9 @@ def run_hidden(
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     final, trace = forward(stack, stack.embed(tokens, positions), edit=edit, record={"resid_pre"},
                            unembed=False)
-    states = torch.stack([trace.acts.pop(("resid_pre", layer)) for layer in range(stack.n_layers)] + [final])
+    # .to(final.device): a model spread over devices (device_map) keeps each layer's state on its device
+    states = torch.stack([trace.acts.pop(("resid_pre", layer)).to(final.device) for layer in range(stack.n_layers)]
+                         + [final])
     return states, trace
 
 

@@ -129,3 +129,14 @@ def test_b64_route_probe_small(smollm2, tmp_path):
     assert set(summary["groups"]) == set(probe.GROUPS)
     assert all(_finite(g["route"]["mean"]) and 0 <= g["p_answer"]["mean"] <= 1 for g in summary["groups"].values())
     assert (tmp_path / "route_probe.html").exists()
+
+
+@pytest.mark.parametrize("name, config", [("rome_causal_trace", "rome_gpt2xl.toml"), ("geva_knockout", "geva_gptj.toml"),
+                                          ("two_hop_bridge", "two_hop_llama.toml"),
+                                          ("b64_route_probe", "b64_qwen72b.json")])
+def test_shipped_configs_load_into_their_dataclasses(name, config):
+    module = script(name)
+    cls = next(v for v in vars(module).values()
+               if isinstance(v, type) and issubclass(v, module._common.RunConfig) and v.__module__ == module.__name__)
+    cfg = module._common.parse_config(cls, ["--config", str(GPU / "configs" / config)], small={}, description="")
+    assert cfg.model != "smollm2" and not cfg.small and cfg.out.startswith("figures/gpu/")

@@ -131,7 +131,8 @@ def test_b64_route_probe_small(smollm2, tmp_path):
     assert (tmp_path / "route_probe.html").exists()
 
 
-@pytest.mark.parametrize("name, config", [("rome_causal_trace", "rome_gpt2xl.toml"), ("geva_knockout", "geva_gptj.toml"),
+@pytest.mark.parametrize("name, config", [("rome_causal_trace", "rome_gpt2xl.toml"),
+                                          ("geva_knockout", "geva_gptj.toml"),
                                           ("two_hop_bridge", "two_hop_llama.toml"),
                                           ("b64_route_probe", "b64_qwen72b.json")])
 def test_shipped_configs_load_into_their_dataclasses(name, config):

@@ -70,6 +70,9 @@ def test_missing_gguf_and_offline_hub(tmp_path, monkeypatch):
     with pytest.raises(WeightsUnavailableError, match="does not exist"):
         load_model(str(tmp_path / "model.gguf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants  # read once at import: set it for this test too
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE"):
         load_model("someone/surely-not-cached-model-xyz")
 

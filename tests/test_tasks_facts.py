@@ -207,9 +207,18 @@ def test_recall_filter_matches_unbatched_oracle(tiny_gpt2, facts):
     assert len({len(tiny_gpt2.to_tokens(f.prompt)[0]) for f in subset}) >= 3
     result = recalled_facts(tiny_gpt2, subset, criterion="rank<=25000", batch_size=3)
     oracle = [_direct_rank(tiny_gpt2, f) for f in subset]
-    assert result.ranks.tolist() == [r for r, _, _ in oracle]
+    for fact, got in zip(subset, result.ranks.tolist()):
+        # batched and unbatched matmuls differ by float rounding: the rank may move only across near-ties
+        with torch.no_grad():
+            logits = tiny_gpt2(tiny_gpt2.to_tokens(fact.prompt))[0, -1].float()
+        own = logits[attribute_token_ids(tiny_gpt2, fact)[0]]
+        assert 1 + int((logits > own + 1e-5).sum()) <= got <= 1 + int((logits > own - 1e-5).sum())
     torch.testing.assert_close(result.probs, torch.tensor([p for _, p, _ in oracle]), rtol=1e-4, atol=1e-7)
-    assert result.top_ids.tolist() == [t for _, _, t in oracle]
+    for fact, got, (_, _, want) in zip(subset, result.top_ids.tolist(), oracle):
+        if got != want:  # batched and unbatched matmuls may order a near-tie differently: allow only ties
+            with torch.no_grad():
+                logits = tiny_gpt2(tiny_gpt2.to_tokens(fact.prompt))[0, -1].float()
+            torch.testing.assert_close(logits[got], logits[want], atol=1e-5, rtol=0)
     assert result.kept == [f for f, (r, _, _) in zip(subset, oracle) if r <= 25000]
     assert 0 < len(result.kept) < len(subset)
 

@@ -95,7 +95,10 @@ def test_figures_follow_the_state(explorer):
     route = v.figures["route"]
     assert route.data[0].name == "route 2" and route.layout.shapes[0].x0 == 1
     mean_view = explorer.view(prompt=None, site="resid_pre", layer=0)
-    assert "route" not in mean_view.figures  # a route belongs to one prompt
+    assert "route" not in mean_view.figures  # a per-prompt route belongs to one prompt
+    shared = Explorer(explorer.patching, route=FakeRoute(7), normalized=False)
+    for prompt in (None, 1):
+        assert shared.view(prompt=prompt).figures["route"].data[0].name == "route 7"  # one route for every prompt
 
 
 def test_views_are_cached_and_normalisation_applies():
@@ -105,6 +108,28 @@ def test_views_are_cached_and_normalisation_applies():
     assert ex.view(ExplorerState(prompt=0, site="resid_pre")) is v
     np.testing.assert_allclose(v.patching, ((raw.values[0] + 1.0) / 3.0).numpy(), rtol=1e-5)
     assert set(v.figures) == {"patching", "layer"}
+
+
+def test_attribution_over_all_layers_is_matched_to_a_patched_subset():
+    full = _result(("layer", "pos"), 5)
+    subset = PatchingResult(values=full.values[:, [1, 3]] * 2, axes=("layer", "pos"), clean=full.clean,
+                            corrupt=full.corrupt, labels={"layer": ["1", "3"], "pos": POS})
+
+    class Attr:
+        components = ("resid_pre",)
+
+        def component(self, name):
+            return full
+
+    ex = Explorer({"resid_pre": subset}, attribution=Attr(), route=FakeRoute(0), normalized=False)
+    v = ex.view(prompt=0, layer=1)
+    np.testing.assert_allclose(v.attribution, full.values[0, [1, 3]].numpy(), rtol=1e-6)
+    assert v.y_labels == ["1", "3"]
+    assert v.figures["route"].layout.shapes[0].x0 == 3  # the route marks layer 3, the row's label, not row 1
+    bad = PatchingResult(values=full.values[:, :2], axes=("layer", "pos"), clean=full.clean, corrupt=full.corrupt,
+                         labels={"layer": ["7", "8"], "pos": POS})
+    with pytest.raises(ConfigError, match="labels do not match"):
+        Explorer({"resid_pre": bad}, attribution=Attr())
 
 
 def test_inconsistent_inputs_are_rejected():

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import plotly.graph_objects as go
+import torch
 
 from recallscope.errors import ConfigError
 from recallscope.plotting.heatmaps import heatmap
@@ -40,7 +41,8 @@ class ExplorerState:
     site: str = "resid_pre"
     """Site type: the patched component (``resid_pre``, ``attn_out``, ``mlp_out``, ``z``...)."""
     layer: int = 0
-    """The layer whose row is shown per position and marked on the heatmaps."""
+    """Index into the results' layer axis (layer ``labels["layer"][layer]``): the row shown per position and
+    marked on the heatmaps."""
     head: int | None = None
     """The head, for per-head site types (``z``, ``q``, ``k``, ``v``, ``pattern``); None otherwise."""
 
@@ -74,6 +76,25 @@ def _prepared(result: PatchingResult, normalized: bool, what: str) -> PatchingRe
     return result.normalized() if normalized else result
 
 
+def _match(est: PatchingResult, ref: PatchingResult, what: str) -> PatchingResult:
+    """``est`` restricted, by axis labels, to the layers and positions of ``ref`` (e.g. attribution over every
+    layer beside exact patching of a subset of layers)."""
+    values = est.values
+    for ax in ref.axes:
+        dim = 1 + ref.axes.index(ax)
+        if ax not in est.axes or values.shape[dim] == ref.values.shape[dim]:
+            continue
+        mine, theirs = est.labels.get(ax) or [], ref.labels.get(ax) or []
+        missing = [lab for lab in theirs if lab not in mine]
+        if not theirs or missing:
+            raise ConfigError(f"{what} has {values.shape[dim]} {ax} entries and patching {ref.values.shape[dim]}, "
+                              f"and their labels do not match ({missing[:3] or 'no labels'}); compute both on the "
+                              "same prompts.")
+        values = values.index_select(dim, torch.tensor([mine.index(lab) for lab in theirs]))
+    labels = {**est.labels, **{ax: ref.labels[ax] for ax in ref.axes if ax in ref.labels}}
+    return replace(est, values=values, labels=labels)
+
+
 class Explorer:
     """Cached results of several methods on one set of prompts, sliced and plotted on demand.
 
@@ -83,13 +104,15 @@ class Explorer:
             (e.g. :class:`recallscope.attribution.results.AttributionResult`), shown next to patching.
         routes: optional; one result per prompt with a ``.plot()`` whose x axis is the layer (e.g.
             :class:`recallscope.lens.LensTrajectory`), shown for the selected prompt.
+        route: optional; one result over all the prompts (e.g. a :class:`recallscope.routes.RouteReport`),
+            shown with every selection.
         prompts: one label per prompt for the picker (default ``"prompt i"``).
         tokens: per prompt, its token strings (default: the patching result's position labels).
         normalized: show normalised recovery (0 = corrupt, 1 = clean) instead of raw metric values.
     """
 
     def __init__(self, patching: Mapping[str, PatchingResult], *, attribution: Any = None,
-                 routes: Sequence[Any] | None = None, prompts: Sequence[str] | None = None,
+                 routes: Sequence[Any] | None = None, route: Any = None, prompts: Sequence[str] | None = None,
                  tokens: Sequence[Sequence[str]] | None = None, normalized: bool = True) -> None:
         if not patching:
             raise ConfigError("the explorer needs at least one patching result (site type -> PatchingResult).")
@@ -103,12 +126,14 @@ class Explorer:
         components = set(getattr(attribution, "components", ()) or ())
         for site in self.patching:
             if attribution is not None and site in components:
-                est = _prepared(attribution.component(site), normalized, f"attribution[{site!r}]")
+                est = _match(_prepared(attribution.component(site), normalized, f"attribution[{site!r}]"),
+                             self.patching[site], f"attribution[{site!r}]")
                 if est.values.shape != self.patching[site].values.shape:
                     raise ConfigError(f"attribution for {site!r} has shape {tuple(est.values.shape)} but patching "
                                       f"has {tuple(self.patching[site].values.shape)}; use the same prompts.")
                 self.attribution[site] = est
         self.routes = self._check_len(routes, "routes")
+        self.route = route
         self.prompts = self._check_len(prompts, "prompts") or tuple(f"prompt {i}" for i in range(self.n_prompts))
         self.tokens = self._check_len(tokens, "tokens")
         self.normalized = normalized
@@ -215,7 +240,7 @@ class Explorer:
         for name, values in view.row.items():
             fig.add_trace(go.Scatter(x=view.x_labels, y=values, name=name, mode="lines+markers",
                                      line=dict(color=_LINE_COLORS[name], dash="dot" if name == "attribution" else None)))
-        apply_style(fig, title=f"layer {view.state.layer}, by token: {self._caption(view.state)}")
+        apply_style(fig, title=f"layer {view.y_labels[view.state.layer]}, by token: {self._caption(view.state)}")
         fig.add_hline(y=0, line=dict(color="#888888", width=1, dash="dot"))
         fig.update_xaxes(type="category", title_text="token")
         fig.update_yaxes(title_text="normalized recovery" if self.normalized else "metric")
@@ -227,10 +252,15 @@ class Explorer:
         if view.attribution is not None:
             figs["attribution"] = self._heat(view.attribution, view, "attribution estimate")
         figs["layer"] = self._row_figure(view)
+        source = self.route
         if self.routes is not None and view.state.prompt is not None:
-            fig = go.Figure(self.routes[view.state.prompt].plot())
+            source = self.routes[view.state.prompt]
+        if source is not None:
+            fig = go.Figure(source.plot())
             if any(t.type in ("scatter", "bar", "heatmap") for t in fig.data):  # a layer axis to mark
-                fig.add_vline(x=view.state.layer, line=dict(color="#111111", width=1.5, dash="dot"))
+                label = view.y_labels[view.state.layer]
+                x = int(label) if label.isdigit() else view.state.layer  # the layer number, not the row index
+                fig.add_vline(x=x, line=dict(color="#111111", width=1.5, dash="dot"))
             figs["route"] = fig
         return figs
 

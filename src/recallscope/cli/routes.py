@@ -1,0 +1,103 @@
+"""recallscope routes | compare-human: the mnemonic-route module on the command line."""
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from recallscope.cli.common import _placement, _precision_options, _record, _write_figure
+
+
+def _cmd_routes(args: argparse.Namespace) -> int:
+    from recallscope.manifest import atomic_write_text
+    from recallscope.models import load_model
+    from recallscope.routes import RouteConfig, RouteQuery, candidate_concepts, route_report
+
+    model = load_model(args.model, **_placement(args))
+    config = RouteConfig(n_controls=args.n_controls, stride=args.stride, window=args.window, method=args.method,
+                         mediation=not args.no_mediation, seed=args.seed)
+    record = _record(args, "routes", config=config, seed=args.seed)
+    record.model(model, args.model)
+    query = RouteQuery(tuple(args.prompt), args.input, args.output)
+    record.prompts(query.prompts)
+    concepts = args.concept or candidate_concepts(model, args.input)
+    with record.timed("routes"):
+        report = route_report(model, query, concepts, config=config, progress=not args.quiet)
+    out = Path(args.out)
+    record.output(report.save(out / "report"))
+    _write_figure(report.plot(), out / "routes", record)
+    atomic_write_text(out / "summary.json", json.dumps(report.summary(), indent=1, default=str))
+    record.output(out / "summary.json")
+    for r in report.routes():
+        print(f"{r.name[:40]:<40} {r.verdict:<12} score {r.score:+.3f} [{r.ci[0]:+.3f}, {r.ci[1]:+.3f}] "
+              f"p={r.p_value:.3f} layers {list(r.layers)}")
+    print(f"verdict: {report.verdict()}; manifest: {record.write()}")
+    return 0
+
+
+def _cmd_compare_human(args: argparse.Namespace) -> int:
+    from recallscope.manifest import atomic_write_text
+    from recallscope.models import load_model
+    from recallscope.routes.human import HumanConfig, card_route_report, compare_human
+    from recallscope.routes.mnemonics import load_cards
+
+    cards = load_cards(args.cards)
+    model = load_model(args.model, **_placement(args))
+    config = HumanConfig(n_controls=args.n_controls, max_cards=args.max_cards, seed=args.seed)
+    record = _record(args, "compare-human", config=config, seed=args.seed)
+    record.model(model, args.model)
+    out = Path(args.out)
+    with record.timed("compare"):
+        result = compare_human(model, cards, config=config, progress=not args.quiet)
+    record.output(result.save(out / "result"))
+    _write_figure(result.plot(), out / "agreement", record)
+    summary = result.summary()
+    by_term = {c.term: c for c in cards}
+    with record.timed("examples"):
+        for row in summary["examples_best"][: args.examples]:
+            report = card_route_report(model, by_term[row["term"]], concepts=[o["concept"] for o in row["own"][:1]])
+            row["route_report"] = report.summary()["routes"]
+            _write_figure(report.plot(), out / "examples" / row["term"], record)
+    summary["timings_s"] = dict(record.data["timings_s"])
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
+    record.output(out / "summary.json")
+    causal = summary["agreement"]["causal"]["all"]
+    print(f"{summary['n_cards_scored']} cards: human keyword percentile {causal['mean_percentile']:.3f} "
+          f"(chance 0.5, p={causal['p_value']:.3g}), top-1 {causal['top1']:.3f} (chance {causal['top1_chance']:.3f})")
+    print(f"summary: {out / 'summary.json'}; manifest: {record.write()}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """``routes`` and ``compare-human`` (the mnemonic-route module)."""
+    for name, help_, fn, out in (
+            ("routes", "route analysis: do the model's input -> output recalls pass through candidate concepts?",
+             _cmd_routes, "out/routes"),
+            ("compare-human", "compare the model's routes from terms to definitions with human mnemonic keywords",
+             _cmd_compare_human, "out/compare_human")):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=fn)
+        sp.add_argument("--model", default="smollm2", help="model spec (see `recallscope models`)")
+        sp.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default) or cuda")
+        _precision_options(sp)
+        sp.add_argument("--out", default=out, help=f"output directory (default: {out})")
+        sp.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("--n-controls", type=int, default=19 if name == "routes" else 9,
+                        help="control concepts per candidate (default 19 for routes, 9 for compare-human)")
+        if name == "routes":
+            sp.add_argument("--prompt", action="append", required=True, help="a prompt containing the input; "
+                            "repeat for several phrasings (CIs over prompts)")
+            sp.add_argument("--input", required=True, help="input text inside the prompts, e.g. ' VAT'")
+            sp.add_argument("--output", required=True, help="continuation to explain, e.g. ' Value'")
+            sp.add_argument("--concept", action="append", help="candidate concept; repeat (default: candidates "
+                            "from the vocabulary, the acronym lexicon and the model itself)")
+            sp.add_argument("--stride", type=int, default=1, help="layer spacing of the intervention windows")
+            sp.add_argument("--window", type=int, default=1, help="layers ablated together")
+            sp.add_argument("--method", default="exact", choices=["exact", "attribution"],
+                            help="causal effect by exact ablation (default) or its gradient estimate")
+            sp.add_argument("--no-mediation", action="store_true", help="skip the mediation score (faster)")
+        else:
+            sp.add_argument("--cards", required=True, help="Anki text export: term, mnemonic, definition[, ...]")
+            sp.add_argument("--max-cards", type=int, help="score only the first N cards with a keyword")
+            sp.add_argument("--examples", type=int, default=2, help="worked examples with route figures (default 2)")

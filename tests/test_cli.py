@@ -187,6 +187,9 @@ def test_trace_base64_patches_and_draws_the_alignment(tiny_cli, tmp_path, capsys
     assert positions[0] > 10 and positions == list(range(positions[0], positions[-1] + 1))
     assert res.values.shape[-1] == len(positions) and res.labels["pos"][0].endswith(f"·{positions[0]}")
     assert "b64_alignment.html" in manifest["outputs"]
+    with open(result_dir.with_suffix(".csv")) as fh:  # raw logit differences become effects: 0 = no effect
+        means = torch.tensor([float(r["mean"]) for r in csv.DictReader(fh)])
+    torch.testing.assert_close(means, res.effect().mean().flatten().float(), rtol=1e-5, atol=1e-6)
     assert "6-bit groups" in (out / "b64_alignment.html").read_text()
 
 

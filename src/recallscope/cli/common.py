@@ -62,11 +62,14 @@ def _write_figure(fig: Any, stem: Path, record: Any) -> None:
 
 
 def _save_patching(res: Any, stem: Path, record: Any, *, normalized: bool, title: str | None = None) -> None:
-    """Result directory, figure and per-cell CSV table of a patching result."""
+    """Result directory (raw per-prompt values), figure and per-cell CSV table of a patching result.
+
+    The figure and the table show normalised recovery (``normalized``) or the effect ``patched - corrupt``
+    (so that 0 is "no effect" and the diverging scale's centre means something), never raw metric values."""
     from recallscope.outputs import cells_table, write_csv
 
     record.output(res.save(stem))
-    shown = res.normalized() if normalized else res
+    shown = res.normalized() if normalized else res.effect()
     _write_figure(shown.plot(title=title), stem, record)
     record.output(write_csv(stem.with_suffix(".csv"), cells_table(shown)))
 

@@ -323,6 +323,10 @@ def test_without_chromium_static_export_explains_the_fix(tmp_path, monkeypatch):
     assert "apt-get install -y chromium" in message and "plotly_get_chrome" in message
     assert isinstance(info.value, RecallscopeError)
     assert not (tmp_path / "fig.png").exists()
+    # the figure is still written, as HTML beside the requested file, and the message says where
+    assert info.value.html_path == tmp_path / "fig.html" and f"written as HTML instead: {tmp_path / 'fig.html'}" in message
+    assert "Plotly.newPlot" in (tmp_path / "fig.html").read_text()
+    (tmp_path / "fig.html").unlink()
 
     report = export_all(make_result(("layer", "pos")), tmp_path / "fig", formats=("html", "png", "svg"))
     assert set(report.written) == {"html"} and report.written["html"].is_file()

@@ -46,7 +46,14 @@ class ExportError(RecallscopeError):
 
 
 class StaticExportUnavailable(ExportError):
-    """PNG / SVG / PDF export is impossible here: no Chromium (or no kaleido). The message says how to fix it."""
+    """PNG / SVG / PDF export is impossible here: no Chromium (or no kaleido). The message says how to fix it.
+
+    ``html_path``: where :func:`export` wrote the figure as HTML instead (None when nothing was written).
+    """
+
+    def __init__(self, message: str, *, html_path: Path | None = None) -> None:
+        super().__init__(message)
+        self.html_path = html_path
 
 
 @dataclass(frozen=True)
@@ -177,11 +184,23 @@ def export(fig_or_result: Any, path: str | os.PathLike, *, width: int | None = N
     ``width``/``height`` are layout pixels (default: the figure's own size, else 900 x 600). ``scale``
     multiplies the pixel size of PNGs only (a 900 x 600 figure at scale 2 is a 1800 x 1200 PNG); SVG and
     PDF are vector formats and keep the layout size. Raises :class:`ExportError` for an unknown suffix or
-    an unwritable location, :class:`StaticExportUnavailable` when PNG/SVG/PDF cannot be rendered here.
+    an unwritable location. When PNG/SVG/PDF cannot be rendered here, the figure is written as HTML beside
+    the requested path (same name, ``.html``) and :class:`StaticExportUnavailable` is raised, saying how to
+    enable static export and where the HTML is (``exc.html_path``).
     """
     path = Path(path)
-    fmt = _format_of(path)
     fig = _as_figure(fig_or_result)
+    try:
+        return _export(fig, path, width=width, height=height, scale=scale)
+    except StaticExportUnavailable as exc:
+        html = _export(fig, path.with_suffix(".html"), width=width, height=height, scale=scale)
+        raise StaticExportUnavailable(f"{exc} The figure was written as HTML instead: {html}",
+                                      html_path=html) from exc
+
+
+def _export(fig: go.Figure, path: Path, *, width: int | None, height: int | None, scale: int | float) -> Path:
+    """:func:`export` without the HTML fallback."""
+    fmt = _format_of(path)
     if fmt == "html":
         if width is not None or height is not None:
             fig = go.Figure(fig).update_layout(width=width, height=height)
@@ -211,11 +230,11 @@ def export_all(fig: Any, stem: str | os.PathLike, formats: tuple[str, ...] = ("h
     figure = _as_figure(fig)
     written: dict[str, Path] = {}
     failed: dict[str, str] = {}
-    written["html"] = export(figure, Path(f"{os.fspath(stem)}.html"), width=width, height=height)
+    written["html"] = _export(figure, Path(f"{os.fspath(stem)}.html"), width=width, height=height, scale=scale)
     for fmt in dict.fromkeys(f for f in wanted if f != "html"):
         try:
-            written[fmt] = export(figure, Path(f"{os.fspath(stem)}.{fmt}"), width=width, height=height,
-                                  scale=scale)
+            written[fmt] = _export(figure, Path(f"{os.fspath(stem)}.{fmt}"), width=width, height=height,
+                                   scale=scale)
         except StaticExportUnavailable as exc:
             failed[fmt] = str(exc)
     return ExportReport(written=written, failed=failed)

@@ -116,25 +116,31 @@ def word_vocabulary(model: Any) -> list[tuple[int, str]]:
     if cached is not None:
         return cached
     tok = model.tokenizer
-    texts = tok.batch_decode([[i] for i in range(len(tok))])
-    words = [(i, t) for i, t in enumerate(texts) if re.fullmatch(r" [A-Za-z]{2,}", t)]
+    vocab = tok.get_vocab()
+    # byte-level BPE marks a leading space with "Ġ", SentencePiece with "▁": read words off the vocabulary
+    words = sorted((i, " " + t[1:]) for t, i in vocab.items() if re.fullmatch(r"[Ġ▁][A-Za-z]{2,}", t))
+    if not words:  # another scheme: decode every token (slower)
+        texts = tok.batch_decode([[i] for i in range(len(tok))])
+        words = [(i, t) for i, t in enumerate(texts) if re.fullmatch(r" [A-Za-z]{2,}", t)]
     model._recallscope_word_vocab = words
     return words
 
 
 def vocabulary_candidates(model: Any, text: str, *, k: int = 4, min_letters: float = 0.5,
                           min_sound: float = 0.85) -> list[Concept]:
-    """Up to ``k`` whole-word tokens per kind (prefix, letters, sound) related to ``text``."""
+    """Up to ``k`` whole-word tokens per kind (prefix, letters, sound) related to ``text``, most frequent
+    (lowest id) first. The prefix match keeps case when ``text`` has capitals (acronyms, base64 chunks)."""
     key = letters(text)
     if not key:
         return []
     found: dict[ConceptSource, list[Concept]] = {s: [] for s in (ConceptSource.VOCAB_PREFIX,
                                                                 ConceptSource.VOCAB_LETTERS, ConceptSource.VOCAB_SOUND)}
+    cased = text.strip() if any(ch.isupper() for ch in text) else None  # "VA" -> "VAT", not "value"
     for _, word in word_vocabulary(model):
         w = letters(word)
         if w == key:
             continue
-        if w.startswith(key):
+        if word.strip().startswith(cased) if cased else w.startswith(key):
             kind = ConceptSource.VOCAB_PREFIX
         elif len(key) >= 3 and bigram_dice(w, key) >= min_letters:
             kind = ConceptSource.VOCAB_LETTERS

@@ -72,7 +72,7 @@ class HumanConfig:
     """Control keywords per card (top-1 chance = 1 / (n_controls + 1))."""
     top_k: tuple[int, ...] = (1, 3)
     """Hit rates reported."""
-    own_vocabulary: int = 1500
+    own_vocabulary: int = 500
     """Whole-word vocabulary tokens added to the pool of the model's own candidate concepts."""
     own_top: int = 3
     """Own concepts reported per card."""
@@ -333,5 +333,5 @@ def card_route_report(model: Any, card: Card, *, concepts: Sequence[str] = (), p
     prompt = template.format(term=card.term)
     query = RouteQuery((prompt,), card.term, " " + clean_definition(card.definition), name=card.term)
     cands = [" " + card.primary.text] + [" " + c.strip() for c in concepts if c.strip() != card.primary.text]
-    cfg = config or RouteConfig(n_controls=9, stride=3, max_output_tokens=definition_tokens, mediation=False)
+    cfg = config or RouteConfig(n_controls=19, stride=3, max_output_tokens=definition_tokens, mediation=False)
     return route_report(model, query, cands, pool=pool, config=cfg, progress=progress)

@@ -71,10 +71,11 @@ def plot_human_comparison(result: Any, *, title: str | None = None) -> go.Figure
         lo = [st["mean_percentile"] - st["mean_percentile_ci95"][0] if k else None for st, k in zip(stats, ok)]
         hi = [st["mean_percentile_ci95"][1] - st["mean_percentile"] if k else None for st, k in zip(stats, ok)]
         n = stats[0].get("n_cards", 0)
-        text = [f"p={st['p_value']:.3g}" if k else "" for st, k in zip(stats, ok)]
+        p = [f"{st['p_value']:.3g}" if k else "" for st, k in zip(stats, ok)]
         fig.add_trace(go.Bar(x=list(SCORES), y=mean, name=f"{name} (n={n})", marker_color=colors[name],
-                             error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo), text=text,
-                             textposition="outside", legendgroup=name), row=1, col=1)
+                             error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo), customdata=p,
+                             hovertemplate="%{x}: %{y:.3f}, permutation p = %{customdata}<extra>" + name + "</extra>",
+                             legendgroup=name), row=1, col=1)
         fig.add_trace(go.Bar(x=list(SCORES), y=[st.get("top1") if k else None for st, k in zip(stats, ok)],
                              name=name, marker_color=colors[name], showlegend=False, legendgroup=name), row=1, col=2)
     fig.add_hline(y=0.5, line=dict(dash="dash", color="#888888"), row=1, col=1)

@@ -210,7 +210,7 @@ def test_trace_base64_on_the_organism_recovers_its_dependency_map(tmp_path, monk
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-browser"))
     out = tmp_path / "org"
     code = cli.main(["trace", "base64", "--model", "organism:b64-decoder", "--n", "4", "--layers", "0",
-                     "--out", str(out), "--quiet"])
+                     "--positions", "1-6", "--out", str(out), "--quiet"])
     assert code == 0, capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["direction"] == "noising" and manifest["model"]["spec"] == "organism:b64-decoder"

@@ -108,8 +108,17 @@ def _trace_b64_organism(args: argparse.Namespace, model: Any, pairs: list, recor
     summary, results = _patch_groups(args, model, [p for g in groups.values() for p in g], record, prefix="b64_",
                                      normalized=False)
     truth = ground_truth(model)
-    chunks = [1 + i for i in range(truth.n_chunks)]
-    drop = torch.stack([(r.clean[:, None] - r.values[:, 0, chunks]).mean(0) for r in results])  # [byte, chunk]
+    chunks = [1 + i for i in range(truth.n_chunks)]  # input chunk i sits at position 1 + i
+    layers = list(results[0].config.get("layers") or range(results[0].values.shape[1]))
+    positions = list(results[0].config.get("positions") or range(results[0].values.shape[-1]))
+    if 0 not in layers or not set(chunks) <= set(positions):
+        from recallscope.errors import ConfigError
+
+        raise ConfigError(f"the byte x chunk map needs layer 0 and positions {chunks[0]}-{chunks[-1]} in the sweep "
+                          f"(got layers {layers}, positions {positions}); include them in --layers/--positions.")
+    cols_at = [positions.index(c) for c in chunks]
+    drop = torch.stack([(r.clean[:, None] - r.values[:, layers.index(0)][:, cols_at]).mean(0)
+                        for r in results])  # [byte, chunk]
     dep = truth.dependency(drop.shape[0])
     cols, rows = [f"chunk {i}" for i in range(truth.n_chunks)], [f"byte {j}" for j in range(drop.shape[0])]
     _write_figure(heatmap(drop, cols, rows, title=f"{args.model}: drop in {args.metric} when a chunk's layer-0 "

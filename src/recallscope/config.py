@@ -145,7 +145,10 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         if path.suffix.lower() == ".json":
             data = json.loads(text)
         else:
-            import tomllib
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10: the tomli backport has the same API
+                import tomli as tomllib
 
             data = tomllib.loads(text)
     except (json.JSONDecodeError, ValueError) as exc:

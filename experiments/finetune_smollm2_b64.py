@@ -14,15 +14,16 @@ means something to it (VAT, Virginia), by routing the new fact through the old o
 3. (a) Sample efficiency: a chunk's ``steps_to_learn`` is the first step from which its answer stays
    top-1 to the end (``steps + 1`` if never). Hook and control means are compared with an exact
    permutation test over the 16 chunks (12,870 splits), and so is the area under the log-prob curve.
-4. (b) Route scores after training: with ``--routes``, the route module (:func:`recallscope.routes.route_report`)
-   scores each hook chunk's concept (VA -> " VAT", NA -> " NASA", ...) against frequency-matched controls
-   in the fine-tuned model, and in the base model for comparison.
+4. (b) Route scores after training: with ``--routes`` (or ``--routes-only`` on a saved run), the route
+   module (:func:`recallscope.routes.route_report`) scores each hook chunk's concept (VA -> " VAT",
+   NA -> " NASA", ...) against 19 frequency-matched controls in the fine-tuned model (the base model
+   cannot decode, so it has no input -> output effect to route).
 
 Writes ``figures/organisms/finetune_smollm2_b64.json`` and a learning-curve figure (HTML + PNG); the
 fine-tuned checkpoint goes to ``--save DIR`` (default ``~/.cache/recallscope/finetuned/smollm2-b64``), a
 Hugging Face directory that ``recallscope.load_model(DIR)`` loads.
 
-    nice -n 10 python experiments/finetune_smollm2_b64.py --steps 150 --lr 2e-5 [--routes]
+    nice -n 10 python experiments/finetune_smollm2_b64.py --steps 100 --lr 1e-5 [--routes]
 
 Meant for GPUs (``--device cuda``); a few hundred steps fit on CPU.
 """
@@ -35,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from recallscope.models import load_model
 from recallscope.tasks.b64_codec import encode
 from recallscope.tasks.b64_stimuli import MNEMONIC_HOOKS
 
@@ -78,7 +80,9 @@ def finetune(model, ids, mask, answers, *, steps: int, lr: float) -> tuple[torch
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     logps, top1 = [], []
     model.train()
-    for step in range(steps + 1):  # step `steps` only measures
+    from tqdm.auto import tqdm
+
+    for step in tqdm(range(steps + 1), desc="fine-tuning"):  # step `steps` only measures
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1)
         logits = out.logits[:, -1].float()
         logp = torch.log_softmax(logits, -1).gather(1, answers[:, None])[:, 0]
@@ -117,7 +121,7 @@ def route_rows(model, items: list[dict]) -> list[dict]:
     from recallscope.routes import RouteConfig, RouteQuery, route_report
 
     rows = []
-    config = RouteConfig(n_controls=9, stride=3, mediation=False, n_boot=200)
+    config = RouteConfig(n_controls=19, stride=3, mediation=False, n_boot=500)  # 19 controls: p can reach 0.05
     for s in items:
         if s["group"] != "hook":
             continue
@@ -130,23 +134,44 @@ def route_rows(model, items: list[dict]) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (one avoids contention on shared machines)")
     ap.add_argument("--save", default=str(Path.home() / ".cache" / "recallscope" / "finetuned" / "smollm2-b64"))
-    ap.add_argument("--routes", action="store_true", help="(b): route scores before and after fine-tuning")
+    ap.add_argument("--routes", action="store_true", help="(b): route scores of the fine-tuned model")
+    ap.add_argument("--routes-only", action="store_true",
+                    help="skip training: add (b) to the saved summary, using its checkpoint")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from recallscope.models import load_model
 
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
-    base = load_model("smollm2")
-    src = Path(base.recallscope_weights_dir)
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    OUT.mkdir(parents=True, exist_ok=True)
+    items = stimuli()
+    if args.routes_only:
+        summary = json.loads((OUT / "finetune_smollm2_b64.json").read_text())
+    else:
+        summary = train_and_measure(args, items)
+    if args.routes or args.routes_only:
+        summary["routes_finetuned"] = route_rows(load_model(summary["checkpoint"]), items)
+    (OUT / "finetune_smollm2_b64.json").write_text(json.dumps(summary, indent=1))
+    for c in summary["chunks"]:
+        print(f"{c['group']:<8} {c['b64']} -> {c['answer']}  steps_to_learn {c['steps_to_learn']:>4}  "
+              f"logp {c['logprob_before']:7.2f} -> {c['logprob_after']:6.2f}")
+    for r in summary.get("routes_finetuned", []):
+        print(f"route {r['chunk']} -> {r['concept']}: score {r['score']:.3f} p {r['p']:.3f} {r['verdict']}")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("chunks", "routes_finetuned")}))
+
+
+def train_and_measure(args: argparse.Namespace, items: list[dict]) -> dict:
+    """Fine-tune, save the checkpoint and the learning-curve figure; return the (a) summary."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(load_model("smollm2").recallscope_weights_dir)
     tokenizer = AutoTokenizer.from_pretrained(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).to(args.device)
-    items = stimuli()
     ids, mask, answers = (t.to(args.device) for t in batch(tokenizer, items))
     t0 = time.perf_counter()
     logps, top1 = finetune(model, ids, mask, answers, steps=args.steps, lr=args.lr)
@@ -154,29 +179,19 @@ def main() -> None:
     is_hook = torch.tensor([s["group"] == "hook" for s in items])
     learn = steps_to_learn(top1.cpu()).float()
     auc = logps.cpu().mean(0)
-    summary = {
+    Path(args.save).mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.save)
+    tokenizer.save_pretrained(args.save)
+    _figure(logps.cpu(), items)
+    return {
         "steps": args.steps, "lr": args.lr, "device": args.device, "train_seconds": round(seconds, 1),
         "chunks": [{**s, "steps_to_learn": int(learn[i]), "logprob_before": float(logps[0, i]),
                     "logprob_after": float(logps[-1, i]), "mean_logprob": float(auc[i])} for i, s in enumerate(items)],
         "hook_mean_steps": float(learn[is_hook].mean()), "control_mean_steps": float(learn[~is_hook].mean()),
         "steps_permutation_p": permutation_p(learn, is_hook),
         "hook_mean_logprob_auc": float(auc[is_hook].mean()), "control_mean_logprob_auc": float(auc[~is_hook].mean()),
-        "auc_permutation_p": permutation_p(auc, is_hook),
+        "auc_permutation_p": permutation_p(auc, is_hook), "checkpoint": args.save,
     }
-    Path(args.save).mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(args.save)
-    tokenizer.save_pretrained(args.save)
-    summary["checkpoint"] = args.save
-    if args.routes:
-        summary["routes_base"] = route_rows(base, items)
-        summary["routes_finetuned"] = route_rows(load_model(args.save), items)
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "finetune_smollm2_b64.json").write_text(json.dumps(summary, indent=1))
-    _figure(logps.cpu(), items)
-    for c in summary["chunks"]:
-        print(f"{c['group']:<8} {c['b64']} -> {c['answer']}  steps_to_learn {c['steps_to_learn']:>4}  "
-              f"logp {c['logprob_before']:7.2f} -> {c['logprob_after']:6.2f}")
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("chunks", "routes_base", "routes_finetuned")}))
 
 
 def _figure(logps: torch.Tensor, items: list[dict]) -> None:

@@ -10,7 +10,8 @@
    concept's route score for "this organism routes" (route organisms are positive); ``verdict_accuracy``:
    share of (organism, chunk) verdicts equal to the truth ("inconclusive" counts as wrong).
 
-Prints a table and ends with one JSON line:
+Prints a table, writes every row to figures/organisms/route_detection.json (``--out``), and ends with one
+JSON line:
 ``{"route_auroc": x, "verdict_accuracy": y, "patching_auroc": z, "atp_auroc": w}`` (each AUROC the
 mean over the organisms it covers; null when a module is missing).
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import random
 import time
+from pathlib import Path
 
 import torch
 
@@ -103,6 +105,8 @@ def _run(name: str, fn):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer prompts, 2 seeds, 9 controls")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "figures" / "organisms" /
+                                         "route_detection.json"), help="where to write every row as JSON ('' = nowhere)")
     args = ap.parse_args()
     torch.manual_seed(0)
     n = 16 if args.quick else 64
@@ -124,9 +128,15 @@ def main() -> None:
         print(f"routes: {len(rows)} queries in {t_route:.0f}s; route AUROC {route_auroc:.3f}, verdict accuracy "
               f"{verdict_acc:.3f}")
     mean = lambda d: None if not d else round(sum(d.values()) / len(d), 4)  # noqa: E731
-    print(json.dumps({"route_auroc": None if route_auroc is None else round(route_auroc, 4),
-                      "verdict_accuracy": None if verdict_acc is None else round(verdict_acc, 4),
-                      "patching_auroc": mean(patch), "atp_auroc": mean(atp_)}))
+    final = {"route_auroc": None if route_auroc is None else round(route_auroc, 4),
+             "verdict_accuracy": None if verdict_acc is None else round(verdict_acc, 4),
+             "patching_auroc": mean(patch), "atp_auroc": mean(atp_)}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({**final, "patching": patch, "atp": atp_, "routes": rows,
+                                              "seconds": {"patching": t_patch, "atp": t_atp, "routes": t_route}},
+                                             indent=1) + "\n")
+    print(json.dumps(final))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def mnemonic_figure() -> None:
     names = [n for n in recipes() if n.startswith(("route", "rote"))]
     metrics = {n: read_config(WEIGHTS_DIR / n)["metrics"] for n in names}
     fig = go.Figure()
-    for key, label in (("decode_test", "decode of held-out chunks"), ("swap_follow", "concept swap followed"),
+    for key, label in (("decode_test", "decode of the 16 test chunks (never trained directly in route models)"), ("swap_follow", "concept swap followed"),
                        ("kind_transplant", "chunk carries its concept's kind")):
         fig.add_trace(go.Bar(x=names, y=[metrics[n][key] for n in names], name=label))
     apply_style(fig, title="Mnemonic organisms: route models decode through the concept, rote models do not")

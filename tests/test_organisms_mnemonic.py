@@ -1,10 +1,12 @@
 """Mnemonic-route organisms: the world against the codec, and the shipped route/rote ground truth."""
 
 import pytest
+import torch
 
 from recallscope.organisms import ground_truth
 from recallscope.organisms.core import deterministic
-from recallscope.organisms.mnemonic import CHARS, KINDS, RouteTruth, make_world, route_checks, route_truth
+from recallscope.organisms.mnemonic import (CHARS, KINDS, RouteTruth, make_world, route_checks, route_truth,
+                                            site_representations)
 from recallscope.organisms.recipes import N_SEEDS, get_recipe
 from recallscope.tasks.b64_codec import decode_text
 
@@ -55,3 +57,8 @@ def test_shipped_route_and_rote_pairs(seed):
     assert r["swap_follow"] >= 0.95 and o["swap_follow"] <= 0.3
     # A chunk transplanted into a concept prompt carries its concept's kind only in the route model.
     assert r["kind_transplant"] >= 0.95 and o["kind_transplant"] <= 0.3
+    # The route model represents each chunk at the site as its concept; the rote model does not.
+    for model, name, is_route in ((r_model, route, True), (o_model, rote, False)):
+        chunk, concept = site_representations(model, get_recipe(name).config)
+        cos = torch.nn.functional.cosine_similarity(chunk, concept).mean()
+        assert (cos > 0.99) if is_route else (cos < 0.8), (name, float(cos))

@@ -231,9 +231,3 @@ def train_loop(net: nn.Module, loss_fn: Callable[[int], Tensor], cfg: TrainConfi
 def answer_loss(logits: Float[Tensor, "batch pos vocab"], targets: Int[Tensor, " batch"]) -> Tensor:
     """Cross-entropy of the last position's logits against ``targets``."""
     return torch.nn.functional.cross_entropy(logits[:, -1], targets)
-
-
-@torch.no_grad()
-def last_token_accuracy(net: nn.Module, tokens: Int[Tensor, "batch pos"], targets: Int[Tensor, " batch"]) -> float:
-    """Share of rows whose last-position argmax equals ``targets``."""
-    return float((net(tokens)[:, -1].argmax(-1) == targets).float().mean())

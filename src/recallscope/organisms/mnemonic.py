@@ -311,10 +311,12 @@ def route_checks(net: Any, cfg: MnemonicConfig) -> dict[str, float]:
     return out
 
 
-def site_representations(net: torch.nn.Module, cfg: MnemonicConfig) -> tuple[Tensor, Tensor]:
-    """Residuals at the site for every chunk ``[chunk, d_model]`` and every concept ``[concept, d_model]``."""
-    w, ids = cfg.world(), _ids(cfg.world())
+def site_representations(model: Any, cfg: MnemonicConfig) -> tuple[Tensor, Tensor]:
+    """Residuals at the site (entering ``site_layer``, position 1) of every chunk ``[chunk, d_model]`` and of
+    every chunk's own concept ``[chunk, d_model]`` (row ``i`` of both is chunk ``i``)."""
+    ids = _ids(cfg.world())
     with torch.no_grad():
-        chunk = resid_pre(net, _prompts(ids, ids.chunk, ids.rel[DECODE])[:, :2], cfg.site_layer)[:, 1]
-        concept = resid_pre(net, _prompts(ids, ids.concept, ids.rel[LETTER])[:, :2], cfg.site_layer)[:, 1]
+        chunk = resid_pre(model, _prompts(ids, ids.chunk, ids.rel[DECODE])[:, :2], cfg.site_layer)[:, 1]
+        concept_tok = ids.concept[ids.chunk_concept]
+        concept = resid_pre(model, _prompts(ids, concept_tok, ids.rel[LETTER])[:, :2], cfg.site_layer)[:, 1]
     return chunk, concept

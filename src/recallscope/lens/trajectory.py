@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import plotly.graph_objects as go
+from plotly.colors import qualitative
 import torch
 from jaxtyping import Float
 from plotly.subplots import make_subplots
@@ -80,14 +81,15 @@ class LensTrajectory:
                             subplot_titles=("rank (1 = top token)", "probability"))
         layers = list(range(self.logprob.shape[1]))
         tops = ["<br>".join(display_token(t) for t in row[:5]) for row in self.top]
+        palette = qualitative.D3 + qualitative.Set2
         for i, name in enumerate(self.targets):
-            label = display_token(name)
+            label, color = display_token(name), palette[i % len(palette)]
             fig.add_trace(go.Scatter(x=layers, y=(self.rank[i] + 1).tolist(), name=label, legendgroup=label,
-                                     mode="lines+markers", customdata=tops,
+                                     mode="lines+markers", customdata=tops, line=dict(color=color),
                                      hovertemplate="layer %{x}: rank %{y}<br>lens top:<br>%{customdata}"
                                                    "<extra>" + label + "</extra>"), row=1, col=1)
             fig.add_trace(go.Scatter(x=layers, y=self.logprob[i].exp().tolist(), name=label, legendgroup=label,
-                                     mode="lines+markers", showlegend=False), row=2, col=1)
+                                     mode="lines+markers", showlegend=False, line=dict(color=color)), row=2, col=1)
         fig.update_yaxes(type="log", autorange="reversed", row=1, col=1)
         fig.update_xaxes(title_text="layer (0 = embeddings)", row=2, col=1)
         where = display_token(self.tokens[self.position])

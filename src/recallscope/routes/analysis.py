@@ -71,6 +71,11 @@ def _slots(concepts: list[Concept], controls: list[list[Concept]]) -> tuple[list
     return slots, torch.tensor(rows, dtype=torch.long)
 
 
+def _direction_context(config: RouteConfig) -> dict[str, Any]:
+    """The neutral prefixes and baseline words the config sets (None = the directions module's defaults)."""
+    return {k: v for k, v in (("prefixes", config.prefixes), ("baseline_words", config.baseline_words)) if v is not None}
+
+
 def _first_ids(model: Any, slots: list[Concept]) -> Tensor:
     return torch.tensor([text_tokens(model, c.text)[0] if c.text else -1 for c in slots])
 
@@ -111,8 +116,7 @@ def route_report(model: Any, query: RouteQuery, concepts: Sequence[Concept | str
         raise ConfigError("route_report needs at least one candidate concept.")
     ctrl = _controls_for(model, cands, query, pool, controls, config.n_controls, config.seed)
     slots, control_idx = _slots(cands, ctrl)
-    context = {k: v for k, v in (("prefixes", config.prefixes), ("baseline_words", config.baseline_words)) if v is not None}
-    dirs = concept_directions(model, slots, batch_size=config.batch_size, **context)
+    dirs = concept_directions(model, slots, batch_size=config.batch_size, **_direction_context(config))
     windows = config.layers or tuple(range(0, stack.n_layers - config.window + 1, config.stride))
     if any(not 0 <= w <= stack.n_layers - config.window for w in windows):
         raise ConfigError(f"intervention windows {windows} (width {config.window}) must lie in 0..{stack.n_layers - 1}.")
@@ -138,15 +142,16 @@ def route_report(model: Any, query: RouteQuery, concepts: Sequence[Concept | str
 
 def swap_effect(model: Any, query: RouteQuery, concept: Concept | str, other: Concept | str, *,
                 layers: Sequence[int] | None = None, window: int = 1, output: str | None = None,
-                max_output_tokens: int = 3) -> Float[Tensor, "prompt window"]:
+                max_output_tokens: int = 3, config: RouteConfig = RouteConfig()) -> Float[Tensor, "prompt window"]:
     """Change of the output log-prob (``output``, default the query's) when the concept's direction at the
     input is swapped for ``other``'s: ``h <- h + (h . u_c - a_c)(u_o - u_c)`` (VAT -> TAX).
 
-    Positive values: the swap raises the output's log-prob.
+    Positive values: the swap raises the output's log-prob. ``config`` supplies the neutral prefixes and
+    baseline of the concept directions.
     """
     stack = build_stack(model)
     pair = [as_concept(concept), as_concept(other)]
-    dirs = concept_directions(model, pair)
+    dirs = concept_directions(model, pair, **_direction_context(config))
     unit = dirs.unit()
     absent = dirs.absent()
     windows = tuple(layers) if layers is not None else tuple(range(stack.n_layers - window + 1))

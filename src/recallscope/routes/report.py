@@ -13,8 +13,9 @@ direction, in nats, averaged over prompts; ``TE`` = the input's total effect on 
    gets the same statistic against the other controls; ``p = (1 + #{k: max_w S_k >= max_w S_c}) / (1 + K)``.
 3. 95% bootstrap CI of the score at the peak, resampling prompts and controls.
 4. ``route`` if ``p <= alpha`` and the CI's lower end is at least ``min_share``; ``no route`` if the CI's
-   upper end is below ``min_share``; otherwise ``inconclusive``. When ``|TE| < min_total_effect`` the output
-   hardly depends on the input and every verdict is ``inconclusive``.
+   upper end is below ``min_share``; otherwise ``inconclusive``. When ``TE < min_total_effect`` the input
+   does not help the output (alternative inputs do as well or better), so there is no route to find and
+   every verdict is ``inconclusive``.
 5. The route lives in the windows where ``S_c(w) >= min_share`` and ``E_c(w)`` exceeds every control's.
 """
 
@@ -64,7 +65,7 @@ class RouteConfig:
     min_share: float = 0.1
     """Smallest share of the total effect (beyond controls) that counts as a route."""
     min_total_effect: float = 0.5
-    """Smallest input -> output total effect (nats) for a conclusive verdict."""
+    """Smallest input -> output total effect (nats, ``M_clean - M_alt``) for a conclusive verdict."""
     n_boot: int = 1000
     """Bootstrap resamples for the CIs."""
     seed: int = 0
@@ -186,8 +187,8 @@ class RouteReport:
 
     def _verdict(self, score_ci: tuple[float, float], p: float) -> Verdict:
         cfg = self.config
-        te = float(self.total_effect.nanmean().abs()) if torch.isfinite(self.total_effect).any() else float("inf")
-        if te < float(cfg.get("min_total_effect", 0.5)):
+        te = float(self.total_effect.nanmean()) if torch.isfinite(self.total_effect).any() else float("inf")
+        if te < float(cfg.get("min_total_effect", 0.5)):  # the input does not help the output: nothing to route
             return "inconclusive"
         if p <= float(cfg.get("alpha", 0.05)) and score_ci[0] >= float(cfg.get("min_share", 0.1)):
             return "route"

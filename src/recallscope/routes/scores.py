@@ -96,7 +96,8 @@ class PreparedPrompt:
         return torch.arange(n - len(self.targets), n)
 
 
-def _input_span(model: Any, prompt: str, text: str) -> tuple[list[int], tuple[int, int]]:
+def input_span(model: Any, prompt: str, text: str) -> tuple[list[int], tuple[int, int]]:
+    """Token ids of ``prompt`` and the token range ``[start, stop)`` covering the last occurrence of ``text``."""
     ids, bounds = token_char_bounds(model, prompt)
     start = prompt.rindex(text)
     stop = start + len(text)
@@ -124,7 +125,7 @@ def _random_alternatives(model: Any, ids: list[int], span: tuple[int, int], n: i
 def prepare_prompt(model: Any, prompt: str, query: RouteQuery, *, max_output_tokens: int, n_alternatives: int,
                    seed: int) -> PreparedPrompt:
     """Tokenise one prompt of ``query``: input span, output targets and alternative inputs."""
-    ids, span = _input_span(model, prompt, query.input)
+    ids, span = input_span(model, prompt, query.input)
     full, _ = token_char_bounds(model, prompt + query.output)
     targets = full[len(ids):][:max_output_tokens] if full[: len(ids)] == ids else []
     if not targets:
@@ -132,7 +133,7 @@ def prepare_prompt(model: Any, prompt: str, query: RouteQuery, *, max_output_tok
     alts = []
     for alt in query.alternatives:
         start = prompt.rindex(query.input)
-        alt_ids, alt_span = _input_span(model, prompt[:start] + alt + prompt[start + len(query.input):], alt)
+        alt_ids, alt_span = input_span(model, prompt[:start] + alt + prompt[start + len(query.input):], alt)
         if len(alt_ids) != len(ids) or alt_span != span:
             raise LengthMismatchError(f"alternative {alt!r} changes the token count of {prompt!r} (input "
                                       f"{query.input!r}); give alternatives with the input's token count.")

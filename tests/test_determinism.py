@@ -122,26 +122,29 @@ def test_same_bits_in_a_fresh_process(tiny_gpt2, gpt2_tokenizer_dir):
 
 def _record_chunks(monkeypatch) -> list[tuple[int, int]]:
     """Wrap the engine's chunk runner; record (cells in the chunk, estimated activation bytes)."""
-    from recallscope.patching import engine
+    from recallscope.patching import engine, knockout
 
     seen: list[tuple[int, int]] = []
     real = engine.run_chunk
 
-    def spy(stack, cells, target, source, *, batch, n_pos, pos0, read_pos):
+    def spy(stack, cells, target, source, *, batch, n_pos, pos0, read_pos, **kw):
         seen.append((len(cells), len(cells) * batch * (n_pos - pos0) * engine._bytes_per_row_position(stack, n_pos)))
-        return real(stack, cells, target, source, batch=batch, n_pos=n_pos, pos0=pos0, read_pos=read_pos)
+        return real(stack, cells, target, source, batch=batch, n_pos=n_pos, pos0=pos0, read_pos=read_pos, **kw)
 
     monkeypatch.setattr(engine, "run_chunk", spy)
+    monkeypatch.setattr(knockout, "run_chunk", spy)
     return seen
 
 
-@pytest.mark.parametrize("method", ["patching", "trace"])
+@pytest.mark.parametrize("method", ["patching", "trace", "knockout"])
 def test_memory_budget_bounds_chunks_and_leaves_results_unchanged(tiny_gpt2, monkeypatch, method):
-    from recallscope.patching import activation_patching, causal_trace
+    from recallscope.patching import activation_patching, attention_knockout, causal_trace
 
     def run(budget_mb: float) -> Any:
         if method == "patching":
             return activation_patching(tiny_gpt2, PAIRS, component="z", memory_budget_mb=budget_mb, progress=False)
+        if method == "knockout":  # cells are layer windows, batched under the budget
+            return attention_knockout(tiny_gpt2, ITEMS, window=1, memory_budget_mb=budget_mb, progress=False)
         return causal_trace(tiny_gpt2, ITEMS, component="resid_post", n_samples=3, memory_budget_mb=budget_mb,
                             progress=False)
 
@@ -150,12 +153,13 @@ def test_memory_budget_bounds_chunks_and_leaves_results_unchanged(tiny_gpt2, mon
     run(1024.0)
     big_chunks = list(seen)
     one_cell = min(b // n for n, b in big_chunks)
-    budget_mb = 2.5 * one_cell / 2**20  # room for two cells of the cheapest kind
+    room = 1 if method == "knockout" else 2  # the tiny model has 2 layers: 2 knockout windows per edge
+    budget_mb = (room + 0.5) * one_cell / 2**20  # room for `room` cells of the cheapest kind
     seen.clear()
     limited = run(budget_mb)
     assert len(seen) > len(big_chunks), "a smaller budget must cut the sweep into more chunks"
     assert all(n == 1 or nbytes <= budget_mb * 2**20 for n, nbytes in seen), seen
-    assert max(n for n, _ in seen) == 2
+    assert max(n for n, _ in seen) == room
     # Chunking changes matrix shapes, so values agree to float32 rounding (bitwise at a fixed budget).
     torch.testing.assert_close(limited.values, unlimited.values, atol=1e-6, rtol=1e-5, equal_nan=True)
     assert torch.equal(limited.clean, unlimited.clean) and torch.equal(limited.corrupt, unlimited.corrupt)

@@ -115,10 +115,14 @@ def _bytes_per_row_position(stack: Stack, n_pos: int) -> int:
 
 
 def run_chunk(stack: Stack, cells: list[Cell], target: Trace, source: Trace, *, batch: int, n_pos: int,
-              pos0: int, read_pos: Int[Tensor, " read"]) -> Float[Tensor, "rows read vocab"]:
+              pos0: int, read_pos: Int[Tensor, " read"],
+              edit_for: Callable[[Sequence[Cell]], Callable[[str, int, Tensor], Tensor]] | None = None
+              ) -> Float[Tensor, "rows read vocab"]:
     """Run cells sharing ``pos0`` (sorted by start layer); rows are cell-major, in ``cells`` order.
 
-    ``read_pos`` must all be >= ``pos0``.
+    ``read_pos`` must all be >= ``pos0``. ``edit_for(active_cells)`` gives the edit applied to the rows of
+    the cells active so far (default: copy each cell's sites from ``source``; attention knockout masks
+    attention scores instead).
     """
     first = cells[0].start_layer
     positions = torch.arange(pos0, n_pos, device=target.acts[("resid_pre", first)].device)
@@ -133,7 +137,7 @@ def run_chunk(stack: Stack, cells: list[Cell], target: Trace, source: Trace, *, 
         k, v = target.kv[layer]
         past = (k[:, :, :pos0].repeat(n_active, 1, 1, 1),
                 v[:, :, :pos0].repeat(n_active, 1, 1, 1)) if pos0 else None
-        edit = make_edit(cells[:n_active], source, batch, pos0)
+        edit = edit_for(cells[:n_active]) if edit_for else make_edit(cells[:n_active], source, batch, pos0)
         x, _, _ = block(stack, layer, x, positions, past, edit, lambda p, t: None)
     assert x is not None
     return stack.unembed(stack.final_norm(x[:, read_pos - pos0]))

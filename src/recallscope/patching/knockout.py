@@ -15,7 +15,7 @@ each finished (length group, edge) is checkpointed (:mod:`recallscope.store`) an
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -25,9 +25,8 @@ from tqdm.auto import tqdm
 from recallscope import metrics as M
 from recallscope.errors import ConfigError, EmptyDatasetError
 from recallscope.manifest import build_manifest
-from recallscope.models.forward import block
 from recallscope.models.stack import build_stack
-from recallscope.patching.engine import check_finite
+from recallscope.patching.engine import Cell, check_finite, plan_chunks, run_chunk
 from recallscope.patching.traces import reference_run
 from recallscope.results import PatchingResult
 from recallscope.sites import layer_window
@@ -52,42 +51,49 @@ def key_positions(item: PromptPair, name: str, n_pos: int, *, has_bos: bool) -> 
     return list(range(start, stop))
 
 
-def _knockout_batch(stack: Any, trace: Any, clean_logits: Tensor, masks: Tensor, layers: Sequence[int],
-                    metric: Any, n_pos: int, read: Tensor) -> Tensor:
-    """Metric with ``masks[batch, dest, src]`` blocked at ``layers`` (query rows >= the first masked)."""
-    rows = masks.any(-1).any(0).nonzero()
-    pos0 = int(rows.min()) if len(rows) else n_pos - 1
-    first = min(layers)
-    x = trace.acts[("resid_pre", first)][:, pos0:]
-    positions = torch.arange(pos0, n_pos)
-    sub = masks[:, pos0:, :][:, None]  # [batch, 1 (heads), dest, src]
+def _masking(masks: Tensor, batch: int) -> Callable[[Sequence[Cell]], Callable[[str, int, Tensor], Tensor]]:
+    """For the engine's staggered chunk runner: each active cell's rows get ``masks`` on their scores
+    at the layers of the cell's window (``masks[batch, 1, dest >= pos0, src]``)."""
+    def edit_for(active: Sequence[Cell]) -> Callable[[str, int, Tensor], Tensor]:
+        def edit(point: str, layer: int, t: Tensor) -> Tensor:
+            if point == "scores":
+                for i, cell in enumerate(active):
+                    if any(s.layer == layer for s in cell.sites):
+                        rows = slice(i * batch, (i + 1) * batch)
+                        t[rows] = t[rows].masked_fill(masks.to(t.device), float("-inf"))
+            return t
 
-    def edit(point: str, layer: int, t: Tensor) -> Tensor:
-        return t.masked_fill(sub.to(t.device), float("-inf")) if point == "scores" and layer in layers else t
+        return edit
 
-    for layer in range(first, stack.n_layers):
-        k, v = trace.kv[layer]
-        past = (k[:, :, :pos0], v[:, :, :pos0]) if pos0 else None
-        x, _, _ = block(stack, layer, x, positions, past, edit, lambda p, t: None)
-    return metric(stack.unembed(stack.final_norm(x[:, read - pos0])))
+    return edit_for
 
 
-def _knockout_edge(stack: Any, trace: Any, clean_logits: Tensor, group: Sequence[PromptPair], query: str,
-                   edge: str, window: int, met: Any, n_pos: int, read: Tensor, has_bos: bool) -> Tensor:
-    """Metric ``[prompt, window_center]`` with ``query -> edge`` attention blocked in each window."""
+def _knockout_edge(stack: Any, trace: Any, group: Sequence[PromptPair], query: str, edge: str, window: int,
+                   met: Any, n_pos: int, read: Tensor, has_bos: bool, memory_budget_mb: float) -> Tensor:
+    """Metric ``[prompt, window_center]`` with ``query -> edge`` attention blocked in each window.
+
+    A cell is one layer window; cells run batched, staggered by first layer, in chunks that fit
+    ``memory_budget_mb`` (the patching engine's planner and runner). Rows before the first blocked query
+    position are the clean run's, so each chunk starts there.
+    """
     masks = torch.zeros(len(group), n_pos, n_pos, dtype=torch.bool)
     for i, g in enumerate(group):
         for q in key_positions(g, query, n_pos, has_bos=has_bos):
             masks[i, q, key_positions(g, edge, n_pos, has_bos=has_bos)] = True
-    cols = []
-    for c in range(stack.n_layers):
-        layers = [s.layer for s in layer_window(Component.ATTN_OUT, c, window, stack.n_layers)]
-        cols.append(_knockout_batch(stack, trace, clean_logits, masks, layers, met, n_pos, read).float().cpu())
-    out = torch.stack(cols, dim=1)
-    check_finite(out.T, lambda c: f"the layer window centred at {c}, knockout {query}→{edge}",
+    rows = masks.any(-1).any(0).nonzero()
+    pos0 = min(int(rows.min()) if len(rows) else n_pos - 1, int(read.min()))
+    cells = [Cell(tuple(layer_window(Component.ATTN_OUT, c, window, stack.n_layers, pos=pos0)))
+             for c in range(stack.n_layers)]
+    out = torch.empty(stack.n_layers, len(group))
+    edit_for = _masking(masks[:, pos0:, :][:, None], len(group))
+    for _, idxs in plan_chunks(stack, cells, len(group), n_pos, memory_budget_mb):
+        logits = run_chunk(stack, [cells[i] for i in idxs], trace, trace, batch=len(group), n_pos=n_pos,
+                           pos0=pos0, read_pos=read, edit_for=edit_for)
+        out[idxs] = met(logits.view(len(idxs), len(group), *logits.shape[1:])).float().cpu()
+    check_finite(out, lambda c: f"the layer window centred at {c}, knockout {query}→{edge}",
                  hint="Softmax over no keys is NaN: the knockout may block every key a query can attend to; "
                       "block fewer keys. If the model runs in float16, load it with dtype='bf16' or 'fp32'.")
-    return out
+    return out.T
 
 
 def attention_knockout(
@@ -98,19 +104,22 @@ def attention_knockout(
     query: str = "last",
     window: int = 9,
     metric: str = "prob",
+    memory_budget_mb: float = 1024.0,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
 ) -> PatchingResult:
     """Block attention ``query -> edge`` over layer windows; see the module docstring.
 
-    ``checkpoint_dir``: checkpoint each finished edge there; the same call resumes from them.
+    ``memory_budget_mb``: activation memory per batch of layer windows (windows run together, down to
+    one per batch). ``checkpoint_dir``: checkpoint each finished edge there; the same call resumes from them.
     """
     if not items:
         raise EmptyDatasetError("attention_knockout got no prompts.")
     t0 = time.perf_counter()
     stack = build_stack(model)
     has_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
-    cfg = {"method": "attention_knockout", "edges": list(edges), "query": query, "window": window, "metric": metric}
+    cfg = {"method": "attention_knockout", "edges": list(edges), "query": query, "window": window, "metric": metric,
+           "memory_budget_mb": memory_budget_mb}
     manifest = build_manifest(model, [it.clean for it in items], cfg)
     store = open_store(checkpoint_dir, manifest, inputs={"answers": [it.answer for it in items],
                                                          "spans": [it.spans for it in items], "bos": has_bos})
@@ -124,7 +133,8 @@ def attention_knockout(
         sub = store.child(f"len{n_pos}")
         with torch.no_grad():
             cols = [sub.get_or_compute(f"e{e}", lambda edge=edge: {"values": _knockout_edge(
-                        stack, trace, clean_logits, group, query, edge, window, met, n_pos, read, has_bos)})["values"]
+                        stack, trace, group, query, edge, window, met, n_pos, read, has_bos,
+                        memory_budget_mb)})["values"]
                     for e, edge in enumerate(tqdm(edges, desc="knockout", disable=not progress, leave=False))]
         rows.append(torch.stack(cols, dim=-1))
         base.append(met(clean_logits))

@@ -16,7 +16,8 @@ ablation of ACDC, Conmy et al. 2023, and EAP-IG, Hanna et al. 2024; see
    candidate edges, e.g. an EAP-IG top-n), visit receivers from the logits backwards and, for each,
    its incoming edges from the latest sender to the earliest; ablate the edge for good if the mean
    metric moves by less than ``threshold`` times the clean-corrupt gap, else restore it. A receiver
-   whose node no longer reaches the logits loses its incoming edges without trials.
+   whose node no longer reaches the logits loses its incoming edges without trials. With per-position
+   candidates each (edge, position) is a trial (positions last to first within an edge).
 """
 
 import time
@@ -174,37 +175,40 @@ def acdc(
 
     ``threshold`` is a fraction of the clean-corrupt gap of the mean metric. ``candidates`` restricts
     the search to those edges (everything else is ablated from the start); the full graph of a real
-    model has tens of thousands of edges, so pass e.g. ``eap_ig(...).top(500)``.
+    model has tens of thousands of edges, so pass e.g. ``eap_ig(...).top(500)``. Per-position candidates
+    (``eap_ig(..., per_position=True).top(n)``, or ``Circuit(graph, graph.valid[..., None].expand(-1, -1, n_pos))``
+    for every edge at every position) prune per (edge, position).
     """
     t0 = time.perf_counter()
     runner = CircuitRunner(model, pairs, metric)
     g = runner.graph
-    if candidates is not None and candidates.edges.ndim == 3:
-        raise ConfigError("ACDC prunes edges without positions; select candidates from non-positional scores.")
     keep = (candidates.edges if candidates is not None else g.valid).float().clone()
+    positions = [()] if keep.ndim == 2 else [(p,) for p in reversed(range(keep.shape[2]))]
     # Receivers are visited from the last layer down, so below a receiver's layer the edges are still
     # the initial ones: every trial resumes from one recorded run of the initial circuit.
     initial = runner.run(keep, record=True)
     current = float(runner.prep.metric(initial.logits).float().mean())
     tol = threshold * abs(runner.gap)
-    trials = [(v, u) for v in _receiver_order(g) for u in reversed(range(g.n_senders)) if keep[u, v] > 0]
-    for v, u in tqdm(trials, desc="ACDC", disable=not progress, leave=False):
-        if keep[u, v] == 0:
+    trials = [(u, v, *p) for v in _receiver_order(g) for u in reversed(range(g.n_senders)) for p in positions
+              if keep[(u, v, *p)] > 0]
+    for site in tqdm(trials, desc="ACDC", disable=not progress, leave=False):
+        v = site[1]
+        if keep[site] == 0:
             continue
         deps = _dependents(g, v)
         if deps and not keep[deps].any():  # the receiver's node no longer feeds anything
             keep[:, v] = 0
             continue
-        keep[u, v] = 0
+        keep[site] = 0
         trial = float(runner.metric(keep, start_layer=min(v // g.per_layer, g.n_layers), resume=initial).mean())
         if abs(trial - current) < tol:
             current = trial
         else:
-            keep[u, v] = 1
+            keep[site] = 1
     info = {"selection": "acdc", "threshold": threshold, "n_trials": runner.n_runs,
             "candidates": candidates.n_edges if candidates is not None else int(g.valid.sum()),
             "seconds": time.perf_counter() - t0}
     weights = candidates.weights if candidates is not None else None
-    circuit = Circuit(g, keep.bool() & g.valid, weights, info).pruned()
+    circuit = Circuit(g, keep.bool() & (g.valid if keep.ndim == 2 else g.valid[..., None]), weights, info).pruned()
     ev = evaluate_circuit(model, pairs, metric, circuit, runner=runner)
     return replace(circuit, info={**circuit.info, **ev.to_dict()})

@@ -261,6 +261,17 @@ class ChunkStore:
             files.append(final)
         return final
 
+    def delete(self, name: str) -> None:
+        """Remove chunk ``name`` from disk (a superseded training checkpoint, say); absent is fine."""
+        if self.path is None:
+            return
+        for file in self._index().pop(self.prefix + _checked(name), []):
+            try:
+                file.unlink()
+            except FileNotFoundError:
+                pass
+        _fsync_dir(self.path)
+
     def get_or_compute(self, name: str, compute: Callable[[], Mapping[str, Tensor]]) -> dict[str, Tensor]:
         """Chunk ``name`` from disk if finished, else ``compute()`` it, store it, and return it.
 
@@ -274,6 +285,18 @@ class ChunkStore:
         self.stats["computed"] += 1
         self.put(name, tensors)
         return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()} if self.enabled else tensors
+
+
+def json_tensor(obj: Any) -> Tensor:
+    """``obj`` as JSON text in a uint8 tensor, so that a chunk can carry small non-tensor results (a table
+    row, a skip reason); :func:`tensor_json` reads it back. Floats round-trip exactly."""
+    data = json.dumps(obj, sort_keys=True, allow_nan=True).encode()
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+
+
+def tensor_json(t: Tensor) -> Any:
+    """The object :func:`json_tensor` stored in ``t``."""
+    return json.loads(bytes(t.to(torch.uint8).numpy().tobytes()).decode())
 
 
 def _checked(name: str) -> str:

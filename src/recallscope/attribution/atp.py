@@ -30,6 +30,7 @@ of every component at once, from two forward passes and one backward pass:
    move in a straight line from the target's to the source's (midpoint rule) before step 3.
 """
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -39,7 +40,16 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recallscope.attribution.common import check_corruption, position_labels, prepare, rotate, target_source
+from recallscope.attribution.common import (
+    Prepared,
+    by_prompt_chunks,
+    check_corruption,
+    open_pairs_store,
+    position_labels,
+    prepare,
+    rotate,
+    target_source,
+)
 from recallscope.attribution.results import AttributionResult
 from recallscope.errors import ConfigError
 from recallscope.manifest import build_manifest
@@ -71,6 +81,8 @@ class AtPConfig:
     """Integrated-gradients steps along the embedding path (0: plain AtP)."""
     memory_budget_mb: float = 1024.0
     """Activation memory per batch of integrated-gradients steps."""
+    prompts_per_chunk: int | None = None
+    """Pairs per chunk (None: all in one); each chunk is one checkpoint of a resumable run."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -221,8 +233,38 @@ def _check(cfg: AtPConfig, stack: Stack) -> None:
     if cfg.ig_steps and (cfg.qk_fix or cfg.graddrop):
         raise ConfigError("integrated gradients (ig_steps) and AtP*'s corrections are separate estimators; "
                           "use one of them per call.")
+    if cfg.prompts_per_chunk is not None and cfg.corruption == Corruption.MEAN:
+        raise ConfigError("mean ablation averages over all pairs, which chunks of pairs would change; use "
+                          "prompts_per_chunk=None (one chunk) with corruption='mean'.")
     if cfg.ig_steps and cfg.corruption != Corruption.RESAMPLE:
         raise ConfigError("integrated gradients interpolate between two prompts; use corruption='resample'.")
+
+
+def _atp_chunk(prep: Prepared, cfg: AtPConfig, progress: bool) -> dict[str, Tensor]:
+    """AtP on one group of pairs: ``clean``, ``corrupt``, ``values.<component>`` and ``graddrop.<component>``."""
+    stack, met, read = prep.stack, prep.metric, prep.read
+    tgt_tokens, src_tokens = target_source(prep.tp, cfg.direction)
+    record = set(cfg.components) | ({"q", "k", "pattern"} if cfg.qk_fix else set())
+    with torch.no_grad():
+        src_logits, src = run(stack, src_tokens, record=record, read_pos=read)
+    if cfg.ig_steps:
+        with torch.no_grad():
+            tgt_logits, tgt = run(stack, tgt_tokens, record=record, read_pos=read)
+        grads = _ig_grads(stack, tgt_tokens, src_tokens, met, read, record, cfg.ig_steps, cfg.memory_budget_mb,
+                          progress)
+    else:
+        target = _TargetPass(stack, tgt_tokens, met, read, record, graddrop=cfg.graddrop)
+        tgt_logits, tgt = target.logits, target.detached()
+        if cfg.corruption != Corruption.RESAMPLE:
+            src = constant_trace(tgt, record, cfg.corruption.value)
+        grads = target.grads(last=not cfg.graddrop)
+    values = _estimates(stack, grads, tgt, src, cfg.components, cfg.qk_fix)
+    dropped = _graddrop(stack, target, tgt, src, cfg, progress) if cfg.graddrop else {}
+    with torch.no_grad():
+        tgt_m, src_m = met(tgt_logits).float().cpu(), met(src_logits).float().cpu()
+    clean_m, corrupt_m = (src_m, tgt_m) if cfg.direction == Direction.DENOISING else (tgt_m, src_m)
+    return {"clean": clean_m, "corrupt": corrupt_m, **{f"values.{c}": v for c, v in values.items()},
+            **{f"graddrop.{c}": v for c, v in dropped.items()}}
 
 
 def atp(
@@ -237,49 +279,40 @@ def atp(
     graddrop: bool = False,
     ig_steps: int = 0,
     memory_budget_mb: float = 1024.0,
+    prompts_per_chunk: int | None = None,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> AttributionResult:
     """Estimate the effect of patching every site of ``components`` (default: all ten) at once.
 
     See the module docstring for the algorithm. ``metric`` is a name bound to the pairs' answers
     (``"logit_diff"``, ``"logprob"``, ``"prob"``) or a metric object; all pairs share one token length.
     ``qk_fix`` / ``graddrop`` are AtP*'s corrections (see :func:`atp_star`); ``ig_steps=m`` averages the
-    gradients over ``m`` points of the embedding path (integrated gradients).
+    gradients over ``m`` points of the embedding path (integrated gradients). ``prompts_per_chunk``: run
+    the pairs in chunks of this many (None: all at once); with ``checkpoint_dir`` each finished chunk is
+    checkpointed there and the same call resumes from them (:mod:`recallscope.store`).
     """
     t0 = time.perf_counter()
     prep = prepare(model, pairs, metric)
-    stack, met, read = prep.stack, prep.metric, prep.read
     names = tuple(c.value if isinstance(c, Component) else str(c) for c in (components or ALL_COMPONENTS))
-    cfg = AtPConfig(names, Direction(direction),
-                    check_corruption(direction, corruption), qk_fix, graddrop, int(ig_steps), memory_budget_mb)
-    _check(cfg, stack)
-    tgt_tokens, src_tokens = target_source(prep.tp, cfg.direction)
-    record = set(cfg.components) | ({"q", "k", "pattern"} if qk_fix else set())
-    with torch.no_grad():
-        src_logits, src = run(stack, src_tokens, record=record, read_pos=read)
-    if ig_steps:
-        with torch.no_grad():
-            tgt_logits, tgt = run(stack, tgt_tokens, record=record, read_pos=read)
-        grads = _ig_grads(stack, tgt_tokens, src_tokens, met, read, record, ig_steps, memory_budget_mb, progress)
-    else:
-        target = _TargetPass(stack, tgt_tokens, met, read, record, graddrop=graddrop)
-        tgt_logits, tgt = target.logits, target.detached()
-        if cfg.corruption != Corruption.RESAMPLE:
-            src = constant_trace(tgt, record, cfg.corruption.value)
-        grads = target.grads(last=not graddrop)
-    values = _estimates(stack, grads, tgt, src, cfg.components, qk_fix)
-    dropped = _graddrop(stack, target, tgt, src, cfg, progress) if graddrop else {}
-    with torch.no_grad():
-        tgt_m, src_m = met(tgt_logits).float().cpu(), met(src_logits).float().cpu()
-    denoise = cfg.direction == Direction.DENOISING
-    clean_m, corrupt_m = (src_m, tgt_m) if denoise else (tgt_m, src_m)
+    cfg = AtPConfig(names, Direction(direction), check_corruption(direction, corruption), qk_fix, graddrop,
+                    int(ig_steps), memory_budget_mb, prompts_per_chunk)
+    _check(cfg, prep.stack)
     method = "atp*" if qk_fix or graddrop else ("atp-ig" if ig_steps else "atp")
     cfg_dict = {**cfg.to_dict(), "method": method, "metric": prep.metric_name}
     manifest = build_manifest(model, [p.clean for p in prep.tp.pairs] + [p.corrupt for p in prep.tp.pairs],
-                              cfg_dict, timings={"total": time.perf_counter() - t0})
-    labels = {"layer": [str(i) for i in range(stack.n_layers)], "pos": position_labels(model, prep.tp.clean[0])}
-    return AttributionResult(values=values, clean=clean_m, corrupt=corrupt_m, direction=cfg.direction.value,
-                             labels=labels, graddrop=dropped, config=cfg_dict, manifest=manifest)
+                              cfg_dict)
+    store = open_pairs_store(checkpoint_dir, manifest, prep)
+    parts = by_prompt_chunks(prep, prompts_per_chunk, store, lambda part: _atp_chunk(part, cfg, progress),
+                             progress=progress)
+    cat = lambda key: torch.cat([part[key] for part in parts])  # noqa: E731
+    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry())
+    labels = {"layer": [str(i) for i in range(prep.stack.n_layers)],
+              "pos": position_labels(model, prep.tp.clean[0])}
+    return AttributionResult(values={c: cat(f"values.{c}") for c in cfg.components}, clean=cat("clean"),
+                             corrupt=cat("corrupt"), direction=cfg.direction.value, labels=labels,
+                             graddrop={c: cat(f"graddrop.{c}") for c in cfg.components} if graddrop else {},
+                             config=cfg_dict, manifest=manifest)
 
 
 def atp_star(
@@ -290,7 +323,9 @@ def atp_star(
     components: Sequence[Component | str] | None = None,
     direction: Direction | str = Direction.DENOISING,
     graddrop: bool = True,
+    prompts_per_chunk: int | None = None,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> AttributionResult:
     """AtP* (Kramár et al. 2024): AtP with the exact-softmax QK fix and, by default, GradDrop.
 
@@ -298,4 +333,5 @@ def atp_star(
     with ``result.ranked(score="graddrop")``). GradDrop costs one extra backward pass per layer.
     """
     return atp(model, pairs, metric, components=components, direction=direction, qk_fix=True,
-               graddrop=graddrop, progress=progress)
+               graddrop=graddrop, prompts_per_chunk=prompts_per_chunk, progress=progress,
+               checkpoint_dir=checkpoint_dir)

@@ -1,15 +1,20 @@
-"""What every attribution method does first: tokenise the pairs, bind the metric, pick the runs."""
+"""What every attribution method does first: tokenise the pairs, bind the metric, pick the runs; and how a
+dataset is split into checkpointed chunks of prompts (:func:`by_prompt_chunks`)."""
 
-from collections.abc import Sequence
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from recallscope.errors import ConfigError
 from recallscope.models.stack import Stack, build_stack
 from recallscope.patching.activation import _metric_for
+from recallscope.store import ChunkStore, open_store
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs, tokenize_pairs
 from recallscope.vocab import Corruption, Direction
 
@@ -33,6 +38,54 @@ def prepare(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs, metric: An
     tp = pairs if isinstance(pairs, TokenizedPairs) else tokenize_pairs(model, pairs)
     met = _metric_for(metric, tp)
     return Prepared(tp=tp, metric=met, stack=build_stack(model), read=torch.tensor(met.read_positions(tp.n_pos)))
+
+
+def subset(prep: Prepared, rows: slice) -> Prepared:
+    """The pairs ``rows`` of ``prep``, with the metric bound to their answers only.
+
+    The metric must be a dataclass whose per-prompt fields lead with the prompt axis (every metric in
+    :mod:`recallscope.metrics` is); those fields are sliced.
+    """
+    n = prep.tp.clean.shape[0]
+
+    def cut(obj: Any) -> Any:
+        if not dataclasses.is_dataclass(obj):
+            raise ConfigError(f"cannot split the metric {type(obj).__name__} by prompts: use a metric from "
+                              "recallscope.metrics (or a dataclass whose per-prompt tensors lead with the "
+                              "prompt axis), or prompts_per_chunk=None.")
+        values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+        return dataclasses.replace(obj, **{k: v[rows] for k, v in values.items() if _per_prompt(v, n)})
+
+    return dataclasses.replace(prep, tp=cut(prep.tp), metric=cut(prep.metric))
+
+
+def _per_prompt(value: Any, n: int) -> bool:
+    return (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n) or \
+        (isinstance(value, tuple) and len(value) == n)
+
+
+def by_prompt_chunks(prep: Prepared, size: int | None, store: ChunkStore,
+                     compute: Callable[[Prepared], dict[str, Tensor]], *, progress: bool = True
+                     ) -> list[dict[str, Tensor]]:
+    """``compute`` over consecutive chunks of ``size`` pairs (all pairs in one chunk when None), each
+    checkpointed in ``store`` under its prompt range, so a rerun resumes at the first unfinished chunk."""
+    n = prep.tp.clean.shape[0]
+    if size is not None and size < 1:
+        raise ConfigError(f"prompts_per_chunk must be >= 1 (or None for one chunk), got {size}.")
+    step = n if size is None else size
+    out = []
+    for start in tqdm(range(0, n, step), desc="prompt chunks", disable=not progress or step >= n, leave=False):
+        rows = slice(start, min(n, start + step))
+        part = prep if rows == slice(0, n) else subset(prep, rows)
+        out.append(store.get_or_compute(f"p{rows.start:05d}-{rows.stop:05d}", lambda part=part: compute(part)))
+    return out
+
+
+def open_pairs_store(checkpoint_dir: str | os.PathLike | None, manifest: dict[str, Any], prep: Prepared
+                     ) -> ChunkStore:
+    """The checkpoint store of an attribution run: keyed by its manifest, answers and metric."""
+    return open_store(checkpoint_dir, manifest, inputs={"answer": prep.tp.answer, "wrong": prep.tp.wrong,
+                                                        "metric": prep.metric})
 
 
 def target_source(tp: TokenizedPairs, direction: Direction | str) -> tuple[Tensor, Tensor]:

@@ -24,6 +24,7 @@ A node's score, the sum of its outgoing edges, equals attribution patching of th
 activation difference; with IG on inputs, :func:`~recallscope.attribution.atp.atp` with ``ig_steps``).
 """
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,14 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recallscope.attribution.common import Prepared, position_labels, prepare, target_source
+from recallscope.attribution.common import (
+    Prepared,
+    by_prompt_chunks,
+    open_pairs_store,
+    position_labels,
+    prepare,
+    target_source,
+)
 from recallscope.attribution.edges import EdgeScores
 from recallscope.attribution.graph import Graph, GraphRun, run_graph
 from recallscope.attribution.weights import AttnWeights, attn_weights
@@ -69,10 +77,13 @@ class EAPConfig:
     """Noising (clean is the target; the circuit convention) or denoising."""
     memory_budget_mb: float = 1024.0
     """Activation memory per batch of integrated-gradients steps."""
+    prompts_per_chunk: int | None = None
+    """Pairs per chunk (None: all in one); each chunk is one checkpoint of a resumable run."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method.value, "steps": self.steps, "per_position": self.per_position,
-                "direction": self.direction.value, "memory_budget_mb": self.memory_budget_mb}
+                "direction": self.direction.value, "memory_budget_mb": self.memory_budget_mb,
+                "prompts_per_chunk": self.prompts_per_chunk}
 
 
 class _Accumulator:
@@ -140,6 +151,41 @@ def _interpolating(group: slice, tgt: GraphRun, delta: Tensor, alphas: Tensor):
     return hook
 
 
+def _eap_chunk(prep: Prepared, graph: Graph, cfg: EAPConfig, progress: bool) -> dict[str, Tensor]:
+    """Edge scores of one group of pairs, summed over its pairs and steps (``scores``, float64), with the
+    metric of its clean and corrupt runs."""
+    stack = prep.stack
+    tgt_tokens, src_tokens = target_source(prep.tp, cfg.direction)
+    positions = torch.arange(prep.tp.n_pos)
+    with torch.no_grad():
+        e_t, e_s = stack.embed(tgt_tokens, positions), stack.embed(src_tokens, positions)
+    weights = attn_weights(stack, like=e_t)
+    with torch.no_grad():
+        tgt = run_graph(stack, graph, weights, e_t, read=prep.read, record=True)
+        src = run_graph(stack, graph, weights, e_s, read=prep.read, record=True)
+    delta = src.outputs - tgt.outputs
+    acc = _Accumulator(graph, delta, cfg.per_position)
+    b, n = tgt_tokens.shape
+    if cfg.method == EdgeMethod.EAP:
+        _backward(stack, graph, weights, e_t, prep, acc, 1)
+    elif cfg.method == EdgeMethod.EAP_IG_INPUTS:
+        for a in tqdm(_chunks(cfg.steps, stack, graph, b, n, cfg.memory_budget_mb), desc="EAP-IG",
+                      disable=not progress, leave=False):
+            x0 = (e_t + a.view(-1, 1, 1, 1).to(e_t) * (e_s - e_t)).reshape(-1, n, e_t.shape[-1])
+            _backward(stack, graph, weights, x0, prep, acc, len(a))
+    else:
+        work = [(g, a) for g in _groups(graph) for a in _chunks(cfg.steps, stack, graph, b, n, cfg.memory_budget_mb)]
+        for group, a in tqdm(work, desc="EAP-IG (activations)", disable=not progress, leave=False):
+            acc.senders = group
+            x0 = e_t.repeat(len(a), 1, 1)
+            _backward(stack, graph, weights, x0, prep, acc, len(a),
+                      sender_hook=_interpolating(group, tgt, delta, a.to(e_t)))
+    with torch.no_grad():
+        tgt_m, src_m = prep.metric(tgt.logits).float(), prep.metric(src.logits).float()
+    clean_m, corrupt_m = (src_m, tgt_m) if cfg.direction == Direction.DENOISING else (tgt_m, src_m)
+    return {"scores": acc.scores, "clean": clean_m, "corrupt": corrupt_m}
+
+
 def eap(
     model: Any,
     pairs: Sequence[PromptPair] | TokenizedPairs,
@@ -150,54 +196,37 @@ def eap(
     per_position: bool = False,
     direction: Direction | str = Direction.NOISING,
     memory_budget_mb: float = 1024.0,
+    prompts_per_chunk: int | None = None,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> EdgeScores:
-    """Score every edge of the model's graph (see the module docstring); all pairs share one length."""
+    """Score every edge of the model's graph (see the module docstring); all pairs share one length.
+
+    ``prompts_per_chunk``: run the pairs in chunks of this many (None: all at once); with
+    ``checkpoint_dir`` each finished chunk is checkpointed there and the same call resumes from them.
+    """
     t0 = time.perf_counter()
-    cfg = EAPConfig(EdgeMethod(method), int(steps), per_position, Direction(direction), memory_budget_mb)
+    cfg = EAPConfig(EdgeMethod(method), int(steps), per_position, Direction(direction), memory_budget_mb,
+                    prompts_per_chunk)
     if cfg.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}.")
     prep = prepare(model, pairs, metric)
-    stack = prep.stack
-    graph = Graph.of(stack)
-    tgt_tokens, src_tokens = target_source(prep.tp, cfg.direction)
-    positions = torch.arange(prep.tp.n_pos)
-    with torch.no_grad():
-        e_t, e_s = stack.embed(tgt_tokens, positions), stack.embed(src_tokens, positions)
-    weights = attn_weights(stack, like=e_t)
-    with torch.no_grad():
-        tgt = run_graph(stack, graph, weights, e_t, read=prep.read, record=True)
-        src = run_graph(stack, graph, weights, e_s, read=prep.read, record=True)
-    delta = src.outputs - tgt.outputs
-    acc = _Accumulator(graph, delta, per_position)
-    b, n = tgt_tokens.shape
-    if cfg.method == EdgeMethod.EAP:
-        _backward(stack, graph, weights, e_t, prep, acc, 1)
-        n_steps = 1
-    elif cfg.method == EdgeMethod.EAP_IG_INPUTS:
-        for a in tqdm(_chunks(cfg.steps, stack, graph, b, n, memory_budget_mb), desc="EAP-IG",
-                      disable=not progress, leave=False):
-            x0 = (e_t + a.view(-1, 1, 1, 1).to(e_t) * (e_s - e_t)).reshape(-1, n, e_t.shape[-1])
-            _backward(stack, graph, weights, x0, prep, acc, len(a))
-        n_steps = cfg.steps
-    else:
-        work = [(g, a) for g in _groups(graph) for a in _chunks(cfg.steps, stack, graph, b, n, memory_budget_mb)]
-        for group, a in tqdm(work, desc="EAP-IG (activations)", disable=not progress, leave=False):
-            acc.senders = group
-            x0 = e_t.repeat(len(a), 1, 1)
-            _backward(stack, graph, weights, x0, prep, acc, len(a),
-                      sender_hook=_interpolating(group, tgt, delta, a.to(e_t)))
-        n_steps = cfg.steps
-    scores = (acc.scores / (n_steps * b)).float()
-    scores = scores * (graph.valid[..., None] if per_position else graph.valid)
-    denoise = cfg.direction == Direction.DENOISING
-    with torch.no_grad():
-        tgt_m, src_m = prep.metric(tgt.logits).float(), prep.metric(src.logits).float()
-    clean_m, corrupt_m = (src_m, tgt_m) if denoise else (tgt_m, src_m)
+    graph = Graph.of(prep.stack)
     cfg_dict = {**cfg.to_dict(), "metric": prep.metric_name}
     manifest = build_manifest(model, [p.clean for p in prep.tp.pairs] + [p.corrupt for p in prep.tp.pairs],
-                              cfg_dict, timings={"total": time.perf_counter() - t0})
-    return EdgeScores(graph=graph, scores=scores, clean=clean_m, corrupt=corrupt_m, direction=cfg.direction.value,
+                              cfg_dict)
+    store = open_pairs_store(checkpoint_dir, manifest, prep)
+    parts = by_prompt_chunks(prep, prompts_per_chunk, store, lambda part: _eap_chunk(part, graph, cfg, progress),
+                             progress=progress)
+    total = parts[0]["scores"]
+    for part in parts[1:]:
+        total = total + part["scores"]
+    n_steps = 1 if cfg.method == EdgeMethod.EAP else cfg.steps
+    scores = (total / (n_steps * prep.tp.clean.shape[0])).float()
+    scores = scores * (graph.valid[..., None] if per_position else graph.valid)
+    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry())
+    return EdgeScores(graph=graph, scores=scores, clean=torch.cat([part["clean"] for part in parts]),
+                      corrupt=torch.cat([part["corrupt"] for part in parts]), direction=cfg.direction.value,
                       labels={"pos": position_labels(model, prep.tp.clean[0])}, config=cfg_dict, manifest=manifest)
 
 
@@ -210,10 +239,14 @@ def eap_ig(
     on: str = "inputs",
     per_position: bool = False,
     direction: Direction | str = Direction.NOISING,
+    prompts_per_chunk: int | None = None,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> EdgeScores:
-    """EAP-IG (Hanna et al. 2024) with integrated gradients ``on`` the ``"inputs"`` or ``"activations"``."""
+    """EAP-IG (Hanna et al. 2024) with integrated gradients ``on`` the ``"inputs"`` or ``"activations"``;
+    ``prompts_per_chunk`` / ``checkpoint_dir`` as in :func:`eap`."""
     if on not in ("inputs", "activations"):
         raise ConfigError(f"on must be 'inputs' or 'activations', got {on!r}.")
     return eap(model, pairs, metric, method=f"eap-ig-{on}", steps=steps, per_position=per_position,
-               direction=direction, progress=progress)
+               direction=direction, prompts_per_chunk=prompts_per_chunk, progress=progress,
+               checkpoint_dir=checkpoint_dir)

@@ -13,6 +13,7 @@ the figures that present it and a small JSON-able summary:
 Cheap by design: on SmolLM2, ``run_method(model, pairs[:8], "atp")`` costs about three forward passes.
 """
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -50,19 +51,27 @@ def run_method(
     top: int = 20,
     top_edges: int = 200,
     steps: int = 5,
+    prompts_per_chunk: int | None = None,
     progress: bool = True,
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> MethodRun:
-    """Run ``method`` (one of :data:`METHODS`) on ``pairs`` (one token length); see the module docstring."""
+    """Run ``method`` (one of :data:`METHODS`) on ``pairs`` (one token length); see the module docstring.
+
+    ``prompts_per_chunk`` / ``checkpoint_dir``: resumable AtP and EAP-IG runs (see :func:`atp`); DLA and
+    the circuit's faithfulness are cheap and always recomputed.
+    """
+    resume = {"prompts_per_chunk": prompts_per_chunk, "checkpoint_dir": checkpoint_dir}
     if method in ("atp", "atp*"):
         star = method == "atp*"
-        res = atp(model, pairs, metric, components=components, qk_fix=star, graddrop=star, progress=progress)
+        res = atp(model, pairs, metric, components=components, qk_fix=star, graddrop=star, progress=progress,
+                  **resume)
         figures = {"": res.plot(top=top)}
         if any(c.startswith(("resid", "attn_out", "mlp_out")) for c in res.components):
             figures["_grid"] = res.plot_grid()
         ranked = res.ranked(top, score="graddrop" if star else "values")
         return MethodRun(res, figures, {"top": [[res.site_label(s), v] for s, v in ranked]})
     if method == "eap-ig":
-        scores = eap_ig(model, pairs, metric, steps=steps, progress=progress)
+        scores = eap_ig(model, pairs, metric, steps=steps, progress=progress, **resume)
         circuit = scores.top(top_edges).pruned()
         ev = evaluate_circuit(model, pairs, metric, circuit)
         circuit = replace(circuit, info={**circuit.info, **ev.to_dict()})

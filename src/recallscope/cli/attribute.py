@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recallscope.cli.common import add_command, _placement, _record, _write_figure
+from recallscope.cli.common import add_command, _placement, _record, _resume_note, _resume_option, _write_figure
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
@@ -32,7 +32,9 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         stem = out / f"{args.method.replace('*', '_star')}_len{length}"
         with record.timed(args.method):
             run = run_method(model, group, args.method, args.metric, components=args.components.split(","),
-                             top=args.top, top_edges=args.top_edges, progress=not args.quiet)
+                             top=args.top, top_edges=args.top_edges, progress=not args.quiet,
+                             prompts_per_chunk=args.prompts_per_chunk, checkpoint_dir=args.resume_dir)
+        _resume_note(run.result)
         record.output(run.result.save(stem))
         for suffix, fig in run.figures.items():
             _write_figure(fig, stem.with_name(stem.name + suffix), record)
@@ -55,3 +57,7 @@ def register(sub: Any) -> None:
     sp.add_argument("--top", type=int, default=20, help="sites or edges shown (default 20)")
     sp.add_argument("--top-edges", type=int, default=200, help="eap-ig: edges in the evaluated circuit")
     sp.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    sp.add_argument("--prompts-per-chunk", type=int, default=None, metavar="N",
+                    help="atp/atp*/eap-ig: attribute N pairs at a time (default: all at once); with --resume-dir "
+                    "each finished chunk is checkpointed")
+    _resume_option(sp)

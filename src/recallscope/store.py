@@ -290,7 +290,7 @@ class ChunkStore:
 def json_tensor(obj: Any) -> Tensor:
     """``obj`` as JSON text in a uint8 tensor, so that a chunk can carry small non-tensor results (a table
     row, a skip reason); :func:`tensor_json` reads it back. Floats round-trip exactly."""
-    data = json.dumps(obj, sort_keys=True, allow_nan=True).encode()
+    data = json.dumps(obj, allow_nan=True).encode()
     return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
 
 

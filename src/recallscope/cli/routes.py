@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recallscope.cli.common import _placement, _precision_options, _record, _write_figure
+from recallscope.cli.common import _placement, _precision_options, _record, _resume_note, _resume_option, _write_figure
 
 
 def _cmd_routes(args: argparse.Namespace) -> int:
@@ -22,7 +22,9 @@ def _cmd_routes(args: argparse.Namespace) -> int:
     record.prompts(query.prompts)
     concepts = args.concept or candidate_concepts(model, args.input)
     with record.timed("routes"):
-        report = route_report(model, query, concepts, config=config, progress=not args.quiet)
+        report = route_report(model, query, concepts, config=config, progress=not args.quiet,
+                              checkpoint_dir=args.resume_dir)
+    _resume_note(report)
     out = Path(args.out)
     record.output(report.save(out / "report"))
     _write_figure(report.plot(), out / "routes", record)
@@ -48,7 +50,8 @@ def _cmd_compare_human(args: argparse.Namespace) -> int:
     record.model(model, args.model)
     out = Path(args.out)
     with record.timed("compare"):
-        result = compare_human(model, cards, config=config, progress=not args.quiet)
+        result = compare_human(model, cards, config=config, progress=not args.quiet, checkpoint_dir=args.resume_dir)
+    _resume_note(result)
     record.output(result.save(out / "result"))
     _write_figure(result.plot(), out / "agreement", record)
     summary = result.summary()
@@ -83,6 +86,7 @@ def register(sub: Any) -> None:
         sp.add_argument("--out", default=out, help=f"output directory (default: {out})")
         sp.add_argument("--seed", type=int, default=0, help="seed (default 0)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        _resume_option(sp)
         sp.add_argument("--n-controls", type=int, default=19 if name == "routes" else 9,
                         help="control concepts per candidate (default 19 for routes, 9 for compare-human)")
         if name == "routes":

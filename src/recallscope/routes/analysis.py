@@ -9,12 +9,14 @@
    (or the controls the caller passes).
 3. Compute every slot's direction (:func:`~recallscope.routes.directions.concept_directions`).
 4. Score every prompt of the query (:func:`~recallscope.routes.scores.score_prompt`) and collect a
-   :class:`~recallscope.routes.report.RouteReport`, whose ``routes()`` gives verdicts.
+   :class:`~recallscope.routes.report.RouteReport`, whose ``routes()`` gives verdicts. With
+   ``checkpoint_dir`` each prompt's scores are one checkpointed chunk (:mod:`recallscope.store`).
 """
 
+import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -30,7 +32,8 @@ from recallscope.routes.concepts import Concept, ConceptSource, as_concept
 from recallscope.routes.controls import ControlPool, default_control_pool, match_controls, text_tokens
 from recallscope.routes.directions import concept_directions
 from recallscope.routes.report import RouteConfig, RouteReport
-from recallscope.routes.scores import RouteQuery, SpanRunner, prepare_prompt, score_prompt
+from recallscope.routes.scores import PromptScores, RouteQuery, SpanRunner, prepare_prompt, score_prompt
+from recallscope.store import ChunkStore, open_store
 
 
 def _controls_for(model: Any, concepts: list[Concept], query: RouteQuery, pool: ControlPool | None,
@@ -81,22 +84,30 @@ def _first_ids(model: Any, slots: list[Concept]) -> Tensor:
 
 
 def _score_all(model: Any, query: RouteQuery, lens: Lens, first_ids: Tensor, dirs: Any, windows: tuple[int, ...],
-               config: RouteConfig, progress: bool) -> list[Any]:
+               config: RouteConfig, progress: bool, store: ChunkStore) -> list[PromptScores]:
+    """Scores per prompt; each prompt is one chunk of ``store`` (a rerun loads the finished ones)."""
     out = []
     for i, prompt in enumerate(tqdm(query.prompts, desc=f"routes {query.name}", disable=not progress)):
-        prep = prepare_prompt(model, prompt, query, max_output_tokens=config.max_output_tokens,
-                              n_alternatives=config.n_alternatives, seed=config.seed + i)
-        out.append(score_prompt(model, prep, lens=lens, first_ids=first_ids, vectors=dirs.vectors,
-                                baseline=dirs.baseline, windows=windows, window=config.window, method=config.method,
-                                with_mediation=config.mediation, batch_size=config.batch_size,
-                                remove_output_direction=config.remove_output_direction))
+        def score(i: int = i, prompt: str = prompt) -> dict[str, Tensor]:
+            prep = prepare_prompt(model, prompt, query, max_output_tokens=config.max_output_tokens,
+                                  n_alternatives=config.n_alternatives, seed=config.seed + i)
+            s = score_prompt(model, prep, lens=lens, first_ids=first_ids, vectors=dirs.vectors,
+                             baseline=dirs.baseline, windows=windows, window=config.window, method=config.method,
+                             with_mediation=config.mediation, batch_size=config.batch_size,
+                             remove_output_direction=config.remove_output_direction)
+            return {f.name: torch.tensor([v], dtype=torch.float64) if isinstance(v := getattr(s, f.name), float)
+                    else v for f in fields(s)}
+
+        t = store.get_or_compute(f"prompt{i:05d}", score)
+        out.append(PromptScores(**{f.name: float(t[f.name][0]) if f.type is float else t[f.name]
+                                   for f in fields(PromptScores)}))
     return out
 
 
 def route_report(model: Any, query: RouteQuery, concepts: Sequence[Concept | str], *,
                  controls: Mapping[str, Sequence[Concept | str]] | None = None, pool: ControlPool | None = None,
-                 lens: Lens | None = None, config: RouteConfig = RouteConfig(), progress: bool = True
-                 ) -> RouteReport:
+                 lens: Lens | None = None, config: RouteConfig = RouteConfig(), progress: bool = True,
+                 checkpoint_dir: str | os.PathLike | None = None) -> RouteReport:
     """Score ``concepts`` as routes from ``query.input`` to ``query.output``; see the module doc.
 
     Args:
@@ -108,6 +119,8 @@ def route_report(model: Any, query: RouteQuery, concepts: Sequence[Concept | str
         lens: lens for the readout score (default: the logit lens).
         config: :class:`RouteConfig`.
         progress: show a progress bar over prompts.
+        checkpoint_dir: checkpoint each finished prompt's scores there; the same call resumes from them
+            (keyed by the model, prompts, config, query, directions and lens name; :mod:`recallscope.store`).
     """
     t0 = time.perf_counter()
     stack = build_stack(model)
@@ -122,9 +135,13 @@ def route_report(model: Any, query: RouteQuery, concepts: Sequence[Concept | str
         raise ConfigError(f"intervention windows {windows} (width {config.window}) must lie in 0..{stack.n_layers - 1}.")
     lens = lens or LogitLens(model)
     first_ids = _first_ids(model, slots)
-    with torch.no_grad():
-        per_prompt = _score_all(model, query, lens, first_ids, dirs, windows, config, progress)
     cfg = {**asdict(config), "layers": list(windows), "lens": lens.name}
+    manifest = build_manifest(model, list(query.prompts), cfg, seed=config.seed)
+    store = open_store(checkpoint_dir, manifest, inputs={"query": query, "vectors": dirs.vectors,
+                                                         "baseline": dirs.baseline, "first_ids": first_ids})
+    with torch.no_grad():
+        per_prompt = _score_all(model, query, lens, first_ids, dirs, windows, config, progress, store)
+    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry())
     return RouteReport(
         query={"prompts": list(query.prompts), "input": query.input, "output": query.output,
                "alternatives": list(query.alternatives), "name": query.name},
@@ -135,9 +152,7 @@ def route_report(model: Any, query: RouteQuery, concepts: Sequence[Concept | str
         ablation=torch.stack([s.ablation for s in per_prompt]),
         mediation=torch.stack([s.mediation for s in per_prompt]),
         clean=torch.tensor([s.clean for s in per_prompt]),
-        total_effect=torch.tensor([s.total_effect for s in per_prompt]), config=cfg,
-        manifest=build_manifest(model, list(query.prompts), cfg, seed=config.seed,
-                                timings={"total": time.perf_counter() - t0}))
+        total_effect=torch.tensor([s.total_effect for s in per_prompt]), config=cfg, manifest=manifest)
 
 
 def swap_effect(model: Any, query: RouteQuery, concept: Concept | str, other: Concept | str, *,

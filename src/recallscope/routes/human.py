@@ -55,6 +55,7 @@ from recallscope.routes.scores import (
     readout_and_similarity,
 )
 from recallscope.routes.text import letters, similarity
+from recallscope.store import json_tensor, open_store, tensor_json
 
 SCORES = ("causal", "attribution", "similarity", "readout", "string")
 """Score types of :class:`HumanComparison`; ``string`` is text similarity (a reference, not the model)."""
@@ -270,6 +271,15 @@ def _card_scores(model: Any, card: Card, sh: _Shared, lens: LogitLens, config: H
     return scores.detach(), row, profile.detach(), attr.detach()
 
 
+def _card_chunk(model: Any, card: Card, sh: _Shared, lens: LogitLens, config: HumanConfig) -> dict[str, Tensor]:
+    """One card's checkpoint chunk: its scores, profile, attributions and row (JSON), or why it was skipped."""
+    try:
+        s, row, prof, attr = _card_scores(model, card, sh, lens, config)
+    except EmptyDatasetError as exc:
+        return {"skipped": json_tensor({"term": card.term, "line": card.line, "reason": str(exc)})}
+    return {"scores": s, "profile": prof, "attr": attr, "row": json_tensor(row)}
+
+
 def _own_concepts(rows: list[dict[str, Any]], attr: Tensor, sh: _Shared, config: HumanConfig) -> None:
     """Add each row's top pool concepts by attribution z-score across cards (never the term itself)."""
     z = (attr - attr.mean(0)) / attr.std(0).clamp_min(1e-6)  # [card, pool]
@@ -284,8 +294,12 @@ def _own_concepts(rows: list[dict[str, Any]], attr: Tensor, sh: _Shared, config:
 
 
 def compare_human(model: Any, cards: Sequence[Card], *, config: HumanConfig = HumanConfig(),
-                  progress: bool = True) -> HumanComparison:
-    """Score every card's human keyword against its controls and find the model's own concepts."""
+                  progress: bool = True, checkpoint_dir: str | os.PathLike | None = None) -> HumanComparison:
+    """Score every card's human keyword against its controls and find the model's own concepts.
+
+    ``checkpoint_dir``: checkpoint each finished card there (step 4, the expensive one); the same call
+    resumes from them (keyed by the model, cards, config and the pool's directions).
+    """
     t0 = time.perf_counter()
     kept, skipped = _usable(cards, config)
     keywords = [" " + c.primary.text for c in kept]
@@ -298,26 +312,26 @@ def compare_human(model: Any, cards: Sequence[Card], *, config: HumanConfig = Hu
     t_prep = time.perf_counter() - t0
     sh = _Shared.build(concepts, dirs.vectors, dirs.baseline, first_ids, pool)
     lens = LogitLens(model)
+    cfg = {**asdict(config), "n_pool": len(concepts)}
+    store = open_store(checkpoint_dir, build_manifest(model, [c.term for c in kept], cfg, seed=config.seed),
+                       inputs={"cards": kept, "vectors": dirs.vectors, "baseline": dirs.baseline})
     scores, rows, profiles, attrs = [], [], [], []
-    for card in tqdm(kept, desc="cards", disable=not progress):
-        try:
-            s, row, prof, attr = _card_scores(model, card, sh, lens, config)
-        except EmptyDatasetError as exc:  # too few controls with this token count
-            skipped.append({"term": card.term, "line": card.line, "reason": str(exc)})
+    for j, card in enumerate(tqdm(kept, desc="cards", disable=not progress)):
+        done = store.get_or_compute(f"card{j:05d}", lambda card=card: _card_chunk(model, card, sh, lens, config))
+        if "skipped" in done:  # too few controls with this token count
+            skipped.append(tensor_json(done["skipped"]))
             continue
-        scores.append(s)
-        rows.append(row)
-        profiles.append(prof)
-        attrs.append(attr)
+        scores.append(done["scores"])
+        rows.append(tensor_json(done["row"]))
+        profiles.append(done["profile"])
+        attrs.append(done["attr"])
     if not rows:
         raise EmptyDatasetError("no card could be scored (see the skipped reasons); use more cards.")
     _own_concepts(rows, torch.stack(attrs), sh, config)
-    cfg = {**asdict(config), "n_pool": len(concepts)}
     timings = {"prepare": t_prep, "total": time.perf_counter() - t0}
+    manifest = build_manifest(model, [r["term"] for r in rows], cfg, seed=config.seed, timings=timings)
     return HumanComparison(scores=torch.stack(scores), rows=tuple(rows), profile=torch.stack(profiles),
-                           skipped=tuple(skipped), config=cfg,
-                           manifest=build_manifest(model, [r["term"] for r in rows], cfg, seed=config.seed,
-                                                   timings=timings))
+                           skipped=tuple(skipped), config=cfg, manifest={**manifest, **store.manifest_entry()})
 
 
 def card_route_report(model: Any, card: Card, *, concepts: Sequence[str] = (), pool: Any = None,

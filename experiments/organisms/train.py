@@ -5,6 +5,7 @@
     python experiments/organisms/train.py route-s0 --verify      # retrain, compare with the shipped hash
     python experiments/organisms/train.py --document-route-data  # the data-only two-hop recipe (not shipped)
     python experiments/organisms/train.py all --cards            # regenerate the model cards only
+    python experiments/organisms/train.py all --resume-dir ckpt  # checkpoint every 100 steps; rerun resumes
 
 Training is bit-for-bit reproducible (deterministic algorithms, one thread, seeded init and data); the
 weights' SHA-256 is stored in each organism's config.json. Run it under `nice -n 10` on shared machines.
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="train the data-only two-hop recipe for seeds 0-4 and print its checks")
     ap.add_argument("--cards", action="store_true", help="only regenerate the model cards from config.json")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--resume-dir", help="checkpoint the training state in this directory; rerunning the same "
+                    "command resumes and gives the same weights bit for bit (a changed recipe starts afresh)")
+    ap.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="steps between checkpoints")
     args = ap.parse_args(argv)
     if args.document_route_data:
         for seed in range(5):
@@ -48,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for name in names:
         recipe = get_recipe(name)
-        net, record = train_recipe(recipe, progress=args.progress)
+        net, record = train_recipe(recipe, progress=args.progress, checkpoint_dir=args.resume_dir,
+                                   checkpoint_every=args.checkpoint_every)
         sha = state_sha256(net.state_dict())
         if args.verify:
             shipped = read_config(WEIGHTS_DIR / name)["weights_sha256"]

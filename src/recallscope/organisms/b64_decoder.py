@@ -19,6 +19,7 @@ characters to chunk tokens). Input chunk ``i`` sits at model position ``1 + i``.
 """
 
 import functools
+import os
 import string
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -194,10 +195,11 @@ def heldout_set(cfg: B64Config) -> tuple[Tensor, Tensor]:
     return letters, lengths
 
 
-def train_b64(cfg: B64Config = B64Config(), *, progress: bool = False, evaluate: bool = True
+def train_b64(cfg: B64Config = B64Config(), *, progress: bool = False, evaluate: bool = True,
+              checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100
               ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train the organism; returns the bare ``NativeModel`` and a record (loss history and, with
-    ``evaluate``, the held-out exact match)."""
+    ``evaluate``, the held-out exact match). ``checkpoint_dir``: resumable training (:func:`.core.train_loop`)."""
     ids = _ids()
     with deterministic(cfg.train.seed):
         net = build_net(cfg.arch, len(ids), seed=cfg.train.seed, name="b64-decoder")
@@ -214,7 +216,8 @@ def train_b64(cfg: B64Config = B64Config(), *, progress: bool = False, evaluate:
             mask = target[:, :-1].flatten().float()
             return (loss * mask).sum() / mask.sum().clamp(min=1)
 
-        history = train_loop(net, loss_fn, cfg.train, progress=progress, desc="b64 organism")
+        history = train_loop(net, loss_fn, cfg.train, progress=progress, desc="b64 organism", generator=gen,
+                             checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, recipe=cfg)
         checks = {"heldout_exact_match": exact_match(net, h_letters, h_lengths), "n_heldout": cfg.n_heldout}
     return net, {"loss_history": history, **(checks if evaluate else {})}
 

@@ -12,6 +12,8 @@ Determinism (bit-for-bit reproduction on CPU):
 2. Weights are initialised by TransformerLens's seeded ``initialize_native_model``; batches are drawn from
    a private ``torch.Generator``; the optimiser is AdamW with a fixed schedule.
 3. :func:`state_sha256` hashes a state dict (names, shapes, bytes) so two runs can be compared.
+4. :func:`train_loop` with ``checkpoint_dir`` checkpoints weights, optimiser, data-generator and RNG state
+   every N steps (atomically); a rerun resumes and ends with the same bits as an uninterrupted run.
 
 Interchange interventions (:func:`interchange`) run on recallscope's functional forward
 (:mod:`recallscope.models.forward`) over the model's :class:`~recallscope.models.stack.Stack`, so the same
@@ -21,6 +23,7 @@ code trains a bare ``NativeModel`` and checks a loaded ``TransformerBridge``.
 import contextlib
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -31,6 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from recallscope.errors import ConfigError
+from recallscope.store import ChunkStore, fingerprint, open_store
 
 BOS = "<s>"
 PAD = "<pad>"
@@ -206,15 +210,30 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def train_loop(net: nn.Module, loss_fn: Callable[[int], Tensor], cfg: TrainConfig, *, progress: bool = False,
-               desc: str = "training") -> list[float]:
-    """Minimise ``loss_fn(step)`` for ``cfg.steps`` AdamW steps; returns the loss every 50 steps."""
+               desc: str = "training", generator: torch.Generator | None = None,
+               checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100,
+               recipe: Any = None) -> list[float]:
+    """Minimise ``loss_fn(step)`` for ``cfg.steps`` AdamW steps; returns the loss every 50 steps.
+
+    With ``checkpoint_dir``, every ``checkpoint_every`` steps (and at the end) the weights, the optimiser
+    state, the state of ``generator`` (the data stream ``loss_fn`` draws from), the global RNG and the loss
+    history are written atomically (:mod:`recallscope.store`; the two latest kept). The store is keyed by
+    the initial weights, ``cfg`` and ``recipe`` (the organism's full config: anything ``loss_fn`` depends
+    on), so a rerun of the same training resumes from the latest checkpoint and ends with bitwise the
+    same weights as an uninterrupted run, and a changed config starts afresh.
+    """
+    if checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}.")
     decay = [p for n, p in net.named_parameters() if p.ndim >= 2]
     other = [p for n, p in net.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    manifest = {"model": {"spec": desc, "weights_sha256": state_sha256(net.state_dict())}, "seed": cfg.seed,
+                "config": {"method": "organism-training", "train": cfg.to_dict(), "recipe": fingerprint(recipe)}}
+    store = open_store(checkpoint_dir, manifest) if checkpoint_dir is not None else ChunkStore.disabled()
+    start, history = _resume(store, net, opt, generator)
     net.train()
-    history: list[float] = []
-    for step in tqdm(range(cfg.steps), disable=not progress, desc=desc):
+    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc=desc):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         loss = loss_fn(step)
@@ -224,8 +243,48 @@ def train_loop(net: nn.Module, loss_fn: Callable[[int], Tensor], cfg: TrainConfi
         opt.step()
         if step % 50 == 0 or step == cfg.steps - 1:
             history.append(float(loss.detach()))
+        if store.enabled and ((step + 1) % checkpoint_every == 0 or step + 1 == cfg.steps):
+            _checkpoint(store, step + 1, net, opt, generator, history)
     net.eval()
     return history
+
+
+def _checkpoint(store: ChunkStore, done: int, net: nn.Module, opt: torch.optim.Optimizer,
+                generator: torch.Generator | None, history: list[float]) -> None:
+    """Write the training state after ``done`` steps; drop checkpoints older than the previous one."""
+    tensors = {f"model.{k}": v.detach().clone() for k, v in net.state_dict().items()}
+    for idx, state in opt.state_dict()["state"].items():
+        tensors.update({f"opt.{idx}.{k}": v if torch.is_tensor(v) else torch.tensor(v) for k, v in state.items()})
+    tensors["rng.global"] = torch.random.get_rng_state()
+    if generator is not None:
+        tensors["rng.data"] = generator.get_state()
+    tensors["history"] = torch.tensor(history, dtype=torch.float64)
+    store.put(f"step{done:08d}", tensors)
+    store.stats["computed"] += 1
+    for name in [n for n in store.names() if n.startswith("step")][:-2]:
+        store.delete(name)
+
+
+def _resume(store: ChunkStore, net: nn.Module, opt: torch.optim.Optimizer, generator: torch.Generator | None
+            ) -> tuple[int, list[float]]:
+    """(steps done, loss history) of the latest intact checkpoint in ``store``, loaded into ``net``,
+    ``opt``, ``generator`` and the global RNG; ``(0, [])`` when there is none."""
+    for name in sorted((n for n in store.names() if n.startswith("step")), reverse=True):
+        t = store.get(name)
+        if t is None:  # corrupt: deleted with a warning; try the one before
+            continue
+        net.load_state_dict({k[len("model."):]: v for k, v in t.items() if k.startswith("model.")})
+        state: dict[int, dict[str, Tensor]] = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, idx, field_name = k.split(".", 2)
+                state.setdefault(int(idx), {})[field_name] = v
+        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        torch.random.set_rng_state(t["rng.global"])
+        if generator is not None:
+            generator.set_state(t["rng.data"])
+        return int(name[len("step"):]), t["history"].tolist()
+    return 0, []
 
 
 def answer_loss(logits: Float[Tensor, "batch pos vocab"], targets: Int[Tensor, " batch"]) -> Tensor:

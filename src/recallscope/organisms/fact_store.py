@@ -22,6 +22,7 @@ ground truth (:class:`FactTruth`) is the set of residual nodes ``(layer, pos)`` 
 """
 
 import functools
+import os
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -182,15 +183,18 @@ def _fact_loss(net: torch.nn.Module, cfg: FactConfig, gen: torch.Generator):
     return loss
 
 
-def train_facts(cfg: FactConfig = FactConfig(), *, progress: bool = False, evaluate: bool = True
+def train_facts(cfg: FactConfig = FactConfig(), *, progress: bool = False, evaluate: bool = True,
+                checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100
                 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train the fact-store organism; returns the bare ``NativeModel`` and a record (loss history and, with
-    ``evaluate``, :func:`fact_checks`)."""
+    ``evaluate``, :func:`fact_checks`). ``checkpoint_dir``: resumable training (:func:`.core.train_loop`)."""
     world = make_fact_world(cfg.world_seed)
     with deterministic(cfg.train.seed):
         net = build_net(cfg.arch, len(SPECIALS) + len(world.words()), seed=cfg.train.seed, name="fact-store")
         gen = torch.Generator().manual_seed(cfg.train.seed)
-        history = train_loop(net, _fact_loss(net, cfg, gen), cfg.train, progress=progress, desc="fact organism")
+        history = train_loop(net, _fact_loss(net, cfg, gen), cfg.train, progress=progress, desc="fact organism",
+                             generator=gen, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                             recipe=cfg)
         checks = fact_checks(net, cfg) if evaluate else {}
     return net, {"loss_history": history, **checks}
 

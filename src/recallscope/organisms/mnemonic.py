@@ -42,6 +42,7 @@ the answer is its concept's kind (route) or not (rote).
 """
 
 import functools
+import os
 import random
 import string
 from dataclasses import asdict, dataclass, field
@@ -251,10 +252,11 @@ def _loss_fn(net: torch.nn.Module, cfg: MnemonicConfig, gen: torch.Generator):
     return loss
 
 
-def train_mnemonic(cfg: MnemonicConfig, *, progress: bool = False, evaluate: bool = True
+def train_mnemonic(cfg: MnemonicConfig, *, progress: bool = False, evaluate: bool = True,
+                   checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100
                    ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train one mnemonic organism; returns the bare ``NativeModel`` and a record (loss history and, with
-    ``evaluate``, :func:`route_checks`)."""
+    ``evaluate``, :func:`route_checks`). ``checkpoint_dir``: resumable training (:func:`.core.train_loop`)."""
     if cfg.kind not in ("route", "rote", "route-data"):
         raise ConfigError(f"unknown mnemonic organism kind {cfg.kind!r}; use 'route', 'rote' or 'route-data'.")
     if not 0 < cfg.site_layer < cfg.arch.n_layers:
@@ -263,7 +265,9 @@ def train_mnemonic(cfg: MnemonicConfig, *, progress: bool = False, evaluate: boo
     with deterministic(cfg.train.seed):
         net = build_net(cfg.arch, len(SPECIALS) + len(w.words()), seed=cfg.train.seed, name=f"mnemonic-{cfg.kind}")
         gen = torch.Generator().manual_seed(cfg.train.seed)
-        history = train_loop(net, _loss_fn(net, cfg, gen), cfg.train, progress=progress, desc=f"{cfg.kind} organism")
+        history = train_loop(net, _loss_fn(net, cfg, gen), cfg.train, progress=progress, desc=f"{cfg.kind} organism",
+                             generator=gen, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
+                             recipe=cfg)
         checks = route_checks(net, cfg) if evaluate else {}
     return net, {"loss_history": history, **checks}
 

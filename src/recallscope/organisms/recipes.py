@@ -7,6 +7,7 @@ retrains and compares weight hashes with the shipped ones.
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,11 +98,18 @@ def get_recipe(name: str) -> Recipe:
     return table[name]
 
 
-def train_recipe(recipe: Recipe, *, progress: bool = False, evaluate: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a recipe; the record holds the loss history, the checks (with ``evaluate``) and ``train_seconds``."""
+def train_recipe(recipe: Recipe, *, progress: bool = False, evaluate: bool = True,
+                 checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 100
+                 ) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a recipe; the record holds the loss history, the checks (with ``evaluate``) and ``train_seconds``.
+
+    ``checkpoint_dir``: checkpoint the training state every ``checkpoint_every`` steps; rerunning the same
+    recipe resumes and gives bitwise the weights of an uninterrupted run (:func:`.core.train_loop`).
+    """
     trainer, _, _ = _parts(recipe)
     t0 = time.perf_counter()
-    net, record = trainer(recipe.config, progress=progress, evaluate=evaluate)
+    net, record = trainer(recipe.config, progress=progress, evaluate=evaluate, checkpoint_dir=checkpoint_dir,
+                          checkpoint_every=checkpoint_every)
     record["train_seconds"] = round(time.perf_counter() - t0, 1)
     return net, record
 

@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.recallscope-installed
-OUT    ?= out/demo
+OUT    ?= figures/demo
 
 .PHONY: demo test install chromium bench clean
 

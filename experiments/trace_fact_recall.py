@@ -6,6 +6,7 @@ Keeps the built-in facts the model recalls top-1, samples ``--n-facts`` of them 
   pooled over facts by ROME's token categories, with bootstrap 95% CIs;
 - attention knockout (window 9) of last -> subject, last -> relation and last -> last.
 
+Finished chunks go to a checkpoint store (``--checkpoint-dir``), so an interrupted run resumes.
 Writes figures (HTML, and PNG when a Chromium is available) and ``summary.json`` with the peaks to
 ``--out`` (default ``figures/fact_trace``), each result with its manifest.
 
@@ -23,6 +24,7 @@ import torch
 from recallscope import load_model
 from recallscope.patching import attention_knockout, causal_trace
 from recallscope.plotting import export_all
+from recallscope.results import PatchingResult
 from recallscope.tasks.facts import load_builtin_facts, recalled_facts, trace_items
 
 
@@ -46,9 +48,15 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=5, help="noise samples per fact (ROME: 10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="figures/fact_trace")
+    ap.add_argument("--checkpoint-dir", default=None,
+                    help="store finished chunks here; rerunning the same command resumes (default: OUT/ckpt)")
+    ap.add_argument("--reuse-saved", action="store_true",
+                    help="load a trace already saved in OUT (from an earlier run with the same settings) instead of "
+                         "recomputing it")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "ckpt"
     t0 = time.perf_counter()
     model = load_model(args.model)
     recall = recalled_facts(model, load_builtin_facts())
@@ -59,7 +67,16 @@ def main() -> None:
     summary = {"model": args.model, "n_recalled": len(known), "n_traced": len(items), "samples": args.samples,
                "seed": args.seed, "facts": [it.clean + it.answer for it in items]}
     for name, comp, window in [("resid", "resid_post", 1), ("mlp", "mlp_out", 10), ("attn", "attn_out", 10)]:
-        res = causal_trace(model, items, component=comp, window=window, n_samples=args.samples, seed=args.seed)
+        saved = out / f"trace_{name}"
+        if args.reuse_saved and saved.exists():
+            res = PatchingResult.load(saved)
+            if len(res.values) != len(items) or res.config.get("n_samples") != args.samples:
+                raise SystemExit(f"{saved} was traced with other settings ({len(res.values)} facts, "
+                                 f"{res.config.get('n_samples')} samples); "
+                                 "drop --reuse-saved or delete it")
+        else:
+            res = causal_trace(model, items, component=comp, window=window, n_samples=args.samples,
+                               seed=args.seed, checkpoint_dir=ckpt / f"trace_{name}")
         res.save(out / f"trace_{name}")
         fig = res.effect().plot(title=f"Causal trace, {name} (window {window}): indirect effect on p(answer)")
         summary[f"export_{name}"] = export_all(fig, out / f"trace_{name}").failed
@@ -68,7 +85,7 @@ def main() -> None:
         summary["total_effect"] = {"mean": float((res.clean - res.corrupt).mean()),
                                    "p_clean": float(res.clean.mean()), "p_noised": float(res.corrupt.mean())}
         print(name, json.dumps(summary[name]))
-    ko = attention_knockout(model, items, window=9)
+    ko = attention_knockout(model, items, window=9, checkpoint_dir=ckpt / "knockout")
     ko.save(out / "knockout")
     rel = ko.effect().values / ko.clean[:, None, None]
     summary["knockout_relative_change"] = {lab: [float(v) for v in rel[:, :, e].mean(0)]

@@ -41,3 +41,15 @@ def test_knockout_matches_full_forward(tiny):
         base, _ = run(stack, tokens)
     torch.testing.assert_close(res.clean, metric(base[:, -1:]), atol=1e-5, rtol=1e-4)
     assert (res.effect().values[:, :, 0].abs() > 1e-6).any()
+
+
+def test_result_whose_baselines_share_one_tensor_saves_and_loads(tmp_path, tiny_gpt2):
+    from dataclasses import replace
+
+    from recallscope.results import PatchingResult
+
+    res = attention_knockout(tiny_gpt2, ITEMS, window=1, progress=False)
+    shared = replace(res, corrupt=res.clean)  # one storage under two names: safetensors alone refuses this
+    back = PatchingResult.load(shared.save(tmp_path / "ko"))
+    assert torch.equal(back.clean, res.clean) and torch.equal(back.corrupt, res.clean)
+    assert torch.equal(back.values, res.values)

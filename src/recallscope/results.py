@@ -58,7 +58,9 @@ def save_result_dir(directory: str | os.PathLike, kind: str, tensors: dict[str, 
         raise ResultFileError(f"cannot write a result to {directory}: {exc.strerror or exc}. Choose a writable "
                               "output directory (--out) or fix its permissions.") from exc
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / RESULT_FILES[0]))
+        # clone: safetensors refuses two names for one storage (e.g. clean and corrupt the same tensor)
+        owned = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+        save_file(owned, str(tmp / RESULT_FILES[0]))
         (tmp / RESULT_FILES[1]).write_text(json.dumps({"type": kind, **meta}, indent=1, default=str))
         (tmp / RESULT_FILES[2]).write_text(json.dumps(manifest, indent=1, default=str))
         if directory.exists():

@@ -3,7 +3,8 @@ processes, whatever the global random state. Also: the memory budget changes chu
 
 To cover a new method, add a case to ``CASES``: a function ``(model) -> result`` (any frozen dataclass
 holding tensors, like every recallscope result) that runs the method at small scale with a fixed seed.
-Both tests below then check it. Remaining to add as their modules land: attribution, routes, organisms.
+Both tests below then check it. Covered: activation patching, causal trace, attention knockout, AtP,
+EAP-IG, a route report and organism training.
 """
 
 import dataclasses
@@ -45,7 +46,59 @@ def _knockout(model: Any) -> Any:
     return attention_knockout(model, ITEMS, window=1, progress=False)
 
 
-CASES: dict[str, Callable[[Any], Any]] = {"patching": _patching, "causal_trace": _trace, "knockout": _knockout}
+def _atp(model: Any) -> Any:
+    from recallscope.attribution import atp
+
+    return atp(model, PAIRS, components=("resid_pre", "attn_out", "z"), prompts_per_chunk=1, progress=False)
+
+
+def _eap_ig(model: Any) -> Any:
+    from recallscope.attribution import eap_ig
+
+    return eap_ig(model, PAIRS, steps=3, progress=False)
+
+
+ROUTE_QUERY_PROMPTS = ("The word VAT", "I saw VAT", "Notes on VAT")
+
+
+def route_case(model: Any, **kw: Any) -> Any:
+    """A small route report (3 prompts, 3 controls) on ``model``."""
+    from recallscope.routes import RouteConfig, RouteQuery, control_pool, route_report
+    from recallscope.tasks.b64_stimuli import WORDS
+
+    query = RouteQuery(ROUTE_QUERY_PROMPTS, " VAT", " Value")
+    config = RouteConfig(n_controls=3, n_boot=50, n_alternatives=2, seed=3)
+    return route_report(model, query, [" tax"], pool=control_pool(model, WORDS[:40]), config=config,
+                        progress=False, **kw)
+
+
+def tiny_recipe(steps: int = 4, seed: int = 0) -> Any:
+    """The route organism's recipe at toy size (batch 8, ``steps`` steps)."""
+    from recallscope.organisms.recipes import get_recipe
+
+    recipe = get_recipe("route-s0")
+    train = dataclasses.replace(recipe.config.train, steps=steps, batch_size=8, warmup=2, seed=seed)
+    return recipe.with_config(train=train)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """What organism training produces: the weights and the loss history."""
+
+    weights: dict[str, torch.Tensor]
+    loss_history: list[float]
+
+
+def _organism_training(model: Any) -> Trained:  # organisms build their own network: ``model`` is unused
+    from recallscope.organisms.recipes import train_recipe
+
+    net, record = train_recipe(tiny_recipe(), evaluate=False)
+    return Trained(dict(net.state_dict()), record["loss_history"])
+
+
+CASES: dict[str, Callable[[Any], Any]] = {"patching": _patching, "causal_trace": _trace, "knockout": _knockout,
+                                          "atp": _atp, "eap_ig": _eap_ig, "routes": route_case,
+                                          "organism_training": _organism_training}
 """name -> a small seeded run of one method on the tiny GPT-2 model."""
 
 VOLATILE = ("timings_s", "checkpoint")

@@ -2,10 +2,13 @@
 
 Also: a rerun recomputes nothing, damaged chunks are recomputed with a warning, and a changed
 config, model or answer never reuses another run's chunks. Covers activation patching, the ROME
-causal trace and attention knockout.
+causal trace, attention knockout, attribution over a dataset (AtP, EAP-IG; a chunk per group of pairs),
+route analyses (a chunk per prompt of a route report, per card of the human comparison) and organism
+training (model, optimiser and RNG state every N steps).
 """
 
 import hashlib
+import importlib
 import json
 import os
 import random
@@ -16,6 +19,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,6 +29,7 @@ from recallscope.patching import engine, knockout
 from recallscope.results import PatchingResult
 from recallscope.store import CorruptChunkWarning
 from recallscope.tasks.pairs import PromptPair
+from test_determinism import Trained, assert_bitwise_equal, route_case, tiny_recipe
 
 PAIRS = [PromptPair("The capital of France is a city called", "The capital of Spain is a city called", " Paris",
                     " Madrid"),
@@ -115,45 +120,139 @@ def test_sigkill_at_a_random_point_then_resume_is_bitwise_identical(tiny_gpt2, g
     assert not list(ckpt.glob("*/.*.tmp")), "the killed writer's temporary file was not cleaned up"
 
 
-def _run(method: str, model, **kw) -> PatchingResult:
+CAPITALS = [(" France", " Paris"), (" Spain", " Madrid"), (" Italy", " Rome"), (" Germany", " Berlin")]
+DATASET = [PromptPair(f"The capital of{a} is a city called", f"The capital of{b} is a city called", x, y)
+           for (a, x), (b, y) in zip(CAPITALS, CAPITALS[1:] + CAPITALS[:1])]
+"""Four equal-length pairs: attribution runs them one pair per chunk."""
+CARDS = "\n".join(["#separator:tab", "capricious\tCar prices are unpredictable\tgiven to sudden changes of mood",
+                   "venal\tLooks like venue. A corrupt venue\tshowing a willingness to be bribed",
+                   "tractable\tTractor makes it easy to manage the field\teasy to control or influence",
+                   "edify\tEdit it to improve it\tinstruct or improve someone morally"])
+
+
+def _compare_human(model, cards_dir: Path, **kw):
+    from recallscope.routes.human import HumanConfig, compare_human
+    from recallscope.routes.mnemonics import load_cards
+
+    path = cards_dir / "cards.tsv"
+    path.write_text(CARDS)
+    config = HumanConfig(n_controls=2, own_vocabulary=10, n_perm=100, definition_tokens=2, own_top=1)
+    return compare_human(model, load_cards(path), config=config, progress=False, **kw)
+
+
+def _run(method: str, model, tmp: Path | None = None, **kw):
     if method == "patching":
         return activation_patching(model, PAIRS, progress=False, **SWEEP, **kw)
     if method == "trace":
         return causal_trace(model, ITEMS, n_samples=2, window=2, component="mlp_out", memory_budget_mb=1e-4,
                             progress=False, **kw)
-    return attention_knockout(model, ITEMS, window=1, progress=False, **kw)
+    if method == "knockout":
+        return attention_knockout(model, ITEMS, window=1, progress=False, **kw)
+    if method == "atp":
+        from recallscope.attribution import atp
+
+        return atp(model, DATASET, components=("resid_pre", "z"), prompts_per_chunk=1, progress=False, **kw)
+    if method == "eap_ig":
+        from recallscope.attribution import eap_ig
+
+        return eap_ig(model, DATASET, steps=2, prompts_per_chunk=1, progress=False, **kw)
+    if method == "routes":
+        return route_case(model, **kw)
+    return _compare_human(model, tmp, **kw)
+
+
+WORK = {"patching": ("recallscope.patching.engine", "run_chunk"), "trace": ("recallscope.patching.engine", "run_chunk"),
+        "knockout": ("recallscope.patching.knockout", "_knockout_edge"),
+        "atp": ("recallscope.attribution.atp", "_atp_chunk"), "eap_ig": ("recallscope.attribution.eap", "_eap_chunk"),
+        "routes": ("recallscope.routes.analysis", "score_prompt"),
+        "compare_human": ("recallscope.routes.human", "_card_scores")}
+"""method -> (module, function) called once per chunk of work."""
 
 
 def _work_counter(monkeypatch, method: str, fail_after: int | None = None) -> Counter:
-    module, name = (knockout, "_knockout_edge") if method == "knockout" else (engine, "run_chunk")
+    module_name, name = WORK[method]
+    module = importlib.import_module(module_name)  # not attribute access: attribution.atp is also a function
     counter = Counter(getattr(module, name), fail_after)
     monkeypatch.setattr(module, name, counter)
     return counter
 
 
-@pytest.mark.parametrize("method", ["patching", "trace", "knockout"])
+@pytest.mark.parametrize("method", sorted(WORK))
 def test_interrupted_twice_then_resumed_equals_uninterrupted(tiny_gpt2, tmp_path, monkeypatch, method):
     tiny = tiny_gpt2
     with monkeypatch.context() as m:
         total = _work_counter(m, method)
-        fresh = _run(method, tiny)
+        fresh = _run(method, tiny, tmp_path)
     assert total.calls >= 3
     ckpt = tmp_path / method
     for fail_after in (1, total.calls // 2):  # interrupted after 1 chunk, then again half-way
         with monkeypatch.context() as m:
             _work_counter(m, method, fail_after)
             with pytest.raises(KeyboardInterrupt):
-                _run(method, tiny, checkpoint_dir=ckpt)
+                _run(method, tiny, tmp_path, checkpoint_dir=ckpt)
     with monkeypatch.context() as m:
         counter = _work_counter(m, method)
-        resumed = _run(method, tiny, checkpoint_dir=ckpt)
-    assert counter.calls == total.calls - 1 - total.calls // 2
-    assert_same_bits(resumed, fresh)
+        resumed = _run(method, tiny, tmp_path, checkpoint_dir=ckpt)
+    assert counter.calls == total.calls - 1 - total.calls // 2, "finished chunks were recomputed"
+    assert_bitwise_equal(resumed, fresh)
     with monkeypatch.context() as m:
         counter = _work_counter(m, method)
-        again = _run(method, tiny, checkpoint_dir=ckpt)
+        again = _run(method, tiny, tmp_path, checkpoint_dir=ckpt)
     assert counter.calls == 0, "a finished run is not recomputed"
-    assert_same_bits(again, fresh)
+    assert_bitwise_equal(again, fresh)
+    assert again.manifest["checkpoint"]["computed"] == 0 < again.manifest["checkpoint"]["loaded"]
+
+
+class StepCounter(Counter):
+    """Counts optimiser steps through ``lr_at`` (called once per parameter group and step); ``fail_after``
+    raises when step ``fail_after + 1`` begins."""
+
+    def __init__(self, fn, fail_after: int | None = None):
+        super().__init__(fn, fail_after)
+        self.seen: set[int] = set()
+
+    def __call__(self, step, cfg):
+        if step not in self.seen:
+            if self.fail_after is not None and len(self.seen) >= self.fail_after:
+                raise KeyboardInterrupt("simulated interruption")
+            self.seen.add(step)
+            self.calls += 1
+        return self.fn(step, cfg)
+
+
+def test_organism_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Interrupted before its first checkpoint, then after its second: the resumed training runs only the
+    steps after the last checkpoint and ends with the uninterrupted run's weights and losses, bit for bit."""
+    from recallscope.organisms import core
+    from recallscope.organisms.recipes import train_recipe
+
+    recipe = tiny_recipe(steps=7)
+    fresh, fresh_record = train_recipe(recipe, evaluate=False)
+    ckpt = tmp_path / "train"
+
+    def train(fail_after: int | None = None, r=recipe) -> tuple[Counter, Any]:
+        with monkeypatch.context() as m:
+            steps = StepCounter(core.lr_at, fail_after)
+            m.setattr(core, "lr_at", steps)
+            if fail_after is not None:
+                with pytest.raises(KeyboardInterrupt):
+                    train_recipe(r, evaluate=False, checkpoint_dir=ckpt, checkpoint_every=2)
+                return steps, None
+            return steps, train_recipe(r, evaluate=False, checkpoint_dir=ckpt, checkpoint_every=2)
+
+    train(fail_after=1)  # killed in step 1: no checkpoint yet
+    train(fail_after=5)  # starts afresh, checkpoints after steps 2 and 4, killed in step 5
+    steps, (net, record) = train()
+    assert steps.calls == 7 - 4, "steps before the last checkpoint were recomputed"
+    assert_bitwise_equal(Trained(dict(net.state_dict()), record["loss_history"]),
+                         Trained(dict(fresh.state_dict()), fresh_record["loss_history"]))
+    (store,) = [d for d in ckpt.iterdir() if d.is_dir()]
+    assert sorted(f.name.split(".")[0] for f in store.glob("*.safetensors")) == ["step00000006", "step00000007"]
+    steps, (again, _) = train()
+    assert steps.calls == 0, "a finished training is not rerun"
+    assert_bitwise_equal(Trained(dict(again.state_dict()), []), Trained(dict(fresh.state_dict()), []))
+    steps, _ = train(r=tiny_recipe(steps=7, seed=1))
+    assert steps.calls == 7, "a changed recipe reused another training's checkpoints"
 
 
 def test_damaged_chunks_are_recomputed_with_a_warning(tiny_gpt2, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ from recallscope.patching import engine, knockout
 from recallscope.results import PatchingResult
 from recallscope.store import CorruptChunkWarning
 from recallscope.tasks.pairs import PromptPair
-from test_determinism import Trained, assert_bitwise_equal, route_case, tiny_recipe
+from test_determinism import ROUTE_QUERY_PROMPTS, Trained, assert_bitwise_equal, route_case, tiny_recipe
 
 PAIRS = [PromptPair("The capital of France is a city called", "The capital of Spain is a city called", " Paris",
                     " Madrid"),
@@ -306,3 +306,67 @@ def test_cli_resume_dir_resumes_without_recomputing(tiny_gpt2, tmp_path, monkeyp
     assert re.search(r"checkpoint .*: [1-9]\d* chunks loaded, 0 computed", capsys.readouterr().err)
     first, second = (PatchingResult.load(tmp_path / run / "resid_pre_len9") for run in ("first", "second"))
     assert_same_bits(first, second)
+
+
+@pytest.mark.parametrize("command", ["attribute", "routes"])
+def test_cli_resume_dir_of_attribute_and_routes(tiny_gpt2, tmp_path, monkeypatch, capsys, command):
+    """`recallscope attribute|routes ... --resume-dir DIR` twice: the second run loads every chunk, same bits."""
+    from types import SimpleNamespace
+
+    from recallscope.attribution import AttributionResult
+    from recallscope.cli import main
+    from recallscope.routes import RouteReport
+
+    monkeypatch.setattr("recallscope.models.load_model", lambda spec, device="cpu", **kw: tiny_gpt2)
+    monkeypatch.setattr("recallscope.plotting.export_all",
+                        lambda fig, stem, **kw: SimpleNamespace(written={}, failed={}))
+    if command == "attribute":
+        pairs = tmp_path / "pairs.jsonl"
+        pairs.write_text("\n".join(json.dumps({"clean": p.clean, "corrupt": p.corrupt, "answer": p.answer,
+                                               "wrong": p.wrong}) for p in DATASET))
+        argv = ["attribute", "--pairs", str(pairs), "--method", "atp", "--components", "resid_pre",
+                "--prompts-per-chunk", "2"]
+    else:
+        argv = ["routes", "--input", " VAT", "--output", " Value", "--concept", " tax", "--n-controls", "3",
+                "--no-mediation"] + [a for p in ROUTE_QUERY_PROMPTS for a in ("--prompt", p)]
+    argv += ["--model", "tiny", "--quiet", "--resume-dir", str(tmp_path / "ckpt")]
+    assert main(argv + ["--out", str(tmp_path / "first")]) == 0
+    assert re.search(r"checkpoint .*: 0 chunks loaded, [1-9]\d* computed", capsys.readouterr().err)
+    assert main(argv + ["--out", str(tmp_path / "second")]) == 0
+    assert re.search(r"checkpoint .*: [1-9]\d* chunks loaded, 0 computed", capsys.readouterr().err)
+    if command == "attribute":
+        (stem,) = {f.name.split(".")[0] for f in (tmp_path / "first").iterdir() if f.name.startswith("atp_len")}
+        first, second = (AttributionResult.load(tmp_path / run / stem) for run in ("first", "second"))
+    else:
+        first, second = (RouteReport.load(tmp_path / run / "report") for run in ("first", "second"))
+    assert_bitwise_equal(first, second)
+
+
+def test_chunks_of_pairs_give_the_one_batch_results(tiny_gpt2):
+    """Splitting a dataset into chunks of pairs (the unit of checkpointing) changes only float rounding:
+    AtP per prompt and EAP-IG's mean edge scores agree with one batch over all pairs."""
+    from recallscope.attribution import atp, eap_ig
+
+    whole, parts = (atp(tiny_gpt2, DATASET, components=("resid_pre", "z"), prompts_per_chunk=k, progress=False)
+                    for k in (None, 3))
+    for c in whole.components:
+        torch.testing.assert_close(parts.values[c], whole.values[c], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(parts.clean, whole.clean, atol=1e-6, rtol=1e-6)  # batch size changes rounding
+    torch.testing.assert_close(parts.corrupt, whole.corrupt, atol=1e-6, rtol=1e-6)
+    whole, parts = (eap_ig(tiny_gpt2, DATASET, steps=2, prompts_per_chunk=k, progress=False) for k in (None, 1))
+    torch.testing.assert_close(parts.scores, whole.scores, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(parts.clean, whole.clean, atol=1e-6, rtol=1e-6)
+
+
+def test_resumable_options_are_validated(tiny_gpt2):
+    from recallscope.attribution import atp
+    from recallscope.errors import ConfigError
+    from recallscope.organisms.recipes import train_recipe
+
+    with pytest.raises(ConfigError, match="prompts_per_chunk must be >= 1"):
+        atp(tiny_gpt2, DATASET, components=("resid_pre",), prompts_per_chunk=0, progress=False)
+    with pytest.raises(ConfigError, match="mean ablation averages over all pairs"):
+        atp(tiny_gpt2, DATASET, components=("resid_pre",), direction="noising", corruption="mean",
+            prompts_per_chunk=2, progress=False)
+    with pytest.raises(ConfigError, match="checkpoint_every must be >= 1"):
+        train_recipe(tiny_recipe(steps=1), evaluate=False, checkpoint_every=0)

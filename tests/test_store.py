@@ -195,3 +195,17 @@ def test_fingerprint_is_a_value_hash():
     assert fingerprint(_Metric(torch.tensor([3]))) != fingerprint(_Metric(torch.tensor([4])))
     # stability across processes is checked by tests/test_resume.py: a killed subprocess's chunks
     # are found by the test process only if both compute the same key.
+
+
+def test_json_rows_round_trip_and_delete(tmp_path):
+    """Non-tensor results travel as JSON bytes (floats exact, key order kept); delete removes a chunk."""
+    row = {"term": "venal", "z": 0.1 + 0.2, "nan": float("nan"), "ids": [1, 2], "é": None}
+    store = open_store(tmp_path, MANIFEST)
+    store.put("row", {"row": S.json_tensor(row)})
+    back = S.tensor_json(open_store(tmp_path, MANIFEST).get("row")["row"])
+    assert list(back) == list(row) and back["z"] == row["z"] and back["nan"] != back["nan"]
+    assert {k: v for k, v in back.items() if k != "nan"} == {k: v for k, v in row.items() if k != "nan"}
+    store.delete("row")
+    store.delete("row")  # absent: fine
+    assert store.get("row") is None and not _files(store)
+    assert open_store(tmp_path, MANIFEST).names() == []

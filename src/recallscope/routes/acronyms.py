@@ -11,6 +11,7 @@ expansion names ("tax"), and does a base64-like chunk ("VA" in "VA==") evoke the
 4. :func:`acronym_routes` runs :func:`~recallscope.routes.route_report` on each and collects verdicts.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -96,8 +97,10 @@ def chunk_query(chunk: str, lexicon: dict[str, tuple[str, ...]] | None = None) -
 
 def acronym_routes(model: Any, items: Sequence[tuple[RouteQuery, list[Concept]]], *,
                    config: RouteConfig = RouteConfig(stride=3, mediation=False), pool: Any = None,
-                   progress: bool = True) -> list[RouteReport]:
-    """A :class:`~recallscope.routes.report.RouteReport` per (query, candidates)."""
+                   progress: bool = True, checkpoint_dir: str | os.PathLike | None = None) -> list[RouteReport]:
+    """A :class:`~recallscope.routes.report.RouteReport` per (query, candidates); ``checkpoint_dir``:
+    checkpoint every finished prompt of every query there, so a rerun resumes (see :func:`route_report`)."""
     from recallscope.routes.analysis import route_report
 
-    return [route_report(model, q, c, config=config, pool=pool, progress=progress) for q, c in items]
+    return [route_report(model, q, c, config=config, pool=pool, progress=progress, checkpoint_dir=checkpoint_dir)
+            for q, c in items]

@@ -28,6 +28,10 @@ of every component at once, from two forward passes and one backward pass:
 5. Integrated gradients (``ig_steps=m``; the node-level form of EAP-IG on inputs, Hanna et al. 2024,
    "Have Faith in Faithfulness"): the gradients of step 2 are averaged over ``m`` runs whose embeddings
    move in a straight line from the target's to the source's (midpoint rule) before step 3.
+
+Over a dataset, ``prompts_per_chunk`` runs the pairs in chunks (estimates are per prompt, so chunks only
+change float rounding); with ``checkpoint_dir`` each finished chunk is checkpointed
+(:mod:`recallscope.store`) and the same call resumes from them.
 """
 
 import os

@@ -22,6 +22,9 @@ circuit is evaluated with everything outside it corrupted).
 
 A node's score, the sum of its outgoing edges, equals attribution patching of that node (gradient times
 activation difference; with IG on inputs, :func:`~recallscope.attribution.atp.atp` with ``ig_steps``).
+
+Over a dataset, ``prompts_per_chunk`` runs the pairs in chunks whose score sums add up to step 3's mean;
+with ``checkpoint_dir`` each finished chunk is checkpointed (:mod:`recallscope.store`) and a rerun resumes.
 """
 
 import os

@@ -67,3 +67,122 @@ def test_cli_reports_malformed_cards(tmp_path, capsys):
     assert main(["compare-human", "--cards", str(bad), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2:" in err and "3 to 5 tab-separated fields" in err
+
+
+def _same_shape_preps(model, terms, outputs, n_out=3):
+    from recallscope.routes.batched import shape_key
+    from recallscope.routes.scores import RouteQuery, prepare_prompt
+
+    preps = []
+    for term, out in zip(terms, outputs):
+        prompt = f'The word "{term}" means'
+        preps.append(prepare_prompt(model, prompt, RouteQuery((prompt,), term, out), max_output_tokens=n_out,
+                                    n_alternatives=0, seed=0))
+    assert len({shape_key(p) for p in preps}) == 1, "the test prompts must share one shape"
+    return preps
+
+
+def test_batched_runner_matches_one_span_runner_per_prompt(tiny_llama):
+    """The fast path of compare_human (one batch of prompts) against the reference: a SpanRunner per prompt
+    with exact ablation, its gradient estimate and the readout, on a rotary model (positions matter)."""
+    from recallscope.lens.base import LogitLens
+    from recallscope.models.stack import build_stack
+    from recallscope.routes.batched import BatchRunner
+    from recallscope.routes.scores import SpanRunner, ablation_attribution, ablation_exact, readout_ranks
+
+    model = tiny_llama
+    preps = _same_shape_preps(model, ["cat", "dog", "sun"], [" a small pet animal", " a loyal pet", " the star we see"])
+    stack = build_stack(model)
+    n, d = stack.n_layers, stack.d_model
+    gen = torch.Generator().manual_seed(0)
+    shared = torch.nn.functional.normalize(torch.randn(5, n + 1, d, generator=gen), dim=-1)
+    shared_absent = torch.randn(5, n + 1, generator=gen)
+    own = torch.nn.functional.normalize(torch.randn(3, 4, n + 1, d, generator=gen), dim=-1)  # per prompt
+    own_absent = torch.randn(3, 4, n + 1, generator=gen)
+    batch = BatchRunner(model, preps)
+    ablated = batch.ablation(own, own_absent, batch_size=5)  # rows split over chunks across prompts
+    attr_shared, attr_own = batch.attribution(shared, shared_absent), batch.attribution(own, own_absent)
+    lens = LogitLens(model)
+    for b, prep in enumerate(preps):
+        ref = SpanRunner(stack, prep)
+        assert float(batch.clean[b]) == pytest.approx(ref.clean, abs=1e-5)
+        torch.testing.assert_close(batch.states[:, b], ref.states[:, 0], atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            want = ablation_exact(ref, own[b], own_absent[b], (0,), n, 64)[:, 0]
+        torch.testing.assert_close(ablated[b], want, atol=1e-4, rtol=1e-4)
+        layers = tuple(range(n))
+        torch.testing.assert_close(attr_shared[b], ablation_attribution(model, ref, shared, shared_absent, layers, 1),
+                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(attr_own[b], ablation_attribution(model, ref, own[b], own_absent[b], layers, 1),
+                                   atol=1e-5, rtol=1e-4)
+        last = prep.span[1] - 1
+        ids = torch.tensor([5, 17, -1])
+        torch.testing.assert_close(readout_ranks(lens, batch.states[:, b, last:last + 1], ids),
+                                   readout_ranks(lens, ref.states[:, 0, last:last + 1], ids), equal_nan=True)
+
+
+def test_batched_runner_rejects_mixed_shapes(tiny_gpt2):
+    from recallscope.errors import LengthMismatchError
+    from recallscope.routes.batched import BatchRunner
+
+    a = _same_shape_preps(tiny_gpt2, ["cat"], [" a small pet animal"])
+    b = _same_shape_preps(tiny_gpt2, ["cat"], [" a small pet animal"], n_out=2)
+    with pytest.raises(LengthMismatchError, match="shape_key"):
+        BatchRunner(tiny_gpt2, a + b)
+
+
+def test_compare_human_does_not_depend_on_the_batching(result, tiny_gpt2, tmp_path):
+    res, cards = result
+    config = HumanConfig(n_controls=3, own_vocabulary=20, n_perm=300, definition_tokens=3, own_top=2,
+                         cards_per_batch=1)
+    one = compare_human(tiny_gpt2, cards, config=config, progress=False)
+    torch.testing.assert_close(one.scores, res.scores, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(one.profile, res.profile, atol=1e-4, rtol=1e-4)
+    assert [r["term"] for r in one.rows] == [r["term"] for r in res.rows]
+    assert [r["controls"] for r in one.rows] == [r["controls"] for r in res.rows]
+
+
+# Self-written cards (not from ../shared) in the Anki text-export format of the NOTICE: header lines,
+# 3 to 5 tab-separated fields, a quoted field with doubled quotes, a card without a mnemonic.
+UNSEEN = "\n".join([
+    "#separator:tab",
+    "#html:false",
+    "garrulous\tSounds like gorilla. A gorilla that never stops chattering\texcessively talkative\t"
+    "a garrulous neighbour\tchatty, talkative",
+    "lethargic\tFrom Greek lethe (forgetfulness)\tsluggish and apathetic\the felt lethargic after lunch",
+    "benevolent\tbene + volent = well wishing\twell meaning and kindly",
+    "ostracize\tAn ostrich hides its head and shuns everyone\texclude from a society or group",
+    "sedate\t\"Looks like \"\"seat\"\"; you stay calmly in your seat\"\tcalm and unhurried",
+    "pungent\tpun + gent\thaving a sharply strong taste or smell",
+    "placid\tcalm\tnot easily upset or excited",
+    "voracious\tA vulture races to eat everything\twanting great quantities of food",
+    "tenacious\tSounds like ten ants. Ten ants hold on to the crumb\tholding fast; persistent",
+    "obsolete\t\tno longer produced or used",
+])
+
+
+def test_cli_compare_human_runs_on_unseen_cards(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """`recallscope compare-human` end to end on cards it has never seen, in the NOTICE's format."""
+    import json
+
+    from recallscope.models import organisms_registry
+
+    monkeypatch.setitem(organisms_registry._LOADERS, "tiny-cards", lambda **kw: tiny_gpt2)
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-browser"))  # no Chromium: figures as HTML
+    path = tmp_path / "my_cards.txt"
+    path.write_text(UNSEEN + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    rc = main(["compare-human", "--model", "organism:tiny-cards", "--cards", str(path), "--out", str(out),
+               "--n-controls", "3", "--examples", "1", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cards_scored"] + summary["n_cards_skipped"] == 9  # the card without a mnemonic is not read
+    assert summary["n_cards_scored"] >= 7
+    for link in ("all", "sound", "meaning"):
+        stats = summary["agreement"]["causal"][link]
+        assert stats["n_cards"] > 0 and 0 < stats["p_value"] <= 1 and stats["top1_chance"] == pytest.approx(0.25)
+    assert summary["links"]["sound/orthographic"] > 0 and summary["links"]["meaning/etymology"] > 0
+    example = summary["examples_best"][0]
+    assert example["term"] in UNSEEN and example["route_report"] and len(example["own"]) == 3
+    assert (out / "agreement.html").exists() and (out / "examples" / f"{example['term']}.html").exists()
+    assert HumanComparison.load(out / "result").rows[0]["term"] in UNSEEN

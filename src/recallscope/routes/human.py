@@ -17,7 +17,10 @@ keyword people use to remember it ("capricious" -> "car prices")?
    term's positions in every layer at once; ``attribution`` = its first-order estimate; ``similarity`` =
    the best-layer cosine of the term's state with the concept direction; ``readout`` = minus the best rank
    of the concept's first token under the logit lens at the term's last token; ``string`` = letter/sound
-   similarity of keyword and term (a text-only reference, not the model).
+   similarity of keyword and term (a text-only reference, not the model). Cards of one token shape are
+   scored ``cards_per_batch`` at a time (:mod:`.batched`; the same numbers as one
+   :class:`~recallscope.routes.scores.SpanRunner` per card, the tests' oracle, only faster); with a
+   checkpoint directory every card is one chunk.
 5. The model's own top concepts: every pool concept's attribution effect on every card, standardised per
    concept across cards (a direction that disrupts every definition is not a route for any one term),
    the top ``own_top`` z-scores per card kept (first-order estimates, labelled as such).
@@ -46,14 +49,8 @@ from recallscope.routes.concepts import Concept, ConceptSource, word_vocabulary
 from recallscope.routes.controls import control_pool, match_controls, text_tokens
 from recallscope.routes.directions import concept_directions
 from recallscope.routes.mnemonics import Card, LinkType
-from recallscope.routes.scores import (
-    RouteQuery,
-    SpanRunner,
-    ablation_attribution,
-    ablation_exact,
-    prepare_prompt,
-    readout_and_similarity,
-)
+from recallscope.routes.batched import BatchRunner, shape_key
+from recallscope.routes.scores import PreparedPrompt, RouteQuery, output_directions, prepare_prompt, readout_ranks
 from recallscope.routes.text import letters, similarity
 from recallscope.store import json_tensor, open_store, tensor_json
 
@@ -88,7 +85,9 @@ class HumanConfig:
     seed: int = 0
     """Seed for permutations and bootstraps."""
     batch_size: int = 64
-    """Sequences per forward batch."""
+    """Sequences per forward batch (ablation rows = cards x candidates)."""
+    cards_per_batch: int = 16
+    """Cards of one token shape scored together (one checkpoint chunk); only speed depends on it."""
 
     def __post_init__(self) -> None:
         if "{term}" not in self.template:
@@ -233,51 +232,98 @@ class _Shared:
                    torch.einsum("cld,ld->cl", unit, baseline))
 
 
-def _card_scores(model: Any, card: Card, sh: _Shared, lens: LogitLens, config: HumanConfig
-                 ) -> tuple[Tensor, dict[str, Any], Tensor, Tensor]:
-    """Scores ``[1 + K, len(SCORES)]``, the card's row, its layer profile and the pool's attributions."""
-    stack = build_stack(model)
-    keyword = " " + card.primary.text
-    prompt = config.template.format(term=card.term)
-    definition = " " + clean_definition(card.definition)
-    i_kw = sh.pool.texts.index(keyword)
-    controls = match_controls(model, sh.concepts[sh.index[keyword]], sh.pool, k=config.n_controls,
-                              exclude=[card.term], logfreq=float(sh.pool.logfreq[i_kw]))
-    slots = torch.tensor([sh.index[keyword]] + [sh.index[c.text] for c in controls])
-    prep = prepare_prompt(model, prompt, RouteQuery((prompt,), card.term, definition),
-                          max_output_tokens=config.definition_tokens, n_alternatives=0, seed=config.seed)
-    runner = SpanRunner(stack, prep)
-    n_layers = stack.n_layers
-    per_layer = ablation_attribution(model, runner, sh.unit, sh.absent, tuple(range(n_layers)), 1)  # [pool, layer]
-    attr = per_layer.sum(1)
-    vectors = sh.vectors[slots]
+@dataclass(frozen=True)
+class _Item:
+    """One card ready to score: the pool slots of its keyword (first) and controls, and its prompt."""
+
+    card: Card
+    slots: Tensor
+    names: tuple[str, ...]
+    prep: PreparedPrompt
+    definition: str
+
+
+def _plan(model: Any, kept: Sequence[Card], sh: _Shared, config: HumanConfig
+          ) -> tuple[list[_Item], list[dict[str, Any]]]:
+    """Controls and the prepared prompt of every card; cards with too few controls are skipped."""
+    items, skipped = [], []
+    for card in kept:
+        keyword = " " + card.primary.text
+        try:
+            controls = match_controls(model, sh.concepts[sh.index[keyword]], sh.pool, k=config.n_controls,
+                                      exclude=[card.term], logfreq=float(sh.pool.logfreq[sh.pool.texts.index(keyword)]))
+        except EmptyDatasetError as exc:  # too few controls with this token count
+            skipped.append({"term": card.term, "line": card.line, "reason": str(exc)})
+            continue
+        names = (keyword, *(c.text for c in controls))
+        prompt = config.template.format(term=card.term)
+        definition = " " + clean_definition(card.definition)
+        prep = prepare_prompt(model, prompt, RouteQuery((prompt,), card.term, definition),
+                              max_output_tokens=config.definition_tokens, n_alternatives=0, seed=config.seed)
+        items.append(_Item(card, torch.tensor([sh.index[n] for n in names]), names, prep, definition))
+    return items, skipped
+
+
+def _batches(items: Sequence[_Item], size: int) -> list[list[int]]:
+    """Item indices in batches of at most ``size`` prompts of one shape (a stable plan: the checkpoint
+    chunks are named by their place in it)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(shape_key(item.prep), []).append(i)
+    return [idx[j:j + size] for _, idx in sorted(groups.items()) for j in range(0, len(idx), size)]
+
+
+def _batch_scores(model: Any, batch: Sequence[_Item], sh: _Shared, lens: LogitLens, config: HumanConfig
+                  ) -> dict[str, Any]:
+    """A batch of cards of one shape scored together (:mod:`.batched`): ``scores [card, 1 + K,
+    len(SCORES)]``, ``profile [card, layer]``, the pool's attributions ``attr [card, pool]`` and ``rows``."""
+    runner = BatchRunner(model, [it.prep for it in batch])
+    pool_attr = runner.attribution(sh.unit, sh.absent).sum(-1)  # [card, pool]
+    vectors = sh.vectors[torch.stack([it.slots for it in batch])]  # [card, slot, layer, d]
     if config.remove_output_direction:
-        q = runner.output_directions()
-        vectors = vectors - torch.einsum("cld,od,oe->cle", vectors, q, q)
+        q = torch.stack([output_directions(runner.stack, t, vectors.dtype) for t in runner.targets])  # [card, out, d]
+        vectors = vectors - torch.einsum("bcld,bod,boe->bcle", vectors, q, q)
     unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    absent = torch.einsum("cld,ld->cl", unit, sh.baseline)
+    absent = torch.einsum("bcld,ld->bcl", unit, sh.baseline)
     with torch.no_grad():
-        causal = ablation_exact(runner, unit, absent, (0,), n_layers, config.batch_size)[:, 0]
-        ranks, sim = readout_and_similarity(runner, lens, sh.first_ids[slots], vectors, sh.baseline, last_only=True)
-    names = [keyword] + [c.text for c in controls]
-    string = torch.tensor([similarity(card.term, n) for n in names])
-    scores = torch.stack([causal, attr[slots], sim.amax(1), -ranks.amin(1), string], dim=1)
-    profile = per_layer[slots[0]] - per_layer[slots[1:]].median(0).values
-    row = {"term": card.term, "keyword": card.primary.text, "link": card.primary.link.value,
-           "rule": card.primary.rule, "line": card.line, "mnemonic": card.mnemonic, "definition": definition.strip(),
-           "definition_logprob": runner.clean, "keyword_effect": float(causal[0]),
-           "controls": [n.strip() for n in names[1:]], "control_effect_median": float(causal[1:].median()),
-           "keyword_rank": int((causal[1:] > causal[0]).sum())}
-    return scores.detach(), row, profile.detach(), attr.detach()
+        causal = runner.ablation(unit, absent, batch_size=config.batch_size)  # [card, slot]
+    attr = runner.attribution(unit, absent)  # [card, slot, layer]
+    last = runner.span[1] - 1
+    scores, rows = [], []
+    for b, it in enumerate(batch):
+        ranks = readout_ranks(lens, runner.states[:, b, last:last + 1], sh.first_ids[it.slots])
+        sim = torch.nn.functional.cosine_similarity((runner.states[:, b, last] - sh.baseline)[None], vectors[b], dim=-1)
+        string = torch.tensor([similarity(it.card.term, n) for n in it.names])
+        scores.append(torch.stack([causal[b], attr[b].sum(-1), sim.amax(1), -ranks.amin(1), string], dim=1))
+        c = causal[b]
+        rows.append({"term": it.card.term, "keyword": it.card.primary.text, "link": it.card.primary.link.value,
+                     "rule": it.card.primary.rule, "line": it.card.line, "mnemonic": it.card.mnemonic,
+                     "definition": it.definition.strip(), "definition_logprob": float(runner.clean[b]),
+                     "keyword_effect": float(c[0]), "controls": [n.strip() for n in it.names[1:]],
+                     "control_effect_median": float(c[1:].median()), "keyword_rank": int((c[1:] > c[0]).sum())})
+    profile = attr[:, 0] - attr[:, 1:].median(1).values
+    return {"scores": torch.stack(scores).detach(), "profile": profile.detach(), "attr": pool_attr.detach(),
+            "rows": rows}
 
 
-def _card_chunk(model: Any, card: Card, sh: _Shared, lens: LogitLens, config: HumanConfig) -> dict[str, Tensor]:
-    """One card's checkpoint chunk: its scores, profile, attributions and row (JSON), or why it was skipped."""
-    try:
-        s, row, prof, attr = _card_scores(model, card, sh, lens, config)
-    except EmptyDatasetError as exc:
-        return {"skipped": json_tensor({"term": card.term, "line": card.line, "reason": str(exc)})}
-    return {"scores": s, "profile": prof, "attr": attr, "row": json_tensor(row)}
+class _LazyBatch:
+    """A batch's scores, computed on first use: only when one of its cards is not checkpointed yet. A
+    resumed run recomputes the same batch, so every card's numbers are bitwise those of a fresh run."""
+
+    def __init__(self, model: Any, items: Sequence[_Item], sh: _Shared, lens: LogitLens, config: HumanConfig):
+        self.args, self.done = (model, items, sh, lens, config), None
+
+    def get(self) -> dict[str, Any]:
+        if self.done is None:
+            self.done = _batch_scores(*self.args)
+        return self.done
+
+
+def _card_scores(batch: _LazyBatch, k: int) -> dict[str, Tensor]:
+    """The checkpoint chunk of card ``k`` of a batch: its scores, profile, pool attributions and row (JSON)."""
+    done = batch.get()
+    return {"scores": done["scores"][k], "profile": done["profile"][k], "attr": done["attr"][k],
+            "row": json_tensor(done["rows"][k])}
 
 
 def _own_concepts(rows: list[dict[str, Any]], attr: Tensor, sh: _Shared, config: HumanConfig) -> None:
@@ -315,22 +361,24 @@ def compare_human(model: Any, cards: Sequence[Card], *, config: HumanConfig = Hu
     cfg = {**asdict(config), "n_pool": len(concepts)}
     store = open_store(checkpoint_dir, build_manifest(model, [c.term for c in kept], cfg, seed=config.seed),
                        inputs={"cards": kept, "vectors": dirs.vectors, "baseline": dirs.baseline})
-    scores, rows, profiles, attrs = [], [], [], []
-    for j, card in enumerate(tqdm(kept, desc="cards", disable=not progress)):
-        done = store.get_or_compute(f"card{j:05d}", lambda card=card: _card_chunk(model, card, sh, lens, config))
-        if "skipped" in done:  # too few controls with this token count
-            skipped.append(tensor_json(done["skipped"]))
-            continue
-        scores.append(done["scores"])
-        rows.append(tensor_json(done["row"]))
-        profiles.append(done["profile"])
-        attrs.append(done["attr"])
-    if not rows:
+    items, skipped_controls = _plan(model, kept, sh, config)
+    skipped += skipped_controls
+    found: dict[int, dict[str, Tensor]] = {}
+    with tqdm(total=len(items), desc="cards", disable=not progress) as bar:
+        for idx in _batches(items, config.cards_per_batch):
+            batch = _LazyBatch(model, [items[i] for i in idx], sh, lens, config)
+            for k, i in enumerate(idx):  # a chunk per card (named by its place in the plan)
+                found[i] = store.get_or_compute(f"card{i:05d}", lambda batch=batch, k=k: _card_scores(batch, k))
+                bar.update(1)
+    if not found:
         raise EmptyDatasetError("no card could be scored (see the skipped reasons); use more cards.")
-    _own_concepts(rows, torch.stack(attrs), sh, config)
+    order = sorted(found)  # the cards' order
+    rows = [tensor_json(found[i]["row"]) for i in order]
+    _own_concepts(rows, torch.stack([found[i]["attr"] for i in order]), sh, config)
     timings = {"prepare": t_prep, "total": time.perf_counter() - t0}
     manifest = build_manifest(model, [r["term"] for r in rows], cfg, seed=config.seed, timings=timings)
-    return HumanComparison(scores=torch.stack(scores), rows=tuple(rows), profile=torch.stack(profiles),
+    return HumanComparison(scores=torch.stack([found[i]["scores"] for i in order]), rows=tuple(rows),
+                           profile=torch.stack([found[i]["profile"] for i in order]),
                            skipped=tuple(skipped), config=cfg, manifest={**manifest, **store.manifest_entry()})
 
 

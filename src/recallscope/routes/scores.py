@@ -158,6 +158,19 @@ class PromptScores:
     total_effect: float
 
 
+def output_directions(stack: Stack, targets: Int[Tensor, " out"], dtype: torch.dtype = torch.float32
+                      ) -> Float[Tensor, "out d_model"]:
+    """Orthonormal basis of the output tokens' direct logit directions ``W_U[t] * g`` (unembedding row
+    times the final norm's gain, the norm's input-dependent scaling left out)."""
+    gain = getattr(stack.final_norm, "weight", None)
+    z = torch.zeros(stack.d_model, dtype=dtype, requires_grad=True)
+    with torch.enable_grad():
+        logits = stack.unembed(z * gain if gain is not None else z)
+        rows = [torch.autograd.grad(logits[int(t)], z, retain_graph=True)[0] for t in targets]
+    q, _ = torch.linalg.qr(torch.stack(rows).T.double())
+    return q.T.to(dtype)
+
+
 class SpanRunner:
     """Exact interventions on the input span of one prepared prompt."""
 
@@ -171,15 +184,8 @@ class SpanRunner:
         self.past = {l: (k[:, :, :s], v[:, :, :s]) for l, (k, v) in trace.kv.items()}
 
     def output_directions(self) -> Float[Tensor, "out d_model"]:
-        """Orthonormal basis of the output tokens' direct logit directions ``W_U[t] * g`` (unembedding row
-        times the final norm's gain, the norm's input-dependent scaling left out)."""
-        gain = getattr(self.stack.final_norm, "weight", None)
-        z = torch.zeros(self.stack.d_model, dtype=self.states.dtype, requires_grad=True)
-        with torch.enable_grad():
-            logits = self.stack.unembed(z * gain if gain is not None else z)
-            rows = [torch.autograd.grad(logits[int(t)], z, retain_graph=True)[0] for t in self.prep.targets]
-        q, _ = torch.linalg.qr(torch.stack(rows).T.double())
-        return q.T.to(self.states.dtype)
+        """:func:`output_directions` of this prompt's output tokens."""
+        return output_directions(self.stack, self.prep.targets, self.states.dtype)
 
     def score(self, final: Tensor) -> Tensor:
         """Metric of final residuals at the read positions ``[batch, read, d]``."""
@@ -270,23 +276,28 @@ def mediation(runner: SpanRunner, alt_states: Tensor, alt_metric: Tensor, unit: 
     return drops / float((runner.clean - alt_metric).sum())
 
 
-def readout_and_similarity(runner: SpanRunner, lens: Lens, first_ids: Tensor, vectors: Tensor, baseline: Tensor,
-                           *, last_only: bool = False) -> tuple[Float[Tensor, "slot layer"], Float[Tensor, "slot layer"]]:
-    """(a) best rank of each slot's first token over the input span (or its last token) per layer (NaN for
-    id -1); (b) cosine of the input's last hidden state (minus baseline) with each slot's direction."""
-    s, e = runner.prep.span
-    if last_only:
-        s = e - 1
+def readout_ranks(lens: Lens, states: Float[Tensor, "layer pos d_model"], first_ids: Int[Tensor, " slot"]
+                  ) -> Float[Tensor, "slot layer"]:
+    """(a) best rank (over ``pos``) of each slot's first token under ``lens``, per layer (NaN for id -1)."""
     with torch.no_grad():
-        logp = lens.all_layers(runner.states[:, 0, s:e])  # [layer, span, vocab]
+        logp = lens.all_layers(states)  # [layer, pos, vocab]
     have = first_ids >= 0
-    own = logp[..., first_ids.clamp_min(0)]  # [layer, span, slot]
+    own = logp[..., first_ids.clamp_min(0)]  # [layer, pos, slot]
     if own.shape[-1] <= 32:  # rank = number of tokens with a higher log-prob
         ranks = (logp[..., None, :] > own[..., None]).sum(-1).float().amin(1).T  # [slot, layer]
     else:
         ascending = (-logp).sort(dim=-1).values
         ranks = torch.searchsorted(ascending.contiguous(), (-own).contiguous()).float().amin(1).T
-    ranks = ranks.masked_fill(~have[:, None], float("nan"))
+    return ranks.masked_fill(~have[:, None], float("nan"))
+
+
+def readout_and_similarity(runner: SpanRunner, lens: Lens, first_ids: Tensor, vectors: Tensor, baseline: Tensor,
+                           *, last_only: bool = False) -> tuple[Float[Tensor, "slot layer"], Float[Tensor, "slot layer"]]:
+    """(a) best rank of each slot's first token over the input span (or its last token) per layer (NaN for
+    id -1); (b) cosine of the input's last hidden state (minus baseline) with each slot's direction."""
+    s, e = runner.prep.span
+    first = e - 1 if last_only else s
+    ranks = readout_ranks(lens, runner.states[:, 0, first:e], first_ids)
     h = runner.states[:, 0, e - 1] - baseline  # [layer, d]
     sim = torch.nn.functional.cosine_similarity(h[None], vectors, dim=-1)
     return ranks, sim

@@ -6,7 +6,7 @@ import torch
 from recallscope.cli import main
 from recallscope.routes.human import SCORES, HumanComparison, HumanConfig, clean_definition, compare_human
 from recallscope.routes.mnemonics import load_cards
-from recallscope.routes.text import similarity
+from recallscope.routes.text import common_run, similarity
 
 CARDS = "\n".join([
     "#separator:tab",
@@ -186,3 +186,30 @@ def test_cli_compare_human_runs_on_unseen_cards(tiny_gpt2, tmp_path, monkeypatch
     assert example["term"] in UNSEEN and example["route_report"] and len(example["own"]) == 3
     assert (out / "agreement.html").exists() and (out / "examples" / f"{example['term']}.html").exists()
     assert HumanComparison.load(out / "result").rows[0]["term"] in UNSEEN
+
+
+def test_low_overlap_agreement_and_term_alternatives(result, tiny_gpt2):
+    """The summary's confound check keeps exactly the cards whose keyword shares at most 3 consecutive
+    letters with the term; worked examples get same-shape alternative terms."""
+    from recallscope.routes.agreement import agreement
+    from recallscope.routes.human import term_alternatives
+    from recallscope.routes.scores import input_span
+
+    assert (common_run("impenetrable", "penetrate"), common_run("capricious", "car prices"), common_run("a", "")) == (7, 4, 0)
+    res, cards = result
+    low = res.summary()["agreement_low_overlap"]
+    assert low["max_common_letters"] == 3 and "string" not in low
+    keep = [i for i, r in enumerate(res.rows) if common_run(r["term"], r["keyword"]) <= 3]
+    assert low["causal"]["all"]["n_cards"] == len(keep)
+    if keep:
+        want = agreement(res.scores[keep, :, 0], n_perm=300)
+        assert low["causal"]["all"]["mean_percentile"] == pytest.approx(want["mean_percentile"])
+        assert low["causal"]["all"]["top1"] == pytest.approx(want["top1"])
+    template = 'The word "{term}" means'
+    for card in cards:
+        alts = term_alternatives(tiny_gpt2, card, cards, n=2)
+        assert len(alts) <= 2 and card.term not in alts
+        ids, span = input_span(tiny_gpt2, template.format(term=card.term), card.term)
+        for alt in alts:
+            alt_ids, alt_span = input_span(tiny_gpt2, template.format(term=alt), alt)
+            assert (len(alt_ids), alt_span) == (len(ids), span)

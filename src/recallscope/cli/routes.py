@@ -40,7 +40,7 @@ def _cmd_routes(args: argparse.Namespace) -> int:
 def _cmd_compare_human(args: argparse.Namespace) -> int:
     from recallscope.manifest import atomic_write_text
     from recallscope.models import load_model
-    from recallscope.routes.human import HumanConfig, card_route_report, compare_human
+    from recallscope.routes.human import HumanConfig, card_route_report, compare_human, term_alternatives
     from recallscope.routes.mnemonics import load_cards
 
     cards = load_cards(args.cards)
@@ -58,15 +58,20 @@ def _cmd_compare_human(args: argparse.Namespace) -> int:
     by_term = {c.term: c for c in cards}
     with record.timed("examples"):
         for row in summary["examples_best"][: args.examples]:
-            report = card_route_report(model, by_term[row["term"]], concepts=[o["concept"] for o in row["own"][:1]])
+            card = by_term[row["term"]]
+            alternatives = term_alternatives(model, card, cards)
+            report = card_route_report(model, card, concepts=[o["concept"] for o in row["own"][:1]],
+                                       alternatives=alternatives)
+            row["alternatives"] = list(alternatives)
             row["route_report"] = report.summary()["routes"]
             _write_figure(report.plot(), out / "examples" / row["term"], record)
     summary["timings_s"] = dict(record.data["timings_s"])
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
     record.output(out / "summary.json")
-    causal = summary["agreement"]["causal"]["all"]
-    print(f"{summary['n_cards_scored']} cards: human keyword percentile {causal['mean_percentile']:.3f} "
-          f"(chance 0.5, p={causal['p_value']:.3g}), top-1 {causal['top1']:.3f} (chance {causal['top1_chance']:.3f})")
+    for link, stats in summary["agreement"]["causal"].items():
+        if stats.get("n_cards"):
+            print(f"{link:>7}: {stats['n_cards']} cards, human keyword percentile {stats['mean_percentile']:.3f} "
+                  f"(chance 0.5, p={stats['p_value']:.3g}), top-1 {stats['top1']:.3f} (chance {stats['top1_chance']:.3f})")
     print(f"summary: {out / 'summary.json'}; manifest: {record.write()}")
     return 0
 
@@ -104,4 +109,4 @@ def register(sub: Any) -> None:
         else:
             sp.add_argument("--cards", required=True, help="Anki text export: term, mnemonic, definition[, ...]")
             sp.add_argument("--max-cards", type=int, help="score only the first N cards with a keyword")
-            sp.add_argument("--examples", type=int, default=2, help="worked examples with route figures (default 2)")
+            sp.add_argument("--examples", type=int, default=3, help="worked examples with route figures (default 3)")

@@ -50,8 +50,15 @@ from recallscope.routes.controls import control_pool, match_controls, text_token
 from recallscope.routes.directions import concept_directions
 from recallscope.routes.mnemonics import Card, LinkType
 from recallscope.routes.batched import BatchRunner, shape_key
-from recallscope.routes.scores import PreparedPrompt, RouteQuery, output_directions, prepare_prompt, readout_ranks
-from recallscope.routes.text import letters, similarity
+from recallscope.routes.scores import (
+    PreparedPrompt,
+    RouteQuery,
+    input_span,
+    output_directions,
+    prepare_prompt,
+    readout_ranks,
+)
+from recallscope.routes.text import common_run, letters, similarity
 from recallscope.store import json_tensor, open_store, tensor_json
 
 SCORES = ("causal", "attribution", "similarity", "readout", "string")
@@ -128,27 +135,35 @@ class HumanComparison:
             raise RecallscopeError(f"HumanComparison: scores {tuple(self.scores.shape)} do not match {len(self.rows)} "
                                    f"cards and {len(SCORES)} score types.")
 
-    def agreement(self, score: str = "causal", link: LinkType | str | None = None) -> dict[str, Any]:
+    def agreement(self, score: str = "causal", link: LinkType | str | None = None, *,
+                  max_overlap: int | None = None) -> dict[str, Any]:
         """Agreement statistics (:func:`~recallscope.routes.agreement.agreement`) for one score, optionally
-        only for cards of one link type."""
+        only for cards of one link type, and only for cards whose keyword shares at most ``max_overlap``
+        consecutive letters with the term (:func:`~recallscope.routes.text.common_run`)."""
         if score not in SCORES:
             raise ConfigError(f"unknown score {score!r}; use one of {SCORES}.")
-        keep = [i for i, r in enumerate(self.rows) if link is None or r["link"] == LinkType(link).value]
+        keep = [i for i, r in enumerate(self.rows) if (link is None or r["link"] == LinkType(link).value)
+                and (max_overlap is None or common_run(r["term"], r["keyword"]) <= max_overlap)]
         values = self.scores[keep, :, SCORES.index(score)] if keep else self.scores[:0, :, 0]
         cfg = self.config
         return agreement(values, ks=tuple(cfg.get("top_k", (1, 3))), n_perm=int(cfg.get("n_perm", 10000)),
                          seed=int(cfg.get("seed", 0)))
 
-    def summary(self, *, examples: int = 8) -> dict[str, Any]:
-        """JSON-ready summary: agreement per score and link type, counts, and worked examples."""
+    def summary(self, *, examples: int = 8, max_overlap: int = 3) -> dict[str, Any]:
+        """JSON-ready summary: agreement per score and link type (all cards, and only cards whose keyword
+        shares at most ``max_overlap`` consecutive letters with the term, so that it cannot carry the
+        term's own sub-word tokens), counts, and worked examples."""
         by_link = {"all": None, "sound": LinkType.SOUND, "meaning": LinkType.MEANING}
         table = {s: {name: self.agreement(s, link) for name, link in by_link.items()} for s in SCORES}
+        low = {s: {name: self.agreement(s, link, max_overlap=max_overlap) for name, link in by_link.items()}
+               for s in SCORES if s != "string"}
         causal = self.scores[:, :, 0]
         order = torch.argsort(-(causal[:, 0] - causal[:, 1:].median(1).values)).tolist()
         return {
             "n_cards_scored": len(self.rows), "n_cards_skipped": len(self.skipped),
             "links": {l.value: sum(r["link"] == l.value for r in self.rows) for l in LinkType},
             "agreement": table,
+            "agreement_low_overlap": {"max_common_letters": max_overlap, **low},
             "string_vs_causal_spearman": _spearman(self.scores[..., SCORES.index("string")].flatten(),
                                                    causal.flatten()),
             "examples_best": [self.rows[i] for i in order[:examples]],
@@ -382,18 +397,39 @@ def compare_human(model: Any, cards: Sequence[Card], *, config: HumanConfig = Hu
                            skipped=tuple(skipped), config=cfg, manifest={**manifest, **store.manifest_entry()})
 
 
+def term_alternatives(model: Any, card: Card, others: Sequence[Card], *, n: int = 4,
+                      template: str = HumanConfig.template) -> tuple[str, ...]:
+    """Up to ``n`` other cards' terms that fill ``template`` with the same token count and span as
+    ``card.term``: alternative inputs for the total effect (replacing a multi-token term by random words
+    token by token would keep its later tokens)."""
+    ids, span = input_span(model, template.format(term=card.term), card.term)
+    out: list[str] = []
+    for other in others:
+        if len(out) == n:
+            break
+        if letters(other.term) == letters(card.term) or other.term in out or '"' in other.term:
+            continue
+        alt_ids, alt_span = input_span(model, template.format(term=other.term), other.term)
+        if len(alt_ids) == len(ids) and alt_span == span:
+            out.append(other.term)
+    return tuple(out)
+
+
 def card_route_report(model: Any, card: Card, *, concepts: Sequence[str] = (), pool: Any = None,
                       config: Any = None, template: str = HumanConfig.template, definition_tokens: int = 6,
-                      progress: bool = False) -> Any:
+                      alternatives: Sequence[str] = (), progress: bool = False) -> Any:
     """A :class:`~recallscope.routes.report.RouteReport` for one card: its keyword (plus ``concepts``) as
-    routes from the term to its definition, scored layer by layer (the worked examples of the README)."""
+    routes from the term to its definition, scored layer by layer (the worked examples of the README).
+    ``alternatives``: other terms with the same token count (:func:`term_alternatives`) for the total
+    effect; empty = random vocabulary tokens."""
     from recallscope.routes.analysis import route_report
     from recallscope.routes.report import RouteConfig
 
     if card.primary is None:
         raise ConfigError(f"card {card.term!r} (line {card.line}) has no keyword to test.")
     prompt = template.format(term=card.term)
-    query = RouteQuery((prompt,), card.term, " " + clean_definition(card.definition), name=card.term)
+    query = RouteQuery((prompt,), card.term, " " + clean_definition(card.definition), tuple(alternatives),
+                       name=card.term)
     cands = [" " + card.primary.text] + [" " + c.strip() for c in concepts if c.strip() != card.primary.text]
     cfg = config or RouteConfig(n_controls=19, stride=3, max_output_tokens=definition_tokens, mediation=False)
     return route_report(model, query, cands, pool=pool, config=cfg, progress=progress)

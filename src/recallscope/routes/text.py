@@ -5,6 +5,8 @@
   that sound alike (``ph``->``f``, ``c``/``q``/``ck``->``k`` before back vowels, ``ch``/``sh``/``ti``->``X``,
   ``z``->``s``, doubled letters collapse) and keeps only the first vowel's place (``V``).
 - :func:`bigram_dice` is the Dice coefficient of letter bigrams (orthographic overlap).
+- :func:`common_run` is the length of the longest run of letters two texts share ("impenetrable" and
+  "penetrate": 7), the overlap that lets a keyword's representation carry the term's own sub-word tokens.
 - :func:`similarity` is the mean of the letter-bigram Dice and the ratio of the sound keys (difflib's
   matching-block ratio), in ``[0, 1]``. Either alone misleads: sound keys of unrelated words of the same
   shape match well ("austere"/"luxury": 0.77) and spelling misses true sound-alikes ("bucolic"/"blue
@@ -66,3 +68,11 @@ def sound_ratio(a: str, b: str) -> float:
 def similarity(a: str, b: str) -> float:
     """Orthographic-and-sound similarity: the mean of :func:`bigram_dice` and :func:`sound_ratio`."""
     return 0.5 * (bigram_dice(a, b) + sound_ratio(a, b))
+
+
+def common_run(a: str, b: str) -> int:
+    """Length of the longest common substring of the letters of ``a`` and ``b``."""
+    x, y = letters(a), letters(b)
+    if not x or not y:
+        return 0
+    return SequenceMatcher(None, x, y, autojunk=False).find_longest_match(0, len(x), 0, len(y)).size

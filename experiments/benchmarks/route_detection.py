@@ -1,21 +1,31 @@
 """Benchmark: recallscope's methods scored against the model organisms' known mechanisms.
 
 1. **Localisation** on the base64 and fact organisms (ground truth: the dependency map / the circuit's
-   residual nodes, :mod:`recallscope.organisms.scoring`): exact activation patching and AtP, each as the
-   ROC AUC of its per-cell noising effects against the truth.
-2. **Routes** on the mnemonic organisms: for each route and rote organism and each mnemonic-hook chunk
+   residual cells, :mod:`recallscope.organisms.scoring`): exact activation patching, AtP and EAP-IG, each
+   as the ROC AUC of its per-(prompt, cell) noising effects against the truth. EAP-IG's effect on a cell is
+   the sum of the per-position EAP-IG (inputs, 5 steps) scores of the edges crossing it, one run per prompt.
+2. **Circuit discovery** on the same organisms and pairs (one group per output byte of the base64
+   organism; one group for the fact organism): per-position EAP-IG edge scores over each group's pairs,
+   then (a) threshold circuits ``|score| >= tau`` over every ``tau``: the ROC AUC of the residual cells they
+   use (a cell's score is the largest ``|score|`` of the edges crossing it) against the true cells;
+   (b) the top-n circuit with the smallest n on a doubling grid whose faithfulness reaches 0.9; (c) ACDC
+   (threshold 0.01 of the clean-corrupt gap) over every edge at every position. (b) and (c): TPR / FPR of
+   the cells they use. Groups are pooled; a control scores Gaussian random edge scores the same way.
+   The truth names residual cells, not heads or MLPs, so circuits are scored on the cells they route
+   through (:func:`recallscope.organisms.scoring.cell_recovery`).
+3. **Routes** on the mnemonic organisms: for each route and rote organism and each mnemonic-hook chunk
    (VA, TA, SA, RA, MA, NA, WA, UA: the chunks of tasks.b64_stimuli.MNEMONIC_HOOKS), the route module
    (:func:`recallscope.routes.route_report`) scores the chunk's concept (``VAT``) against 19 control
    concepts of the same organism, represented in the organism's own neutral context (``<s> VAT``). ``route_auroc``: ROC AUC of the
    concept's route score for "this organism routes" (route organisms are positive); ``verdict_accuracy``:
    share of (organism, chunk) verdicts equal to the truth ("inconclusive" counts as wrong).
 
-Prints a table, writes every row to figures/organisms/route_detection.json (``--out``), and ends with one
-JSON line:
-``{"route_auroc": x, "verdict_accuracy": y, "patching_auroc": z, "atp_auroc": w}`` (each AUROC the
-mean over the organisms it covers; null when a module is missing).
+Prints tables, writes every row to figures/organisms/route_detection.json (when every part ran, or to
+``--out``), and ends with one JSON line:
+``{"route_auroc": x, "verdict_accuracy": y, "patching_auroc": z, "atp_auroc": w, "eapig_auroc": e,
+"circuit_auroc": c}`` (each AUROC the mean over the organisms it covers; null when a module is missing).
 
-    nice -n 10 python experiments/benchmarks/route_detection.py [--quick]
+    nice -n 10 python experiments/benchmarks/route_detection.py [--quick] [--only eapig circuits]
 
 Figures of the organisms' ground truth against exact patching: experiments/organisms/figures.py.
 """
@@ -23,6 +33,7 @@ Figures of the organisms' ground truth against exact patching: experiments/organ
 import argparse
 import json
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -32,8 +43,15 @@ from recallscope import load_model
 from recallscope.attribution.scoring import roc_auc
 from recallscope.organisms import ground_truth
 from recallscope.organisms.recipes import N_SEEDS
-from recallscope.organisms.scoring import b64_cells, exact_patching_effects, fact_cells
+from recallscope.organisms.scoring import (b64_cells, cell_recovery, eapig_effects, exact_patching_effects, fact_cells,
+                                           truth_groups)
 from recallscope.tasks.b64_stimuli import MNEMONIC_HOOKS
+
+ORGANISMS = ("b64-decoder", "fact-store")
+FAITHFUL = 0.9
+"""Top-n circuits: the smallest n (1, 2, 4, ...) whose faithfulness reaches this."""
+ACDC_THRESHOLD = 0.01
+"""ACDC's threshold, a fraction of the clean-corrupt gap (its default)."""
 
 
 def atp_effects(model, pairs, *, layers, positions):
@@ -51,6 +69,56 @@ def localisation(effects, n: int) -> dict[str, float]:
     out["b64-decoder"] = roc_auc(scores.abs(), labels)
     scores, labels = fact_cells(load_model("organism:fact-store"), effects, n=n)
     out["fact-store"] = roc_auc(scores.abs(), labels)
+    return out
+
+
+def discover(model, pairs):
+    """Per-position EAP-IG scores, the smallest faithful top-n circuit and ACDC's circuit for one group."""
+    from recallscope.attribution import Circuit, acdc, eap_ig, evaluate_circuit
+    from recallscope.attribution.circuits import CircuitRunner
+
+    scores = eap_ig(model, pairs, "logprob", per_position=True, progress=False)
+    g, n_pos = scores.graph, scores.scores.shape[-1]
+    runner, total, n = CircuitRunner(model, pairs, "logprob"), int(g.valid.sum()) * n_pos, 1
+    while True:
+        top = scores.top(n)
+        faith = evaluate_circuit(model, pairs, "logprob", top, runner=runner).faithfulness
+        if faith >= FAITHFUL or n >= total:
+            break
+        n = min(2 * n, total)
+    everything = Circuit(g, g.valid[..., None].expand(-1, -1, n_pos).clone())
+    found = acdc(model, pairs, "logprob", threshold=ACDC_THRESHOLD, candidates=everything, progress=False)
+    info = {"top_n": n, "top_n_faithfulness": faith, "acdc_edges": found.n_edges,
+            "acdc_faithfulness": found.info["faithfulness"], "edges_total": total}
+    return scores, {"top-n": top, "acdc": found}, info
+
+
+def random_scores(scores, *, seed: int):
+    """Control: Gaussian scores on the same edges (what the cell AUROC gives with no information)."""
+    from dataclasses import replace
+
+    noise = torch.randn(scores.scores.shape, generator=torch.Generator().manual_seed(seed))
+    return replace(scores, scores=noise * scores.graph.valid[..., None])
+
+
+def circuit_discovery(n: int) -> dict[str, dict]:
+    """Cell recovery of EAP-IG threshold circuits (ROC AUC), top-n and ACDC circuits (TPR/FPR), per organism."""
+    out = {}
+    for name, per_group in zip(ORGANISMS, (max(2, n // 4), n)):
+        model = load_model(f"organism:{name}")
+        groups = truth_groups(model, n=per_group)
+        runs = [discover(model, pairs) for _, pairs in groups]
+        truths = [cells for cells, _ in groups]
+        rec = cell_recovery(truths, [r[0] for r in runs], {k: [r[1][k] for r in runs] for k in ("top-n", "acdc")})
+        control = cell_recovery(truths, [random_scores(r[0], seed=i) for i, r in enumerate(runs)])
+        info = [r[2] for r in runs]
+        mean = lambda key: statistics.fmean(i[key] for i in info)  # noqa: E731
+        out[name] = {"auroc": rec.auc, "groups": len(groups), "cells": rec.n_cells, "true_cells": rec.n_true,
+                     "top_n": {"tpr": rec.tpr["top-n"], "fpr": rec.fpr["top-n"], "mean_n": mean("top_n"),
+                               "mean_faithfulness": mean("top_n_faithfulness")},
+                     "acdc": {"tpr": rec.tpr["acdc"], "fpr": rec.fpr["acdc"], "threshold": ACDC_THRESHOLD,
+                              "mean_edges": mean("acdc_edges"), "mean_faithfulness": mean("acdc_faithfulness")},
+                     "mean_edges_total": mean("edges_total"), "control_auroc": control.auc, "roc": rec.roc}
     return out
 
 
@@ -102,40 +170,69 @@ def _run(name: str, fn):
     return out, time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer prompts, 2 seeds, 9 controls")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[2] / "figures" / "organisms" /
-                                         "route_detection.json"), help="where to write every row as JSON ('' = nowhere)")
-    args = ap.parse_args()
-    torch.manual_seed(0)
-    n = 16 if args.quick else 64
-    patch, t_patch = _run("exact patching", lambda: localisation(exact_patching_effects, n))
-    atp_, t_atp = _run("AtP", lambda: localisation(atp_effects, n))
-    seeds = range(2) if args.quick else range(N_SEEDS)
-    rows, t_route = _run("routes", lambda: route_rows(9 if args.quick else 19, 200 if args.quick else 1000, seeds))
+PARTS = ("patching", "atp", "eapig", "circuits", "routes")
+
+
+def print_tables(loc: dict, secs: dict, circuits: dict | None, rows: list | None) -> None:
     print(f"{'method':<16} {'organism':<14} {'ROC AUC':>8} {'seconds':>8}")
-    for name, res, secs in (("exact patching", patch, t_patch), ("AtP", atp_, t_atp)):
-        for org, auc in (res or {}).items():
-            print(f"{name:<16} {org:<14} {auc:>8.3f} {secs:>8.1f}")
-    route_auroc = verdict_acc = None
+    for name, key in (("exact patching", "patching"), ("AtP", "atp"), ("EAP-IG", "eapig")):
+        for org, auc in (loc.get(key) or {}).items():
+            print(f"{name:<16} {org:<14} {auc:>8.3f} {secs[key]:>8.1f}")
+    if circuits:
+        print(f"\ncircuit discovery, scored on residual cells ({secs['circuits']:.0f}s)")
+        print(f"{'organism':<14} {'cells':>9} {'AUROC':>6} {'random':>6}  {'top-n TPR/FPR':>13} {'n':>6} {'faith':>5}  "
+              f"{'ACDC TPR/FPR':>12} {'edges':>6} {'faith':>5}")
+        for org, c in circuits.items():
+            t, a = c["top_n"], c["acdc"]
+            print(f"{org:<14} {c['true_cells']:>3}/{c['cells']:<5} {c['auroc']:>6.3f} {c['control_auroc']:>6.3f}  {t['tpr']:>6.2f}/{t['fpr']:<6.2f} "
+                  f"{t['mean_n']:>6.0f} {t['mean_faithfulness']:>5.2f}  {a['tpr']:>5.2f}/{a['fpr']:<6.2f} "
+                  f"{a['mean_edges']:>6.0f} {a['mean_faithfulness']:>5.2f}")
     if rows:
-        route_auroc, verdict_acc = route_metrics(rows)
         print(f"\n{'organism':<10} {'chunk':<6} {'concept':<8} {'truth':<8} {'score':>7} {'p':>6} verdict")
         for r in rows:
             print(f"{r['organism']:<10} {r['chunk']:<6} {r['concept']:<8} {'route' if r['is_route'] else 'rote':<8} "
                   f"{r['score']:>7.3f} {r['p']:>6.3f} {r['verdict']}")
-        print(f"routes: {len(rows)} queries in {t_route:.0f}s; route AUROC {route_auroc:.3f}, verdict accuracy "
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer prompts, 2 seeds, 9 controls")
+    ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run only these parts")
+    ap.add_argument("--out", default=None, help="where to write every row as JSON (default: figures/organisms/"
+                    "route_detection.json when every part ran; '' = nowhere)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    n = 16 if args.quick else 64
+    effects = {"patching": exact_patching_effects, "atp": atp_effects, "eapig": eapig_effects}
+    names = {"patching": "exact patching", "atp": "AtP", "eapig": "EAP-IG", "circuits": "circuit discovery",
+             "routes": "routes"}
+    seeds = range(2) if args.quick else range(N_SEEDS)
+    jobs = {**{k: (lambda f=f: localisation(f, n)) for k, f in effects.items()},
+            "circuits": lambda: circuit_discovery(n),
+            "routes": lambda: route_rows(9 if args.quick else 19, 200 if args.quick else 1000, seeds)}
+    res, secs = {}, {}
+    for part in PARTS:
+        res[part], secs[part] = _run(names[part], jobs[part]) if part in args.only else (None, 0.0)
+    rows, circuits = res["routes"], res["circuits"]
+    print_tables(res, secs, circuits, rows)
+    route_auroc = verdict_acc = None
+    if rows:
+        route_auroc, verdict_acc = route_metrics(rows)
+        print(f"routes: {len(rows)} queries in {secs['routes']:.0f}s; route AUROC {route_auroc:.3f}, verdict accuracy "
               f"{verdict_acc:.3f}")
     mean = lambda d: None if not d else round(sum(d.values()) / len(d), 4)  # noqa: E731
     final = {"route_auroc": None if route_auroc is None else round(route_auroc, 4),
              "verdict_accuracy": None if verdict_acc is None else round(verdict_acc, 4),
-             "patching_auroc": mean(patch), "atp_auroc": mean(atp_)}
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({**final, "patching": patch, "atp": atp_, "routes": rows,
-                                              "seconds": {"patching": t_patch, "atp": t_atp, "routes": t_route}},
-                                             indent=1) + "\n")
+             "patching_auroc": mean(res["patching"]), "atp_auroc": mean(res["atp"]), "eapig_auroc": mean(res["eapig"]),
+             "circuit_auroc": mean({k: v["auroc"] for k, v in circuits.items()}) if circuits else None}
+    out = args.out if args.out is not None else (
+        str(Path(__file__).resolve().parents[2] / "figures" / "organisms" / "route_detection.json")
+        if set(args.only) == set(PARTS) else "")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({**final, "quick": args.quick, "patching": res["patching"], "atp": res["atp"],
+                                         "eapig": res["eapig"], "circuits": circuits, "routes": rows,
+                                         "seconds": secs}, indent=1) + "\n")
     print(json.dumps(final))
 
 

@@ -12,7 +12,7 @@ signature.
    at layer 0; a cell is positive when byte ``j`` depends on that chunk (the codec's dependency map).
 2. **Fact organism** (:func:`fact_cells`): subject-swap pairs; cells are (prompt, layer, position) over
    :meth:`~recallscope.organisms.fact_store.FactTruth.resid_nodes`; positive when the node carries the
-   subject by construction.
+   subject by construction. :func:`truth_groups` gives either organism's (true cells, pairs) groups.
 3. Score with :func:`recallscope.attribution.scoring.roc_auc` (Mann-Whitney; ties count one half).
 
 **Edges and residual cells.** The truth is defined on residual cells (the residual stream entering block
@@ -28,8 +28,10 @@ is layer -1, the logits layer ``n_layers``; an MLP reading its own block's heads
    every receiver at block ``L`` or later, the part of its input that senders before ``L`` wrote at
    ``p``, so its effect is estimated by the sum of the scores of the edges crossing the cell (a cut
    through the residual stream; to first order exact, since the gradient of a cell is the sum of the
-   gradients of the receivers that read it). One EAP-IG run per prompt gives per-prompt cell effects,
-   scored by :func:`b64_cells` / :func:`fact_cells` like exact patching.
+   gradients of the receivers that read it; with integrated gradients on the inputs it equals node-level
+   IG at ``resid_pre``, :func:`~recallscope.attribution.atp.atp` with ``ig_steps``). One EAP-IG run per
+   prompt gives per-prompt cell effects, scored by :func:`b64_cells` / :func:`fact_cells` like exact
+   patching.
 5. **Circuits on cells** (:func:`cell_scores`, :func:`circuit_cells`, :func:`cell_recovery`): a circuit of
    per-position edges *uses* a cell when one of its edges crosses it; a cell's score is the largest
    ``|score|`` of the edges crossing it, so the threshold circuits ``|score| >= tau`` use exactly the
@@ -49,7 +51,6 @@ from recallscope.attribution.edges import Circuit, EdgeScores
 from recallscope.attribution.graph import Graph
 from recallscope.attribution.scoring import roc_auc, roc_curve
 from recallscope.errors import ConfigError
-
 from recallscope.organisms.b64_decoder import dependency_pairs
 from recallscope.organisms.fact_store import subject_swap_pairs
 from recallscope.tasks.pairs import PromptPair

@@ -198,10 +198,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer prompts, 2 seeds, 9 controls")
     ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run only these parts")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (the organisms are tiny: one is fastest)")
     ap.add_argument("--out", default=None, help="where to write every row as JSON (default: figures/organisms/"
                     "route_detection.json when every part ran; '' = nowhere)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     n = 16 if args.quick else 64
     effects = {"patching": exact_patching_effects, "atp": atp_effects, "eapig": eapig_effects}
     names = {"patching": "exact patching", "atp": "AtP", "eapig": "EAP-IG", "circuits": "circuit discovery",

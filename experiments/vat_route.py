@@ -13,6 +13,10 @@ T. This script runs recallscope's route analysis on SmolLM2 end to end and write
    the acronyms and expansions "VA" begins (VAT, Virginia, Veterans Affairs...).
 4. The acronym sweep: every lexicon acronym the model expands (first word in its top 3), route verdicts
    of the expansion's concepts.
+5. The chunk sweep: base64-like two-letter chunks ("VA", "NA", "TA", ...) in "XY==" decoding prompts,
+   route verdicts of the acronyms they begin (NATO, NASA, RAM...) and their expansions.
+
+``summary.json`` is rewritten after every stage, so an interrupted run keeps what it finished.
 
     python experiments/vat_route.py                 # full run
     python experiments/vat_route.py --stride 5      # faster, coarser layers
@@ -32,6 +36,7 @@ from recallscope.plotting import export_all
 from recallscope.routes import RouteConfig, route_report
 from recallscope.routes.acronyms import acronym_query, chunk_query, known_acronyms
 from recallscope.routes.concepts import Concept, ConceptSource, model_candidates
+from recallscope.routes.scores import input_span
 
 
 def top_tokens(model, prompt: str, k: int = 8) -> list[tuple[str, float]]:
@@ -62,6 +67,8 @@ def main() -> None:
     ap.add_argument("--stride", type=int, default=2, help="layer spacing of the intervention windows")
     ap.add_argument("--n-controls", type=int, default=19)
     ap.add_argument("--max-acronyms", type=int, default=8, help="acronyms in the sweep (0 = skip it)")
+    ap.add_argument("--chunks", default="VA,NA,TA,RA,SA,MA", help="chunks of the chunk sweep ('' = skip it)")
+    ap.add_argument("--sweep-stride", type=int, default=3, help="layer spacing in the two sweeps")
     args = ap.parse_args()
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -75,12 +82,12 @@ def main() -> None:
 
     acronym_targets = [" Value", " value", " tax", " Tax", " VAT", " added"]
     save(lens_trajectory(model, vat_q.prompts[0], acronym_targets), out, "lens_vat_last", notes)
-    vat_pos = model.to_tokens(vat_q.prompts[0])[0].tolist().index(model.tokenizer.encode(" VAT")[-1])
+    vat_pos = input_span(model, vat_q.prompts[0], vat_q.input)[1][1] - 1
     save(lens_trajectory(model, vat_q.prompts[0], acronym_targets, position=vat_pos), out, "lens_vat_token", notes)
     save(lens_trajectory(model, vat_q.prompts[0], acronym_targets, position=vat_pos, lens=Patchscope(model)), out,
          "patchscope_vat_token", notes)
     chunk_targets = ["T", " T", " VAT", " Virginia", " value", " tax"]
-    va_pos = model.to_tokens(chunk_q.prompts[0])[0].tolist().index(model.tokenizer.encode("VA")[-1])
+    va_pos = input_span(model, chunk_q.prompts[0], chunk_q.input)[1][1] - 1
     save(lens_trajectory(model, chunk_q.prompts[0], chunk_targets, position=va_pos), out, "lens_va_chunk", notes)
     save(lens_trajectory(model, chunk_q.prompts[0], chunk_targets, position=va_pos, lens=Patchscope(model)), out,
          "patchscope_va_chunk", notes)
@@ -95,21 +102,38 @@ def main() -> None:
     save(chunk, out, "routes_va_chunk", notes)
     notes["routes_va_chunk"] = {"clean_logprob": chunk.clean.tolist(), "total_effect": chunk.total_effect.tolist(),
                                 "routes": route_rows(chunk)}
+    write(out, notes, t0)
 
-    if args.max_acronyms:
-        sweep = []
-        for known in known_acronyms(model)[: args.max_acronyms]:
-            q, c = acronym_query(known)
-            rep = route_report(model, q, c, config=RouteConfig(n_controls=args.n_controls, stride=max(3, args.stride),
-                                                               mediation=False))
-            rep.save(out / "results" / f"acronym_{known.acronym}")
-            sweep.append({"acronym": known.acronym, "expansion": known.expansion, "output": known.output,
-                          "output_rank": known.rank, "total_effect": float(rep.total_effect.nanmean()),
-                          "verdict": rep.verdict(), "routes": route_rows(rep)})
-        notes["acronym_sweep"] = sweep
-    notes["seconds"] = time.perf_counter() - t0
-    atomic_write_text(out / "summary.json", json.dumps(notes, indent=1, default=str))
+    sweep_config = RouteConfig(n_controls=args.n_controls, stride=args.sweep_stride, mediation=False)
+    notes["acronym_sweep"] = []
+    for known in known_acronyms(model)[: args.max_acronyms]:
+        q, c = acronym_query(known)
+        rep = route_report(model, q, c, config=sweep_config)
+        rep.save(out / "results" / f"acronym_{known.acronym}")
+        notes["acronym_sweep"].append({"acronym": known.acronym, "expansion": known.expansion, "output": known.output,
+                                       "output_rank": known.rank, **sweep_row(rep)})
+        write(out, notes, t0)
+    notes["chunk_sweep"] = []
+    for name in filter(None, args.chunks.split(",")):
+        q, c = chunk_query(name)
+        if not c:
+            continue
+        rep = route_report(model, q, c[:6], config=sweep_config)
+        rep.save(out / "results" / f"chunk_{name}")
+        notes["chunk_sweep"].append({"chunk": name, "output": q.output, **sweep_row(rep)})
+        write(out, notes, t0)
     print(json.dumps({k: notes[k] for k in ("model_says", "seconds")}, default=str))
+
+
+def sweep_row(rep) -> dict:
+    return {"clean_logprob": [round(float(v), 3) for v in rep.clean],
+            "total_effect": round(float(rep.total_effect.nanmean()), 3), "verdict": rep.verdict(),
+            "routes": route_rows(rep)}
+
+
+def write(out: Path, notes: dict, t0: float) -> None:
+    notes["seconds"] = round(time.perf_counter() - t0, 1)
+    atomic_write_text(out / "summary.json", json.dumps(notes, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ def test_compare_human_scores_every_card(result, tmp_path):
         assert float(s[0, SCORES.index("string")]) == pytest.approx(similarity(row["term"], " " + row["keyword"]))
         assert row["keyword_effect"] == pytest.approx(float(s[0, 0]))
         assert len(row["own"]) == 2
+        assert len(row["alternatives"]) <= 4 and row["term"] not in row["alternatives"]
+        assert (row["term_effect"] != row["term_effect"]) == (not row["alternatives"])  # NaN iff none
     summary = res.summary()
     for score in SCORES:
         stats = summary["agreement"][score]["all"]
@@ -69,14 +71,14 @@ def test_cli_reports_malformed_cards(tmp_path, capsys):
     assert f"{bad}:2:" in err and "3 to 5 tab-separated fields" in err
 
 
-def _same_shape_preps(model, terms, outputs, n_out=3):
+def _same_shape_preps(model, terms, outputs, n_out=3, alternatives=None):
     from recallscope.routes.batched import shape_key
     from recallscope.routes.scores import RouteQuery, prepare_prompt
 
     preps = []
-    for term, out in zip(terms, outputs):
+    for term, out, alts in zip(terms, outputs, alternatives or [()] * len(terms)):
         prompt = f'The word "{term}" means'
-        preps.append(prepare_prompt(model, prompt, RouteQuery((prompt,), term, out), max_output_tokens=n_out,
+        preps.append(prepare_prompt(model, prompt, RouteQuery((prompt,), term, out, alts), max_output_tokens=n_out,
                                     n_alternatives=0, seed=0))
     assert len({shape_key(p) for p in preps}) == 1, "the test prompts must share one shape"
     return preps
@@ -90,8 +92,11 @@ def test_batched_runner_matches_one_span_runner_per_prompt(tiny_llama):
     from recallscope.routes.batched import BatchRunner
     from recallscope.routes.scores import SpanRunner, ablation_attribution, ablation_exact, readout_ranks
 
+    from recallscope.routes.scores import alternative_runs
+
     model = tiny_llama
-    preps = _same_shape_preps(model, ["cat", "dog", "sun"], [" a small pet animal", " a loyal pet", " the star we see"])
+    preps = _same_shape_preps(model, ["cat", "dog", "sun"], [" a small pet animal", " a loyal pet", " the star we see"],
+                              alternatives=(("dog", "sun"), ("sun",), ()))
     stack = build_stack(model)
     n, d = stack.n_layers, stack.d_model
     gen = torch.Generator().manual_seed(0)
@@ -103,9 +108,13 @@ def test_batched_runner_matches_one_span_runner_per_prompt(tiny_llama):
     ablated = batch.ablation(own, own_absent, batch_size=5)  # rows split over chunks across prompts
     attr_shared, attr_own = batch.attribution(shared, shared_absent), batch.attribution(own, own_absent)
     lens = LogitLens(model)
+    total = batch.total_effect(batch_size=2)
+    assert torch.isnan(total[2])  # no alternatives
     for b, prep in enumerate(preps):
         ref = SpanRunner(stack, prep)
         assert float(batch.clean[b]) == pytest.approx(ref.clean, abs=1e-5)
+        if prep.alt_tokens.shape[0]:
+            assert float(total[b]) == pytest.approx(float(ref.clean - alternative_runs(ref)[1].mean()), abs=1e-4)
         torch.testing.assert_close(batch.states[:, b], ref.states[:, 0], atol=1e-5, rtol=1e-5)
         with torch.no_grad():
             want = ablation_exact(ref, own[b], own_absent[b], (0,), n, 64)[:, 0]
@@ -199,6 +208,8 @@ def test_low_overlap_agreement_and_term_alternatives(result, tiny_gpt2):
     res, cards = result
     low = res.summary()["agreement_low_overlap"]
     assert low["max_common_letters"] == 3 and "string" not in low
+    recalled = res.summary()["agreement_recalled"]["causal"]["all"]
+    assert recalled["n_cards"] == sum(r["term_effect"] >= 0.5 for r in res.rows)
     keep = [i for i, r in enumerate(res.rows) if common_run(r["term"], r["keyword"]) <= 3]
     assert low["causal"]["all"]["n_cards"] == len(keep)
     if keep:

@@ -59,10 +59,9 @@ def _cmd_compare_human(args: argparse.Namespace) -> int:
     with record.timed("examples"):
         for row in summary["examples_best"][: args.examples]:
             card = by_term[row["term"]]
-            alternatives = term_alternatives(model, card, cards)
+            alternatives = row.get("alternatives") or term_alternatives(model, card, cards)
             report = card_route_report(model, card, concepts=[o["concept"] for o in row["own"][:1]],
                                        alternatives=alternatives)
-            row["alternatives"] = list(alternatives)
             row["route_report"] = report.summary()["routes"]
             _write_figure(report.plot(), out / "examples" / row["term"], record)
     summary["timings_s"] = dict(record.data["timings_s"])
@@ -72,6 +71,10 @@ def _cmd_compare_human(args: argparse.Namespace) -> int:
         if stats.get("n_cards"):
             print(f"{link:>7}: {stats['n_cards']} cards, human keyword percentile {stats['mean_percentile']:.3f} "
                   f"(chance 0.5, p={stats['p_value']:.3g}), top-1 {stats['top1']:.3f} (chance {stats['top1_chance']:.3f})")
+    recalled = summary["agreement_recalled"]["causal"]["all"]
+    if recalled.get("n_cards"):
+        print(f"recalled (term effect >= {summary['agreement_recalled']['min_term_effect']} nats): "
+              f"{recalled['n_cards']} cards, percentile {recalled['mean_percentile']:.3f} (p={recalled['p_value']:.3g})")
     print(f"summary: {out / 'summary.json'}; manifest: {record.write()}")
     return 0
 

@@ -18,6 +18,8 @@ them (a CPU forward of a few tokens is bound by reading the weights, not by arit
    keys/values. Effect = ``M_clean - M_ablated``.
 4. **Readout and similarity** per prompt from its hidden states
    (:func:`~recallscope.routes.scores.readout_ranks`).
+5. **Total effect** (:meth:`BatchRunner.total_effect`): ``M_clean - mean_alt M_alt`` over each prompt's
+   alternative inputs (``PreparedPrompt.alt_tokens``), as in :func:`~recallscope.routes.scores.score_prompt`.
 """
 
 from typing import Any, Sequence
@@ -57,6 +59,7 @@ class BatchRunner:
         self.span = preps[0].span
         self.read = preps[0].read
         tokens = torch.cat([p.tokens for p in preps])
+        self.alt_tokens = [p.alt_tokens for p in preps]
         self.targets = torch.stack([p.targets for p in preps])
         n_layers, (b, n_pos) = self.stack.n_layers, tokens.shape
         deltas = torch.zeros(n_layers, b, n_pos, self.stack.d_model, requires_grad=True)
@@ -119,3 +122,22 @@ class BatchRunner:
                                    read_pos=self.read, unembed=False)
                 out[rows] = self.clean[who] - self.score(final, self.targets[who])
         return out.view(b, k)
+
+    def total_effect(self, *, batch_size: int = 64) -> Float[Tensor, " batch"]:
+        """``M_clean - mean_alt M_alt`` per prompt over its alternative inputs (NaN for a prompt without any)."""
+        owner = torch.tensor([b for b, alts in enumerate(self.alt_tokens) for _ in range(alts.shape[0])], dtype=torch.long)
+        out = torch.full((len(self.alt_tokens),), float("nan"))
+        if not len(owner):
+            return out
+        tokens = torch.cat(list(self.alt_tokens))
+        metric = torch.zeros(len(owner))
+        positions = torch.arange(tokens.shape[1])
+        with torch.no_grad():
+            for start in range(0, len(owner), batch_size):
+                rows = slice(start, start + batch_size)
+                final, _ = forward(self.stack, self.stack.embed(tokens[rows], positions), read_pos=self.read,
+                                   unembed=False)
+                metric[rows] = self.score(final, self.targets[owner[rows]])
+        for b in owner.unique().tolist():
+            out[b] = self.clean[b] - metric[owner == b].mean()
+        return out

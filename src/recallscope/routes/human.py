@@ -24,13 +24,17 @@ keyword people use to remember it ("capricious" -> "car prices")?
 5. The model's own top concepts: every pool concept's attribution effect on every card, standardised per
    concept across cards (a direction that disrupts every definition is not a route for any one term),
    the top ``own_top`` z-scores per card kept (first-order estimates, labelled as such).
-6. Agreement per score, overall and by link type (:mod:`.agreement`), in :class:`HumanComparison`.
+6. Term effect: the definition's log-prob with the term minus its mean with ``n_alternatives`` other
+   cards' terms of the same token shape in its place. Cards with a term effect of at least
+   ``min_term_effect`` are "recalled": the model's definition depends on the term, so a route can exist.
+7. Agreement per score, overall and by link type (:mod:`.agreement`), in :class:`HumanComparison`; also
+   on the recalled cards and on cards whose keyword shares at most 3 consecutive letters with the term.
 """
 
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -94,7 +98,13 @@ class HumanConfig:
     batch_size: int = 64
     """Sequences per forward batch (ablation rows = cards x candidates)."""
     cards_per_batch: int = 16
-    """Cards of one token shape scored together (one checkpoint chunk); only speed depends on it."""
+    """Cards of one token shape scored together; only speed depends on it."""
+    n_alternatives: int = 4
+    """Other cards' terms of the same token shape put in place of the term: the term's total effect on
+    its definition (``term_effect`` = clean log-prob minus their mean)."""
+    min_term_effect: float = 0.5
+    """Cards whose term raises its definition's log-prob by at least this (nats) over other terms are
+    "recalled"; the summary reports agreement on them separately and draws worked examples from them."""
 
     def __post_init__(self) -> None:
         if "{term}" not in self.template:
@@ -136,37 +146,54 @@ class HumanComparison:
                                    f"cards and {len(SCORES)} score types.")
 
     def agreement(self, score: str = "causal", link: LinkType | str | None = None, *,
-                  max_overlap: int | None = None) -> dict[str, Any]:
+                  max_overlap: int | None = None, min_term_effect: float | None = None) -> dict[str, Any]:
         """Agreement statistics (:func:`~recallscope.routes.agreement.agreement`) for one score, optionally
-        only for cards of one link type, and only for cards whose keyword shares at most ``max_overlap``
-        consecutive letters with the term (:func:`~recallscope.routes.text.common_run`)."""
+        only for cards of one link type, cards whose keyword shares at most ``max_overlap`` consecutive
+        letters with the term (:func:`~recallscope.routes.text.common_run`), and cards whose term raises
+        its definition's log-prob by at least ``min_term_effect`` nats over other terms."""
         if score not in SCORES:
             raise ConfigError(f"unknown score {score!r}; use one of {SCORES}.")
-        keep = [i for i, r in enumerate(self.rows) if (link is None or r["link"] == LinkType(link).value)
-                and (max_overlap is None or common_run(r["term"], r["keyword"]) <= max_overlap)]
+        keep = [i for i in range(len(self.rows)) if self._keep(self.rows[i], link, max_overlap, min_term_effect)]
         values = self.scores[keep, :, SCORES.index(score)] if keep else self.scores[:0, :, 0]
         cfg = self.config
         return agreement(values, ks=tuple(cfg.get("top_k", (1, 3))), n_perm=int(cfg.get("n_perm", 10000)),
                          seed=int(cfg.get("seed", 0)))
 
+    @staticmethod
+    def _keep(row: dict[str, Any], link: LinkType | str | None, max_overlap: int | None,
+              min_term_effect: float | None) -> bool:
+        return ((link is None or row["link"] == LinkType(link).value)
+                and (max_overlap is None or common_run(row["term"], row["keyword"]) <= max_overlap)
+                and (min_term_effect is None or row.get("term_effect", float("nan")) >= min_term_effect))
+
     def summary(self, *, examples: int = 8, max_overlap: int = 3) -> dict[str, Any]:
-        """JSON-ready summary: agreement per score and link type (all cards, and only cards whose keyword
-        shares at most ``max_overlap`` consecutive letters with the term, so that it cannot carry the
-        term's own sub-word tokens), counts, and worked examples."""
+        """JSON-ready summary: agreement per score and link type on all cards, on the "recalled" cards
+        (term effect >= ``config["min_term_effect"]``), and on cards whose keyword shares at most
+        ``max_overlap`` consecutive letters with the term (so that it cannot carry the term's own
+        sub-word tokens); counts; worked examples (the recalled cards where the human keyword's causal
+        effect most exceeds its controls' median, and the cards where it falls furthest below)."""
         by_link = {"all": None, "sound": LinkType.SOUND, "meaning": LinkType.MEANING}
+        min_te = float(self.config.get("min_term_effect", 0.5))
         table = {s: {name: self.agreement(s, link) for name, link in by_link.items()} for s in SCORES}
+        model_scores = [s for s in SCORES if s != "string"]
         low = {s: {name: self.agreement(s, link, max_overlap=max_overlap) for name, link in by_link.items()}
-               for s in SCORES if s != "string"}
+               for s in model_scores}
+        recalled = {s: {name: self.agreement(s, link, min_term_effect=min_te) for name, link in by_link.items()}
+                    for s in model_scores}
         causal = self.scores[:, :, 0]
         order = torch.argsort(-(causal[:, 0] - causal[:, 1:].median(1).values)).tolist()
+        best = [i for i in order if self._keep(self.rows[i], None, None, min_te)] or order
+        te = torch.tensor([r.get("term_effect", float("nan")) for r in self.rows])
         return {
             "n_cards_scored": len(self.rows), "n_cards_skipped": len(self.skipped),
             "links": {l.value: sum(r["link"] == l.value for r in self.rows) for l in LinkType},
+            "term_effect_median": float(te.nanmedian()), "n_cards_recalled": int((te >= min_te).sum()),
             "agreement": table,
+            "agreement_recalled": {"min_term_effect": min_te, **recalled},
             "agreement_low_overlap": {"max_common_letters": max_overlap, **low},
             "string_vs_causal_spearman": _spearman(self.scores[..., SCORES.index("string")].flatten(),
                                                    causal.flatten()),
-            "examples_best": [self.rows[i] for i in order[:examples]],
+            "examples_best": [self.rows[i] for i in best[:examples]],
             "examples_worst": [self.rows[i] for i in order[::-1][:max(2, examples // 4)]],
             "config": self.config, "timings_s": self.manifest.get("timings_s", {}),
         }
@@ -256,6 +283,7 @@ class _Item:
     names: tuple[str, ...]
     prep: PreparedPrompt
     definition: str
+    alternatives: tuple[str, ...] = ()
 
 
 def _plan(model: Any, kept: Sequence[Card], sh: _Shared, config: HumanConfig
@@ -276,7 +304,26 @@ def _plan(model: Any, kept: Sequence[Card], sh: _Shared, config: HumanConfig
         prep = prepare_prompt(model, prompt, RouteQuery((prompt,), card.term, definition),
                               max_output_tokens=config.definition_tokens, n_alternatives=0, seed=config.seed)
         items.append(_Item(card, torch.tensor([sh.index[n] for n in names]), names, prep, definition))
-    return items, skipped
+    return _with_alternatives(items, config.n_alternatives), skipped
+
+
+def _with_alternatives(items: list[_Item], n: int) -> list[_Item]:
+    """Each item's prompt with the terms of the next ``n`` items of its token shape (cyclically) in place of
+    its own term: alternative inputs with the same tokens around the span."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(shape_key(item.prep), []).append(i)
+    out = list(items)
+    for idx in groups.values():
+        for j, i in enumerate(idx):
+            s, e = items[i].prep.span
+            others = [items[idx[(j + d) % len(idx)]] for d in range(1, min(n, len(idx) - 1) + 1)]
+            alt = items[i].prep.tokens.repeat(len(others), 1)
+            for row, other in enumerate(others):
+                alt[row, s:e] = other.prep.tokens[0, s:e]
+            out[i] = replace(items[i], prep=replace(items[i].prep, alt_tokens=alt),
+                             alternatives=tuple(o.card.term for o in others))
+    return out
 
 
 def _batches(items: Sequence[_Item], size: int) -> list[list[int]]:
@@ -303,6 +350,7 @@ def _batch_scores(model: Any, batch: Sequence[_Item], sh: _Shared, lens: LogitLe
     with torch.no_grad():
         causal = runner.ablation(unit, absent, batch_size=config.batch_size)  # [card, slot]
     attr = runner.attribution(unit, absent)  # [card, slot, layer]
+    term_effect = runner.total_effect(batch_size=config.batch_size)
     last = runner.span[1] - 1
     scores, rows = [], []
     for b, it in enumerate(batch):
@@ -314,6 +362,7 @@ def _batch_scores(model: Any, batch: Sequence[_Item], sh: _Shared, lens: LogitLe
         rows.append({"term": it.card.term, "keyword": it.card.primary.text, "link": it.card.primary.link.value,
                      "rule": it.card.primary.rule, "line": it.card.line, "mnemonic": it.card.mnemonic,
                      "definition": it.definition.strip(), "definition_logprob": float(runner.clean[b]),
+                     "term_effect": float(term_effect[b]), "alternatives": list(it.alternatives),
                      "keyword_effect": float(c[0]), "controls": [n.strip() for n in it.names[1:]],
                      "control_effect_median": float(c[1:].median()), "keyword_rank": int((c[1:] > c[0]).sum())})
     profile = attr[:, 0] - attr[:, 1:].median(1).values

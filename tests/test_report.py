@@ -3,6 +3,7 @@
 The browser tests skip cleanly when no Chromium is installed (``apt-get install -y chromium``).
 """
 
+import json
 import os
 import shutil
 import struct
@@ -47,7 +48,8 @@ def report(tmp_path_factory) -> Path:
     sections = [
         Section("Layer by position", "Patching <b>heatmap</b> & friends.", _result(("layer", "pos"), 0).plot(),
                 [{"layer": 2, "note": "<i>peak</i>"}]),
-        Section("Heads", "One panel per head.", _result(("layer", "head", "pos"), 1).plot()),
+        Section("Heads", "One panel per head.", _result(("layer", "head", "pos"), 1).plot(),
+                figures=(_result(("layer", "pos"), 2).plot(),)),
         Section("Only a table", "No figure here.", None, [{"a": 1}]),
     ]
     return write_report(tmp_path_factory.mktemp("report") / "report.html", "Report <test>", sections, footer="made by a test")
@@ -130,7 +132,8 @@ def test_report_is_self_contained_and_escaped(report):
     page = report.read_text(encoding="utf-8")
     assert page.count(get_plotlyjs()[:3000]) == 1, "plotly.js must be embedded exactly once"
     assert 'src="https://' not in page and "src='http" not in page
-    assert page.count("Plotly.newPlot") == 2
+    assert page.count("Plotly.newPlot") == 3
+    assert page.count("<div class='figs'>") == 2, "one figure row per section with figures"
     assert "<title>Report &lt;test&gt;</title>" in page and "Patching &lt;b&gt;heatmap&lt;/b&gt; &amp; friends." in page
     assert "<td>&lt;i&gt;peak&lt;/i&gt;</td>" in page
     assert page.count("<li><a href='#s") == 3 and "id='s3'" in page
@@ -144,8 +147,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     proc = _browser(report, tmp_path, "--dump-dom")
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
-    assert dom.count('class="main-svg"') >= 4, "plotly did not draw both figures (no .main-svg elements)"
-    assert dom.count('class="hm"') + dom.count("heatmaplayer") >= 2, "no heatmap layers were drawn"
+    assert dom.count('class="main-svg"') >= 6, "plotly did not draw the three figures (no .main-svg elements)"
+    assert dom.count('class="hm"') + dom.count("heatmaplayer") >= 3, "no heatmap layers were drawn"
     assert "␣tok3·3" in dom  # token labels are rendered as text
 
 
@@ -163,3 +166,89 @@ def test_report_screenshot_shows_coloured_figures(report, tmp_path):
     red = ((rgb[..., 0] - rgb[..., 2]) > 60).mean()
     blue = ((rgb[..., 2] - rgb[..., 0]) > 60).mean()
     assert red > 0.01 and blue > 0.01, "a diverging heatmap shows both signs"
+
+
+# ------------------------------------------------------------------------------------------ the demo
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory, tiny_gpt2):
+    """The whole demo on a random 2-layer model (it recalls no fact) with the shipped organisms, sized down."""
+    from recallscope.demo import DemoConfig, run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    config = DemoConfig(model="tiny-gpt2", n_cards=3, card_controls=2, b64_per_byte=2, organisms=("route-s0",),
+                        organism_chunks=("VA", "TA"), organism_controls=3, png=False)
+    return out, run_demo(out, config, model=tiny_gpt2)
+
+
+def test_demo_writes_every_section_with_its_numbers(tiny_demo):
+    from recallscope.organisms.figures import B64DependencyMap
+    from recallscope.routes.human import HumanComparison
+
+    out, summary = tiny_demo
+    page = (out / "report.html").read_text(encoding="utf-8")
+    for title in ("Facts the model recalls", "Fact recall: skipped", "Routes: acronyms", "Routes: human mnemonic cards",
+                  "Base64 organism: tokens, bits and bytes", "Base64 organism: exact patching vs the ground truth",
+                  "Mnemonic organisms: route vs rote"):
+        assert f">{title}</h2>" in page, title
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary, default=str))
+    b64 = summary["b64_organism"]
+    assert b64 == B64DependencyMap.load(out / "b64_dependency").summary() and b64["roc_auc"] == 1.0
+    assert f"ROC AUC {b64['roc_auc']:.3f}" in page  # the explanation quotes the measured number
+    human = HumanComparison.load(out / "human_cards")
+    assert summary["human_cards"]["n_cards"] == len(human.rows) == 3
+    assert summary["human_cards"]["source"] == "shipped sample cards"
+    rows = summary["organism_routes"]
+    assert [r["chunk"] for r in rows] == ["VA", "TA"]
+    assert all(r["organism"] == "route-s0" and r["is_route"] for r in rows)
+    assert set(summary["timings_s"]) >= {"fact recall", "human mnemonic cards", "base64 organism",
+                                         "route vs rote organisms"}
+    assert not list(out.glob("*.png")), "png=False writes no PNGs"
+
+
+def test_demo_fact_sections_on_a_tiny_model(tiny_gpt2, tmp_path):
+    """Patching, AtP (and its agreement with patching), DLA, the EAP-IG circuit and the noise traces, on
+    counterfactual capital pairs a random model does not know (the code paths, cheaply)."""
+    from recallscope import demo
+    from recallscope.attribution import atp, fact_pairs
+    from recallscope.tasks.facts import load_builtin_facts
+
+    facts = load_builtin_facts(["capital"])
+    pairs = fact_pairs(tiny_gpt2, facts, n_pairs=3, seed=0)
+    rep = demo._Report(tmp_path, png=False)
+    exact = demo._patching(tiny_gpt2, pairs, rep)
+    demo._attribution(tiny_gpt2, pairs, exact, rep)
+    cfg = demo.DemoConfig(n_trace=2, samples=1, ig_steps=2, top_edges=20)
+    demo._circuit(tiny_gpt2, pairs, cfg, rep)
+    demo._noise(tiny_gpt2, facts[:2], cfg, rep)
+    titles = [s.title for s in rep.sections]
+    assert titles[:4] == ["Activation patching: where the answer is decided", "Attribution patching (AtP): every site "
+                          "at once", "Direct logit attribution: who writes the answer", "The circuit (EAP-IG)"]
+    assert [t for t in titles if t.startswith("Noise trace")] == ["Noise trace: residual stream",
+                                                                  "Noise trace: MLP outputs",
+                                                                  "Noise trace: attention outputs"]
+    assert all(s.all_figures() for s in rep.sections)
+    estimate = atp(tiny_gpt2, pairs, "logit_diff", components=["resid_pre"], progress=False).mean("resid_pre")
+    r = float(torch.corrcoef(torch.stack([exact.effect().mean().flatten(), estimate.flatten()]))[0, 1])
+    assert rep.summary["atp"]["pearson_r_vs_exact_resid_pre"] == pytest.approx(r, abs=1e-4)
+    circuit = rep.summary["circuit"]
+    assert circuit["requested"] == 20 and 0 < circuit["edges"] <= 20
+    assert f"{circuit['edges']} edges over {circuit['nodes']} nodes" in rep.sections[3].explanation
+    for name in ("patching_resid_pre", "atp", "dla", "trace_resid_post", "trace_mlp_out", "trace_attn_out", "knockout"):
+        assert (tmp_path / name / "manifest.json").is_file(), name
+
+
+@needs_chromium
+def test_demo_report_png_and_rendering(tiny_demo, tmp_path):
+    """A figure's PNG is a real image; the demo page draws every figure in headless Chromium."""
+    from recallscope import demo
+
+    out, _ = tiny_demo
+    rep = demo._Report(tmp_path, png=True)
+    rep.add("t", "e", {"fig": _result(("layer", "pos"), 3).plot()})
+    rgb = png_rgb((tmp_path / "fig.png").read_bytes()).astype(int)
+    assert rgb.shape[0] >= 300 and rgb.shape[1] >= 400 and (rgb.max(-1) - rgb.min(-1) > 60).mean() > 0.05
+    page = (out / "report.html").read_text(encoding="utf-8")
+    proc = _browser(out / "report.html", tmp_path, "--dump-dom")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    n_figures = page.count("Plotly.newPlot")
+    assert n_figures >= 6 and proc.stdout.count('class="main-svg"') >= 2 * n_figures

@@ -12,35 +12,23 @@
 
 from pathlib import Path
 
-import plotly.graph_objects as go
 import torch
 
 from recallscope import load_model
 from recallscope.organisms import ground_truth
-from recallscope.organisms.b64_decoder import dependency_pairs
 from recallscope.organisms.core import deterministic
 from recallscope.organisms.fact_store import subject_swap_pairs
-from recallscope.organisms.recipes import WEIGHTS_DIR, recipes
+from recallscope.organisms.figures import b64_dependency_map, mnemonic_checks_figure
 from recallscope.organisms.scoring import exact_patching_effects
-from recallscope.organisms.store import read_config
-from recallscope.plotting import apply_style, export_all, heatmap
+from recallscope.plotting import export_all, heatmap
 
 OUT = Path(__file__).resolve().parents[2] / "figures" / "organisms"
 
 
 def b64_figures(n_bytes: int = 9, n: int = 32) -> None:
-    model = load_model("organism:b64-decoder")
-    truth = ground_truth(model)
-    pairs = dependency_pairs(n_bytes, n, seed=1)
-    chunk_pos = [1 + i for i in range(truth.n_chunks)]
-    effects = torch.stack([exact_patching_effects(model, pairs[j * n:(j + 1) * n], layers=[0], positions=chunk_pos)
-                           [:, 0].mean(0) for j in range(n_bytes)])
-    cols = [f"chunk {i} (chars {2 * i}-{2 * i + 1})" for i in range(truth.n_chunks)]
-    rows = [f"byte {j}" for j in range(n_bytes)]
-    export_all(heatmap(truth.dependency(n_bytes).float(), cols, rows, title="b64-decoder ground truth: byte j "
-                       "depends on chunk i", colorbar_title="depends"), OUT / "b64_truth")
-    export_all(heatmap(effects, cols, rows, title="b64-decoder: exact patching, drop in log p(byte) when the "
-                       "chunk is swapped", colorbar_title="nats"), OUT / "b64_patching")
+    result = b64_dependency_map(load_model("organism:b64-decoder"), n_bytes, n, seed=1)
+    export_all(result.plot_truth(), OUT / "b64_truth")
+    export_all(result.plot(), OUT / "b64_patching")
 
 
 def fact_figures(n: int = 64) -> None:
@@ -62,16 +50,7 @@ def fact_figures(n: int = 64) -> None:
 
 
 def mnemonic_figure() -> None:
-    names = [n for n in recipes() if n.startswith(("route", "rote"))]
-    metrics = {n: read_config(WEIGHTS_DIR / n)["metrics"] for n in names}
-    fig = go.Figure()
-    for key, label in (("decode_test", "decode of the 16 test chunks (never trained directly in route models)"), ("swap_follow", "concept swap followed"),
-                       ("kind_transplant", "chunk carries its concept's kind")):
-        fig.add_trace(go.Bar(x=names, y=[metrics[n][key] for n in names], name=label))
-    apply_style(fig, title="Mnemonic organisms: route models decode through the concept, rote models do not")
-    fig.update_yaxes(title="share of prompts", range=[0, 1.05])
-    fig.update_layout(barmode="group")
-    export_all(fig, OUT / "mnemonic_checks")
+    export_all(mnemonic_checks_figure(), OUT / "mnemonic_checks")
 
 
 def main() -> None:

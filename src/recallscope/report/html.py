@@ -1,7 +1,7 @@
 """Write one self-contained HTML page (works offline) from titled, explained figures.
 
-1. Each :class:`Section` becomes a heading (with an anchor), its explanation, its figure and its table;
-   a contents list links the sections when there are more than two.
+1. Each :class:`Section` becomes a heading (with an anchor), its explanation, its figures (one under the
+   other) and its table; a contents list links the sections when there are more than two.
 2. plotly.js is embedded once, with the first figure; later figures reuse it, so the page opens offline
    and carries one copy of the library. Text (titles, explanations, table cells) is HTML-escaped.
 3. The page is written atomically (temporary file + rename).
@@ -20,18 +20,29 @@ body{font-family:Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;pad
 h1{font-size:1.6em} h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}
 p.expl{line-height:1.45} table{border-collapse:collapse} td,th{padding:.2em .6em;border-bottom:1px solid #eee}
 .meta{color:#666;font-size:.85em} nav ol{line-height:1.5}
+.figs>div{margin-bottom:1em;overflow-x:auto}
 """
 _FIGURE_CONFIG = {"displaylogo": False, "responsive": True}
 
 
 @dataclass(frozen=True)
 class Section:
-    """One report section: a title, a short explanation, an optional figure and an optional table."""
+    """One report section: a title, a short explanation, optional figures and an optional table."""
 
     title: str
+    """Heading (also the contents entry)."""
     explanation: str
+    """Plain-language paragraph under the heading (escaped; no HTML)."""
     figure: Any = None
+    """The main plotly figure, or None."""
     table: list[dict[str, Any]] = field(default_factory=list)
+    """Rows (dicts with the same keys) shown as a table under the figures."""
+    figures: tuple[Any, ...] = ()
+    """Further figures shown after ``figure``, one under the other."""
+
+    def all_figures(self) -> list[Any]:
+        """``figure`` (if any) followed by ``figures``."""
+        return ([self.figure] if self.figure is not None else []) + list(self.figures)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
@@ -49,9 +60,12 @@ def write_report(path: str | os.PathLike, title: str, sections: list[Section], *
     parts, first = [], True
     for i, s in enumerate(sections):
         block = [f"<h2 id='s{i + 1}'>{html.escape(s.title)}</h2>", f"<p class='expl'>{html.escape(s.explanation)}</p>"]
-        if s.figure is not None:
-            block.append(s.figure.to_html(full_html=False, include_plotlyjs=first, config=_FIGURE_CONFIG))
+        figs = []
+        for fig in s.all_figures():
+            figs.append(f"<div>{fig.to_html(full_html=False, include_plotlyjs=first, config=_FIGURE_CONFIG)}</div>")
             first = False
+        if figs:
+            block.append(f"<div class='figs'>{''.join(figs)}</div>")
         block.append(_table(s.table))
         parts.append("<section>" + "".join(block) + "</section>")
     toc = ""

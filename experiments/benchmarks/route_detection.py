@@ -32,7 +32,6 @@ Figures of the organisms' ground truth against exact patching: experiments/organ
 
 import argparse
 import json
-import random
 import statistics
 import time
 from pathlib import Path
@@ -41,7 +40,6 @@ import torch
 
 from recallscope import load_model
 from recallscope.attribution.scoring import roc_auc
-from recallscope.organisms import ground_truth
 from recallscope.organisms.recipes import N_SEEDS
 from recallscope.organisms.scoring import (b64_cells, cell_recovery, eapig_effects, exact_patching_effects, fact_cells,
                                            truth_groups)
@@ -123,32 +121,20 @@ def circuit_discovery(n: int) -> dict[str, dict]:
 
 
 def route_rows(n_controls: int, n_boot: int, seeds: range) -> list[dict]:
-    """One row per (organism, hook chunk): the concept's route score, verdict and the truth.
+    """One row per (organism, hook chunk): the concept's route score, verdict and the truth
+    (:func:`recallscope.organisms.figures.mnemonic_route_rows`, controls drawn with the organism's seed).
 
     Concepts are represented in the organism's own neutral context (``<s> VAT``: English prefixes are
     unknown words to it) against a baseline over its whole vocabulary."""
-    from recallscope.routes import RouteConfig, RouteQuery, route_report
+    from recallscope.organisms.figures import mnemonic_route_rows
 
     rows = []
     for kind in ("route", "rote"):
         for seed in seeds:
-            model = load_model(f"organism:{kind}-s{seed}")
-            truth = ground_truth(model)
-            vocab = tuple(" " + w for w in model.tokenizer.get_vocab() if not w.startswith("<"))
-            config = RouteConfig(n_controls=n_controls, n_boot=n_boot, n_alternatives=0, prefixes=("",),
-                                 baseline_words=vocab)
-            chunks = sorted(MNEMONIC_HOOKS)
-            for chunk in chunks:
-                concept = truth.chunk_concept[chunk]
-                others = [c for c in truth.concept_letter if c != concept]
-                controls = [" " + c for c in random.Random(seed).sample(others, n_controls)]
-                alts = tuple(c for c in chunks if c != chunk)[:4]
-                query = RouteQuery((f"{chunk} ==",), chunk, " " + truth.chunk_letter[chunk], alts)
-                report = route_report(model, query, [" " + concept], controls={concept: controls}, config=config,
-                                      progress=False)
-                r = report.routes()[0]
-                rows.append({"organism": f"{kind}-s{seed}", "chunk": chunk, "concept": concept, "is_route": truth.is_route,
-                             "score": r.score, "verdict": r.verdict, "p": r.p_value})
+            name = f"{kind}-s{seed}"
+            model = load_model(f"organism:{name}")
+            rows += [{"organism": name, **r} for r in mnemonic_route_rows(
+                model, sorted(MNEMONIC_HOOKS), n_controls=n_controls, n_boot=n_boot, seed=seed)]
     return rows
 
 

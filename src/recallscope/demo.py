@@ -385,9 +385,9 @@ def _b64_organism(cfg: DemoConfig, rep: _Report) -> None:
             "organism:b64-decoder is a 2-layer transformer trained here to decode base64 given as 2-character "
             "chunk tokens, so its mechanism is known: byte j of a 3-byte block takes its bits from base64 "
             "characters floor(4j/3) and floor(4j/3)+1. The view lines up the organism's tokens, the base64 "
-            f"characters, their 6-bit groups and the decoded bytes of {cfg.b64_word!r}; tokens are coloured by the "
-            f"measured drop in log p(byte {j}) when that chunk is swapped: only the chunks byte {j} is built from "
-            "light up.",
+            f"characters, their 6-bit groups and the decoded bytes of {cfg.b64_word!r}; each token is coloured by "
+            f"the measured drop in log p(byte {j}) when that chunk is swapped (mean over the prompts of the map "
+            f"below): only the chunks byte {j} is built from light up.",
             {"b64_alignment": plot_b64_alignment(
                 align, token_values=dep.drop[j], value_title=f"drop in<br>log p(byte {j})",
                 title=f"{align.b64!r} -> {cfg.b64_word!r}: chunk tokens coloured by their effect on byte {j}")})
@@ -418,8 +418,8 @@ def _mnemonic_organisms(cfg: DemoConfig, rep: _Report) -> None:
             "Route organisms were trained (interchange training) to decode a chunk such as 'VA' through a concept "
             "('VAT', which gives 'T'), rote organisms to look the letter up directly. The route module scores the "
             f"chunk's concept against {cfg.organism_controls} other concepts of the same organism, not knowing "
-            "which is which: " + "; ".join(lines) + ". Right: the stored interchange checks (swap the concept at the site "
-            "and the decode follows it only in route organisms).",
+            "which is which: " + "; ".join(lines) + ". Below: the interchange checks stored with each organism (swap "
+            "the concept at the site and the decode follows it only in route organisms).",
             {"organism_route_scores": plot_route_scores(rows),
              "organism_checks": mnemonic_checks_figure(list(cfg.organisms))},
             [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows])

@@ -237,6 +237,22 @@ def test_demo_fact_sections_on_a_tiny_model(tiny_gpt2, tmp_path):
         assert (tmp_path / name / "manifest.json").is_file(), name
 
 
+def test_demo_config_file_and_cli_options(tmp_path):
+    import argparse
+
+    from recallscope.cli.demo import DEMO_OPTIONS
+    from recallscope.cli.common import _config
+    from recallscope.demo import DemoConfig
+
+    path = tmp_path / "demo.json"
+    path.write_text(json.dumps({"n_pairs": 4, "acronyms": ["VAT"], "png": False, "model": "organism:b64-decoder"}))
+    args = argparse.Namespace(config=str(path), **{dest: None for dest in DEMO_OPTIONS})
+    args.n_pairs = 6  # the command line wins over the file
+    config = _config(args, DemoConfig, DEMO_OPTIONS)
+    assert (config.n_pairs, config.acronyms, config.png, config.model) == (6, ("VAT",), False, "organism:b64-decoder")
+    assert config.n_trace == DemoConfig().n_trace
+
+
 @needs_chromium
 def test_demo_report_png_and_rendering(tiny_demo, tmp_path):
     """A figure's PNG is a real image; the demo page draws every figure in headless Chromium."""

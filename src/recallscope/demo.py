@@ -49,7 +49,7 @@ MAX_PNG_HEIGHT = 1600
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """What the demo runs and how big each step is (defaults: about 6-7 minutes on 2 CPU cores)."""
+    """What the demo runs and how big each step is (defaults: about 3.5 minutes on 2 idle CPU cores, 6 on busy ones)."""
 
     model: str = "smollm2"
     """Model spec for the fact and route sections (see ``recallscope models``)."""

@@ -9,7 +9,7 @@ from typing import Any
 
 from recallscope.cli.common import _config, _placement, _record, add_command
 
-DEMO_OPTIONS = {"model": "model", "n_pairs": "n_pairs", "n_facts": "n_trace", "samples": "samples",
+DEMO_OPTIONS = {"n_pairs": "n_pairs", "n_facts": "n_trace", "samples": "samples",
                 "cards": "cards", "n_cards": "n_cards", "seed": "seed"}
 """argparse destination -> DemoConfig field."""
 
@@ -18,10 +18,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from recallscope.demo import DemoConfig, run_demo
     from recallscope.models import load_model
 
-    config = _config(args, DemoConfig, DEMO_OPTIONS)
-    if args.no_png:
-        import dataclasses
+    import dataclasses
 
+    config = _config(args, DemoConfig, DEMO_OPTIONS)
+    if not args.config or args.model != "smollm2":  # --model's default must not override the file's model
+        config = dataclasses.replace(config, model=args.model)
+    if args.no_png:
         config = dataclasses.replace(config, png=False)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -51,12 +53,12 @@ def register(sub: Any) -> None:
     """Add the subcommand's parser to ``sub``."""
     sp = add_command(sub, "demo", "the main job: trace fact recall in the embedded model, find its circuit, run "
                      "the route analysis (acronyms, mnemonic cards) and analyse the base64 and mnemonic organisms; "
-                     "writes one self-contained report.html with PNGs (about 6-7 min on 2 CPU cores)", _cmd_demo,
+                     "writes one self-contained report.html with PNGs (about 3-6 min on 2 CPU cores)", _cmd_demo,
                      out="out/demo")
     sp.add_argument("--config", help="TOML/JSON file with DemoConfig fields (options given here override it)")
     sp.add_argument("--n-pairs", type=int, default=None, help="capital pairs for patching, attribution and the "
                     "circuit (default 12)")
-    sp.add_argument("--n-facts", type=int, default=None, help="facts in the causal traces and the knockout (default 6)")
+    sp.add_argument("--n-facts", type=int, default=None, help="facts in the causal traces and the knockout (default 8)")
     sp.add_argument("--samples", type=int, default=None, help="noise samples per fact (default 2)")
     sp.add_argument("--cards", default=None, metavar="FILE", help="mnemonic cards (Anki text export: term, mnemonic, "
                     "definition, ...) for the human comparison (default: the sample cards shipped with recallscope)")

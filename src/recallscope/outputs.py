@@ -38,6 +38,7 @@ RESULT_TYPES: dict[str, str] = {
     "BackpatchResult": "recallscope.lens.backpatch:BackpatchResult",
     "RouteReport": "recallscope.routes.report:RouteReport",
     "HumanComparison": "recallscope.routes.human:HumanComparison",
+    "B64DependencyMap": "recallscope.organisms.figures:B64DependencyMap",
 }
 """Saved result type name (``result.json`` ``"type"``) -> ``module:Class`` that loads it."""
 

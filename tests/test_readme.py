@@ -45,3 +45,14 @@ def test_readme_example_traces_a_fact_in_at_most_ten_lines(smollm2, monkeypatch)
     torch.testing.assert_close(patched.normalized().mean()[0, subject], torch.tensor(1.0), atol=1e-4, rtol=0)
     assert trace.axes == ("layer", "token") and float(trace.clean[0]) > float(trace.corrupt[0])
     assert type(patched.normalized().plot()).__name__ == "Figure"
+
+
+@pytest.mark.smollm2
+def test_readme_attribution_example_runs(smollm2):
+    code = _python_block("## Attribution and circuits")
+    scope: dict = {"model": smollm2}
+    exec(compile(code, "README.md", "exec"), scope)
+    run = scope["run"]
+    assert type(run.result.plot()).__name__ == "Figure" and run.figures
+    # AtP's top site must carry a non-zero estimate of the France -> Spain logit-difference change.
+    assert run.summary["top"] and abs(run.summary["top"][0][1]) > 0

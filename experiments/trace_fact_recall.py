@@ -77,7 +77,7 @@ def main() -> None:
         else:
             res = causal_trace(model, items, component=comp, window=window, n_samples=args.samples,
                                seed=args.seed, checkpoint_dir=ckpt / f"trace_{name}")
-        res.save(out / f"trace_{name}")
+            res.save(saved)
         fig = res.effect().plot(title=f"Causal trace, {name} (window {window}): indirect effect on p(answer)")
         summary[f"export_{name}"] = export_all(fig, out / f"trace_{name}").failed
         summary[name] = {"peak": peak_summary(res), "at_last_subject": peak_summary(res, "subject_last"),

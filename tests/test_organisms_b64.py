@@ -7,23 +7,12 @@ from recallscope.attribution.scoring import roc_auc
 from recallscope.errors import ConfigError
 from recallscope.organisms import b64_decoder as B
 from recallscope.organisms import ground_truth
-from recallscope.organisms.core import deterministic
 from recallscope.organisms.scoring import b64_cells
 from recallscope.tasks.b64_codec import chars_for_byte, decode_text
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Deterministic, single-threaded torch (tiny models run much faster without thread contention)."""
-    with deterministic(0):
-        yield
+pytestmark = pytest.mark.usefixtures("organism_determinism")
 
-
-@pytest.fixture(scope="module")
-def b64_organism():
-    from recallscope import load_model
-
-    return load_model("organism:b64-decoder")
 
 
 def test_vectorised_encoding_matches_the_codec_oracle():

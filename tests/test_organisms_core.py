@@ -17,11 +17,7 @@ from recallscope.organisms.recipes import get_recipe, recipes, save_recipe, trai
 from recallscope.organisms.store import load_organism_dir
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Deterministic, single-threaded torch (tiny models run much faster without thread contention)."""
-    with deterministic(0):
-        yield
+pytestmark = pytest.mark.usefixtures("organism_determinism")
 
 
 TINY_STEPS = {"b64": dict(n_heldout=20), "mnemonic": {}, "facts": {}}

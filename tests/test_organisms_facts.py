@@ -7,24 +7,13 @@ import torch
 
 from recallscope.attribution.scoring import roc_auc
 from recallscope.organisms import ground_truth
-from recallscope.organisms.core import deterministic
 from recallscope.organisms.fact_store import (FIRST, LAST, REL, FactConfig, FactTruth, fact_checks, fact_truth,
                                               make_fact_world, subject_swap_pairs)
 from recallscope.organisms.scoring import fact_cells
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Deterministic, single-threaded torch (tiny models run much faster without thread contention)."""
-    with deterministic(0):
-        yield
+pytestmark = pytest.mark.usefixtures("organism_determinism")
 
-
-@pytest.fixture(scope="module")
-def fact_organism():
-    from recallscope import load_model
-
-    return load_model("organism:fact-store")
 
 
 def test_world_needs_both_subject_tokens():

@@ -8,23 +8,13 @@ from jaxtyping import TypeCheckError
 from recallscope.errors import ResultFileError
 from recallscope.organisms import ground_truth
 from recallscope.organisms.b64_decoder import dependency_pairs, prompt_text
-from recallscope.organisms.core import deterministic
 from recallscope.organisms.figures import (B64DependencyMap, b64_dependency_map, chunk_alignment,
                                            mnemonic_checks_figure, mnemonic_route_rows, plot_route_scores)
 from recallscope.tasks.b64_codec import encode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with deterministic(0):
-        yield
+pytestmark = pytest.mark.usefixtures("organism_determinism")
 
-
-@pytest.fixture(scope="module")
-def b64_organism():
-    from recallscope import load_model
-
-    return load_model("organism:b64-decoder")
 
 
 def _oracle_drop(bridge, pairs, n_chunks):

@@ -4,18 +4,13 @@ import pytest
 import torch
 
 from recallscope.organisms import ground_truth
-from recallscope.organisms.core import deterministic
 from recallscope.organisms.mnemonic import (CHARS, KINDS, RouteTruth, make_world, route_checks, route_truth,
                                             site_representations)
 from recallscope.organisms.recipes import N_SEEDS, get_recipe
 from recallscope.tasks.b64_codec import decode_text
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Deterministic, single-threaded torch (tiny models run much faster without thread contention)."""
-    with deterministic(0):
-        yield
+pytestmark = pytest.mark.usefixtures("organism_determinism")
 
 
 def test_world_is_real_base64_with_concepts_and_distractors():

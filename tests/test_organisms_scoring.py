@@ -9,7 +9,6 @@ from recallscope.attribution.edges import EdgeScores
 from recallscope.attribution.graph import Graph
 from recallscope.errors import ConfigError
 from recallscope.organisms import ground_truth
-from recallscope.organisms.core import deterministic
 from recallscope.organisms.scoring import (cell_cut, cell_recovery, cell_scores, circuit_cells, eapig_effects,
                                            edge_cells, exact_patching_effects, score_cells, truth_groups)
 from test_attribution_toys import PLANTED_EDGES, planted_model, random_pairs
@@ -17,17 +16,8 @@ from test_attribution_toys import PLANTED_EDGES, planted_model, random_pairs
 GRAPHS = [Graph(3, 4, 4), Graph(2, 4, 2), Graph(2, 2, 2, parallel=True)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with deterministic(0):
-        yield
+pytestmark = pytest.mark.usefixtures("organism_determinism")
 
-
-@pytest.fixture(scope="module")
-def fact_organism():
-    from recallscope import load_model
-
-    return load_model("organism:fact-store")
 
 
 def _layer_of(name: str, n_layers: int) -> int:

@@ -143,7 +143,7 @@ def attention_knockout(
     baseline = torch.cat(base)[inv].float()
     manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry())
     return PatchingResult(values=torch.cat(rows)[inv], axes=("layer", "edge"), clean=baseline,
-                          corrupt=baseline.clone(),  # a copy: saving two names for one tensor fails
+                          corrupt=baseline,
                           labels={"layer": [str(c) for c in range(stack.n_layers)],
                                   "edge": [f"{query}→{e}" for e in edges]},
                           config=cfg, manifest=manifest)

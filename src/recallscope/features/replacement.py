@@ -1,0 +1,83 @@
+"""The replacement model: the real model with its MLPs replaced by transcoders, via hooks.
+
+1. At each transcoded layer's input hook, record the transcoder input and compute its activations.
+2. At each MLP output hook, return the transcoders' reconstruction (summing cross-layer writers) instead
+   of the MLP's output; layers without a transcoder keep their MLP.
+3. :func:`fidelity` compares the replacement model's next-token distribution with the real model's:
+   KL(real || replacement) per position and top-1 agreement (Ameisen et al. 2025 report the same two).
+
+Interventions restore the model on exit (hooks are removed by ``model.hooks``).
+"""
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from recallscope.features.transcoder import TranscoderSet
+
+
+@contextlib.contextmanager
+def replaced(model: Any, tset: TranscoderSet, *, layers: list[int] | None = None,
+             record: dict[str, dict[int, Tensor]] | None = None) -> Iterator[Any]:
+    """Within the block, ``model``'s MLP outputs at ``layers`` (default: every transcoded layer) are the
+    transcoders' reconstructions. ``record`` (optional) receives ``{"inputs": ..., "acts": ...}`` by layer."""
+    chosen = set(tset.layers if layers is None else layers)
+    needed = {src for layer in chosen for src, _ in tset.writers(layer)} | chosen
+    missing = sorted(layer for layer in chosen if layer not in tset)
+    if missing:
+        from recallscope.errors import ConfigError
+
+        raise ConfigError(f"no transcoder for layers {missing}; transcoded layers are {tset.layers}.")
+    inputs: dict[int, Tensor] = {}
+    acts: dict[int, Tensor] = {}
+
+    def read(layer: int):
+        def hook(x: Tensor, hook: Any) -> None:
+            inputs[layer] = x
+            acts[layer] = tset[layer].encode(x)
+        return hook
+
+    def write(layer: int):
+        def hook(y: Tensor, hook: Any) -> Tensor:
+            return tset.output(layer, inputs, acts).to(y.dtype)
+        return hook
+
+    fwd = [(tset.input_hook(layer), read(layer)) for layer in sorted(needed)]
+    fwd += [(tset.output_hook(layer), write(layer)) for layer in sorted(chosen)]
+    with model.hooks(fwd_hooks=fwd):
+        yield model
+    if record is not None:
+        record["inputs"], record["acts"] = inputs, acts
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How closely the replacement model's next-token predictions follow the real model's."""
+
+    kl: float
+    """Mean KL(real || replacement) in nats over all positions."""
+    top1_agreement: float
+    """Fraction of positions where both models' argmax tokens agree."""
+    n_positions: int
+    """Positions averaged over."""
+
+
+@torch.no_grad()
+def fidelity(model: Any, tset: TranscoderSet, tokens: Int[Tensor, "batch pos"], *,
+             layers: list[int] | None = None, batch_size: int = 16) -> Fidelity:
+    """KL and top-1 agreement of the replacement model against ``model`` on ``tokens``."""
+    kl_sum, agree, n = 0.0, 0, 0
+    for start in range(0, tokens.shape[0], batch_size):
+        chunk = tokens[start:start + batch_size]
+        real = model(chunk, return_type="logits").float().log_softmax(-1)
+        with replaced(model, tset, layers=layers):
+            repl = model(chunk, return_type="logits").float().log_softmax(-1)
+        kl_sum += float((real.exp() * (real - repl)).sum(-1).sum())
+        agree += int((real.argmax(-1) == repl.argmax(-1)).sum())
+        n += real.shape[0] * real.shape[1]
+    return Fidelity(kl=kl_sum / n, top1_agreement=agree / n, n_positions=n)

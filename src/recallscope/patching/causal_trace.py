@@ -11,8 +11,10 @@
    token, first subsequent token, further tokens, last token) and averaged per prompt, so prompts
    of different lengths can be pooled with bootstrap confidence intervals.
 
-Every restoration is evaluated by the exact sweep engine (:mod:`recallscope.patching.engine`); with
-``checkpoint_dir`` its finished chunks are checkpointed (:mod:`recallscope.store`) and a rerun resumes.
+Every restoration is evaluated by the exact sweep engine (:mod:`recallscope.patching.engine`), or by
+the hook engine (:mod:`recallscope.patching.hook_engine`: noise added at ``hook_embed``) on models whose
+fast adapter fails its self-check or with ``engine="hooks"``; with ``checkpoint_dir`` finished chunks
+are checkpointed (:mod:`recallscope.store`) and a rerun resumes.
 """
 
 import os
@@ -28,7 +30,9 @@ from torch import Tensor
 from recallscope import metrics as M
 from recallscope.errors import ConfigError, EmptyDatasetError
 from recallscope.manifest import build_manifest
+from recallscope.models.selfcheck import Engine, manifest_entry, resolve_engine
 from recallscope.models.stack import build_stack
+from recallscope.patching import hook_engine as H
 from recallscope.patching.engine import Cell, sweep
 from recallscope.patching.traces import reference_run
 from recallscope.results import PatchingResult
@@ -65,10 +69,12 @@ class TraceConfig:
         return d
 
 
-def embedding_std(model: Any) -> float:
+def embedding_std(model: Any, engine: Engine = "fast") -> float:
     """Standard deviation of the token-embedding matrix (the noise unit)."""
-    stack = build_stack(model)
-    weight = getattr(stack.embed_tokens, "weight", None)
+    if engine == "hooks":
+        weight = getattr(model, "W_E", None)
+    else:
+        weight = getattr(build_stack(model).embed_tokens, "weight", None)
     if weight is None:
         raise ConfigError("cannot find the token-embedding matrix to scale the noise; pass noise_std.")
     return float(weight.detach().float().std())
@@ -86,29 +92,38 @@ def _noise(spans: Sequence[tuple[int, int]], n_pos: int, d_model: int, n_samples
 
 def trace_tokens(model: Any, tokens: Int[Tensor, "batch pos"], answers: Int[Tensor, " batch"],
                  spans: Sequence[tuple[int, int]], config: TraceConfig, *, gen: torch.Generator,
-                 noise_std: float, progress: bool = True, store: ChunkStore | None = None
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+                 noise_std: float, progress: bool = True, store: ChunkStore | None = None,
+                 engine: Engine = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """One equal-length batch. Returns (restored p [batch, layer, pos], clean p [batch], noised p [batch]).
 
     ``store``: checkpoint the engine's chunks there (see :func:`recallscope.store.open_store`).
+    ``engine``: "auto", "fast" or "hooks" (:func:`recallscope.models.selfcheck.resolve_engine`).
     """
-    stack = build_stack(model)
     b, n_pos = tokens.shape
-    n = config.n_samples
+    n, n_layers = config.n_samples, int(model.cfg.n_layers)
     rep = tokens.repeat_interleave(n, 0)
-    noise = _noise(spans, n_pos, stack.d_model, n, config.noise_scale * noise_std, gen).to(tokens.device)
+    noise = _noise(spans, n_pos, int(model.cfg.d_model), n, config.noise_scale * noise_std, gen).to(tokens.device)
     metric = M.Prob(answers.repeat_interleave(n, 0))
     read = metric.read_positions(n_pos)
     point = config.component.value
-    clean_logits, clean_trace = reference_run(stack, rep, [point], read)
-    noised_logits, noised_trace = reference_run(stack, rep, [point], read, embed_edit=lambda x: x + noise)
-    layers = list(config.layers) if config.layers is not None else list(range(stack.n_layers))
+    layers = list(config.layers) if config.layers is not None else list(range(n_layers))
     cells = [Cell(tuple(Site(config.component, s.layer, pos) for s in
-                        layer_window(config.component, layer, config.window, stack.n_layers)))
+                        layer_window(config.component, layer, config.window, n_layers)))
              for layer in layers for pos in range(n_pos)]
-    values = sweep(stack, cells, noised_trace, clean_trace, metric, target_logits=noised_logits, read_pos=read,
-                   memory_budget_mb=config.memory_budget_mb, progress=progress, desc=f"tracing {point}",
-                   store=store)
+    if resolve_engine(model, engine) == "hooks":
+        names = {s.hook_name for c in cells for s in c.sites}
+        clean_logits, clean_acts = H.record(model, rep, names, read)
+        noised_logits, _ = H.record(model, rep, (), read, noise=noise)
+        values = H.hook_sweep(model, cells, rep, clean_acts, metric, read_pos=read, noise=noise,
+                              memory_budget_mb=config.memory_budget_mb, progress=progress,
+                              desc=f"tracing {point} (hooks)", store=store)
+    else:
+        stack = build_stack(model)
+        clean_logits, clean_trace = reference_run(stack, rep, [point], read)
+        noised_logits, noised_trace = reference_run(stack, rep, [point], read, embed_edit=lambda x: x + noise)
+        values = sweep(stack, cells, noised_trace, clean_trace, metric, target_logits=noised_logits,
+                       read_pos=read, memory_budget_mb=config.memory_budget_mb, progress=progress,
+                       desc=f"tracing {point}", store=store)
     restored = values.view(len(layers), n_pos, b, n).mean(-1).permute(2, 0, 1)
     return restored, metric(clean_logits).view(b, n)[:, 0], metric(noised_logits).view(b, n).mean(-1)
 
@@ -137,13 +152,16 @@ def causal_trace(
     memory_budget_mb: float = 1024.0,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
+    engine: Engine = "auto",
 ) -> PatchingResult:
     """ROME's causal trace over prompts with a ``spans["subject"]`` (see the module docstring).
 
     ``by="category"`` pools prompts of any length into ROME's token categories (axes layer x token);
     ``by="pos"`` keeps raw positions and needs prompts of one token length. Values are p(answer) after
     restoration; ``result.effect()`` gives indirect effects. ``checkpoint_dir``: checkpoint finished
-    chunks there; the same call resumes from them after an interruption.
+    chunks there; the same call resumes from them after an interruption. ``engine``: ``"auto"`` (the
+    fast engine when the model passes its self-check, else hooks), ``"fast"`` or ``"hooks"``; the
+    engine that ran is ``result.config["engine"]``.
     """
     if not items:
         raise EmptyDatasetError("causal_trace got no prompts; pass at least one PromptPair with a subject span.")
@@ -155,12 +173,14 @@ def causal_trace(
     config = TraceConfig(Component(component), window, noise_scale, n_samples, seed,
                          tuple(layers) if layers is not None else None, memory_budget_mb)
     gen = torch.Generator().manual_seed(seed)
-    std = embedding_std(model)
+    ran = resolve_engine(model, engine)
+    std = embedding_std(model, ran)
     groups = group_by_length(model, items)
     if by == "pos" and len(groups) > 1:
         raise ConfigError(f"by='pos' needs prompts of one token length, got lengths {sorted(groups)}; use "
                           "by='category' to pool prompts of different lengths.")
-    cfg = {**config.to_dict(), "method": "causal_trace", "by": by, "noise_std_unit": std, "metric": "prob"}
+    cfg = {**config.to_dict(), "method": "causal_trace", "by": by, "noise_std_unit": std, "metric": "prob",
+           "engine": ran}
     manifest = build_manifest(model, [it.clean for it in items], cfg, seed=seed)
     store = open_store(checkpoint_dir, manifest, inputs={"answers": [it.answer for it in items],
                                                          "spans": [it.spans["subject"] for it in items]})
@@ -171,7 +191,7 @@ def causal_trace(
         spans = [g.spans["subject"] for g in group]
         restored, clean_p, noised_p = trace_tokens(model, tokens, answers, spans, config, gen=gen,
                                                    noise_std=std, progress=progress,
-                                                   store=store.child(f"len{n_pos}"))
+                                                   store=store.child(f"len{n_pos}"), engine=ran)
         for i in range(len(group)):
             rows.append(categorize(restored[i], spans[i]) if by == "category" else restored[i])
         cleans.append(clean_p)
@@ -185,7 +205,7 @@ def causal_trace(
         toks = model.tokenizer.convert_ids_to_tokens(to_tokens(model, [items[0].clean])[0].tolist())
         labels = {"layer": layer_labels, "pos": [f"{t}·{i}" for i, t in enumerate(toks)]}
         axes = ("layer", "pos")
-    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry())
+    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry(), **manifest_entry(model))
     inv = torch.tensor(order).argsort()
     return PatchingResult(values=torch.stack(rows)[inv], axes=axes, clean=torch.cat(cleans)[inv],
                           corrupt=torch.cat(noiseds)[inv], labels=labels, config=cfg, manifest=manifest)

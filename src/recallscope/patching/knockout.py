@@ -11,11 +11,17 @@
 The result has axes (layer, edge): ``values[prompt, window_center, edge]``; both baselines are the
 unblocked run, so ``result.effect()`` is the change caused by the knockout. With ``checkpoint_dir``,
 each finished (length group, edge) is checkpointed (:mod:`recallscope.store`) and a rerun resumes.
+
+On the hook engine (``engine="hooks"``, or a model whose fast adapter fails its self-check) step 2
+zeroes the blocked entries of ``hook_pattern`` and renormalises each query's attention over the keys
+left: the same softmax over the unblocked keys (TransformerBridge's ``hook_attn_scores`` is read-only
+on models whose attention runs inside the wrapped module, so scores cannot be edited everywhere).
 """
 
 import os
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -25,7 +31,9 @@ from tqdm.auto import tqdm
 from recallscope import metrics as M
 from recallscope.errors import ConfigError, EmptyDatasetError
 from recallscope.manifest import build_manifest
+from recallscope.models.selfcheck import Engine, manifest_entry, resolve_engine
 from recallscope.models.stack import build_stack
+from recallscope.patching import hook_engine as H
 from recallscope.patching.engine import Cell, check_finite, plan_chunks, run_chunk
 from recallscope.patching.traces import reference_run
 from recallscope.results import PatchingResult
@@ -68,6 +76,26 @@ def _masking(masks: Tensor, batch: int) -> Callable[[Sequence[Cell]], Callable[[
     return edit_for
 
 
+def _masks(group: Sequence[PromptPair], query: str, edge: str, n_pos: int, has_bos: bool) -> Tensor:
+    """[prompt, query, key] booleans: True where attention ``query -> edge`` is blocked."""
+    masks = torch.zeros(len(group), n_pos, n_pos, dtype=torch.bool)
+    for i, g in enumerate(group):
+        for q in key_positions(g, query, n_pos, has_bos=has_bos):
+            masks[i, q, key_positions(g, edge, n_pos, has_bos=has_bos)] = True
+    return masks
+
+
+def _knockout_edge_hooks(model: Any, tokens: Tensor, group: Sequence[PromptPair], query: str, edge: str,
+                         window: int, met: Any, n_pos: int, read: Tensor, has_bos: bool,
+                         memory_budget_mb: float) -> Tensor:
+    """:func:`_knockout_edge` on the hook engine: one full forward per chunk of layer windows."""
+    n_layers = int(model.cfg.n_layers)
+    cells = [Cell(tuple(layer_window(Component.ATTN_OUT, c, window, n_layers))) for c in range(n_layers)]
+    masks = _masks(group, query, edge, n_pos, has_bos)
+    return H.hook_knockout(model, cells, tokens, masks, met, read_pos=read.tolist(),
+                           memory_budget_mb=memory_budget_mb).T
+
+
 def _knockout_edge(stack: Any, trace: Any, group: Sequence[PromptPair], query: str, edge: str, window: int,
                    met: Any, n_pos: int, read: Tensor, has_bos: bool, memory_budget_mb: float) -> Tensor:
     """Metric ``[prompt, window_center]`` with ``query -> edge`` attention blocked in each window.
@@ -76,10 +104,7 @@ def _knockout_edge(stack: Any, trace: Any, group: Sequence[PromptPair], query: s
     ``memory_budget_mb`` (the patching engine's planner and runner). Rows before the first blocked query
     position are the clean run's, so each chunk starts there.
     """
-    masks = torch.zeros(len(group), n_pos, n_pos, dtype=torch.bool)
-    for i, g in enumerate(group):
-        for q in key_positions(g, query, n_pos, has_bos=has_bos):
-            masks[i, q, key_positions(g, edge, n_pos, has_bos=has_bos)] = True
+    masks = _masks(group, query, edge, n_pos, has_bos)
     rows = masks.any(-1).any(0).nonzero()
     pos0 = min(int(rows.min()) if len(rows) else n_pos - 1, int(read.min()))
     cells = [Cell(tuple(layer_window(Component.ATTN_OUT, c, window, stack.n_layers, pos=pos0)))
@@ -107,19 +132,23 @@ def attention_knockout(
     memory_budget_mb: float = 1024.0,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
+    engine: Engine = "auto",
 ) -> PatchingResult:
     """Block attention ``query -> edge`` over layer windows; see the module docstring.
 
     ``memory_budget_mb``: activation memory per batch of layer windows (windows run together, down to
     one per batch). ``checkpoint_dir``: checkpoint each finished edge there; the same call resumes from them.
+    ``engine``: ``"auto"`` (fast when the model passes its self-check, else hooks), ``"fast"`` or ``"hooks"``.
     """
     if not items:
         raise EmptyDatasetError("attention_knockout got no prompts.")
     t0 = time.perf_counter()
-    stack = build_stack(model)
+    ran = resolve_engine(model, engine)
+    stack = build_stack(model) if ran == "fast" else None
+    n_layers = int(model.cfg.n_layers)
     has_bos = bool(getattr(model.cfg, "default_prepend_bos", True))
     cfg = {"method": "attention_knockout", "edges": list(edges), "query": query, "window": window, "metric": metric,
-           "memory_budget_mb": memory_budget_mb}
+           "memory_budget_mb": memory_budget_mb, "engine": ran}
     manifest = build_manifest(model, [it.clean for it in items], cfg)
     store = open_store(checkpoint_dir, manifest, inputs={"answers": [it.answer for it in items],
                                                          "spans": [it.spans for it in items], "bos": has_bos})
@@ -129,21 +158,25 @@ def attention_knockout(
         answers = torch.tensor([single_token_id(model, g.answer) for g in group])
         met = {"prob": M.Prob, "logprob": M.LogProb}[metric](answers)
         read = torch.tensor(met.read_positions(n_pos))
-        clean_logits, trace = reference_run(stack, tokens, [], read.tolist())
         sub = store.child(f"len{n_pos}")
         with torch.no_grad():
-            cols = [sub.get_or_compute(f"e{e}", lambda edge=edge: {"values": _knockout_edge(
-                        stack, trace, group, query, edge, window, met, n_pos, read, has_bos,
-                        memory_budget_mb)})["values"]
+            if stack is None:
+                clean_logits = H.logits_at(model, tokens, read.tolist())
+                run_edge = partial(_knockout_edge_hooks, model, tokens)
+            else:
+                clean_logits, trace = reference_run(stack, tokens, [], read.tolist())
+                run_edge = partial(_knockout_edge, stack, trace)
+            cols = [sub.get_or_compute(f"e{e}", lambda edge=edge: {"values": run_edge(
+                        group, query, edge, window, met, n_pos, read, has_bos, memory_budget_mb)})["values"]
                     for e, edge in enumerate(tqdm(edges, desc="knockout", disable=not progress, leave=False))]
         rows.append(torch.stack(cols, dim=-1))
         base.append(met(clean_logits))
         order += [items.index(g) for g in group]
     inv = torch.tensor(order).argsort()
     baseline = torch.cat(base)[inv].float()
-    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry())
+    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry(), **manifest_entry(model))
     return PatchingResult(values=torch.cat(rows)[inv], axes=("layer", "edge"), clean=baseline,
                           corrupt=baseline,
-                          labels={"layer": [str(c) for c in range(stack.n_layers)],
+                          labels={"layer": [str(c) for c in range(n_layers)],
                                   "edge": [f"{query}→{e}" for e in edges]},
                           config=cfg, manifest=manifest)

@@ -34,8 +34,10 @@ chromium:
 demo: $(STAMP) chromium
 	$(VENV)/bin/recallscope demo --out $(OUT)
 
+# pytest-timeout (pyproject: timeout = 300) fails any test that runs longer than 5 minutes; the 25 slowest
+# tests are listed at the end, with the reasons for skips and failures.
 test: $(STAMP) chromium
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest --durations=25 -rfEs
 
 bench: $(STAMP)
 	$(PY) experiments/benchmarks/patching_speed.py

@@ -146,6 +146,9 @@ def test_widget_controls_drive_the_state(explorer):
     pytest.importorskip("ipywidgets")
     w = explorer.widget()
     assert w.state == explorer.select() and w.head.disabled
+    # the figures are set as the Output widget's state, not captured from display() (jupyter/nbclient#312)
+    assert len(w.output.outputs) == len(w.view.figures) and w.output.msg_id == ""
+    assert all(o["output_type"] == "display_data" and o["data"] for o in w.output.outputs)
     w.site.value = "z"
     assert w.state.site == "z" and w.state.head == 0 and not w.head.disabled
     assert w.head.options == (("0", 0), ("1", 1))
@@ -158,6 +161,7 @@ def test_widget_controls_drive_the_state(explorer):
     assert w.state.head is None and w.head.disabled
     w.prompt.value = -1
     assert w.state.prompt is None
+    assert len(w.output.outputs) == len(w.view.figures)  # redrawn, replaced rather than appended
 
 
 def test_explore_precomputes_and_never_reruns_the_model(tiny_gpt2, monkeypatch):

@@ -12,6 +12,9 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "experiments" / "notebooks"
 TIMEOUT_S = 600  # per cell; the notebooks take about a minute each on two idle cores
+# A stalled cell would wait for this timeout and then pass; pytest-timeout (pyproject, 300 s per test) fails it
+# first. The stall seen before (jupyter/nbclient#312) came from nbclient mirroring a captured Output widget back
+# to the kernel on the shell socket mid-cell; the explorer widget no longer captures (see ExplorerWidget._show).
 
 
 def _kernel_name() -> str:

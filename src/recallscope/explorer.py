@@ -329,20 +329,26 @@ class ExplorerWidget:
         self._show(self.view.figures)
 
     def _show(self, figures: Mapping[str, go.Figure]) -> None:
-        from IPython import get_ipython
-        from IPython.display import display
+        """Replace what ``output`` shows by the figures.
 
-        if get_ipython() is None:  # no kernel: nothing can be drawn (state and view are still updated)
-            return
-        with self.output:
-            self.output.clear_output(wait=True)
-            for fig in figures.values():
-                display(fig)
+        Sets the Output widget's ``outputs`` from the kernel instead of capturing ``display()`` in
+        ``with self.output:``. Captured output is mirrored back to the kernel by the frontend; a headless
+        executor (nbclient) does that with comm messages on the shell socket while the cell runs, and a send
+        there can hide the cell's execute_reply until the cell timeout (jupyter/nbclient#312: the notebook tests
+        stalled for the 600 s cell timeout). Setting ``outputs`` sends nothing on the shell.
+        """
+        self.output.outputs = tuple(_display_data(fig) for fig in figures.values())
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
         display(self.container)
+
+
+def _display_data(fig: go.Figure) -> dict[str, Any]:
+    """An nbformat ``display_data`` output for a figure: the mime bundle of plotly's default renderer."""
+    bundle = fig._repr_mimebundle_() or {}
+    return {"output_type": "display_data", "data": dict(bundle) or {"text/plain": repr(fig)}, "metadata": {}}
 
 
 def explore(model: Any, pairs: Sequence[Any], metric: Any = "logit_diff", *,

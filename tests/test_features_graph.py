@@ -1,0 +1,121 @@
+"""Attribution graphs: exact decomposition of every node's input, and equality with the model's own
+Jacobian (attention patterns and norm denominators frozen) when the transcoders are exact."""
+
+import warnings
+
+import pytest
+import torch
+from test_features_transcoder import relu_model
+
+from recallscope.features.graph import RESID0, attribution_graph, prune
+from recallscope.features.transcoder import Transcoder, TranscoderSet, TranscoderSpec, exact_mlp_transcoders
+
+TOKENS = torch.tensor([0, 5, 9, 3, 17, 2])
+
+
+@pytest.fixture(scope="module")
+def rmodel():
+    return relu_model(seed=2, n_layers=3)
+
+
+def check_exact_decomposition(model, tset, graph):
+    targets = torch.cat([torch.arange(graph.n_feat), torch.arange(graph.logit_slice.start, graph.adjacency.shape[0])])
+    sums = graph.adjacency[targets].sum(1) + graph.bias[targets]
+    torch.testing.assert_close(sums, graph.node_input[targets], rtol=1e-4, atol=1e-4)
+    # node inputs are the real model's values: feature pre-activations and the target logit
+    _, cache = model.run_with_cache(TOKENS[None])
+    for n, (layer, pos, idx) in enumerate(graph.features.tolist()):
+        pre = tset[layer].pre_acts(cache[tset.input_hook(layer)][0, pos])[idx]
+        torch.testing.assert_close(graph.node_input[n], pre, rtol=1e-4, atol=1e-4)
+    logits = model(TOKENS[None], return_type="logits")[0, -1]
+    torch.testing.assert_close(graph.node_input[graph.logit_slice], graph.logit_vectors @ logits, rtol=1e-4, atol=1e-4)
+
+
+def test_edges_sum_to_inputs_exact_transcoders(rmodel):
+    tset = exact_mlp_transcoders(rmodel)
+    graph = attribution_graph(rmodel, tset, TOKENS, targets=[3, 7], batch_size=16)
+    assert graph.n_feat > 10
+    check_exact_decomposition(rmodel, tset, graph)
+    assert graph.adjacency[:, graph.error_slice].abs().max() < 1e-4  # exact transcoders leave no error
+
+
+def test_edges_sum_to_inputs_with_errors_and_partial_set(rmodel):
+    gen = torch.Generator().manual_seed(5)
+    tcs = {}
+    for layer in (0, 2):  # layer 1 has no transcoder: it is all error
+        tc = Transcoder(TranscoderSpec(16, 40, 16, activation="topk", k=5, skip=True))
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        tcs[layer] = tc
+    tset = TranscoderSet(tcs, 3)
+    graph = attribution_graph(rmodel, tset, TOKENS, targets=(4, 11), batch_size=7)
+    check_exact_decomposition(rmodel, tset, graph)
+    assert graph.adjacency[:, graph.error_index(1, 3)].abs().max() > 1e-3
+    # causality: no edge from a later position or from a feature's own / later layer
+    feats = graph.features
+    sub = graph.adjacency[: graph.n_feat, : graph.n_feat]
+    later = (feats[None, :, 1] > feats[:, None, 1]) | (feats[None, :, 0] >= feats[:, None, 0])
+    assert sub[later].abs().max() == 0
+
+
+def frozen_jacobian_x_input(model, vec):
+    """Oracle: d(logit . vec)/d(resid_pre 0) * resid_pre 0 per position in the real model (real ReLU MLPs),
+    with attention patterns and norm denominators frozen by hooks."""
+    names = lambda n: n == RESID0 or n.endswith("hook_scale") or n.endswith("hook_pattern")  # noqa: E731
+    _, cache = model.run_with_cache(TOKENS[None], names_filter=names)
+    leaf = cache[RESID0].clone().requires_grad_(True)
+    hooks = [(n, (lambda t, hook, v=v: v)) for n, v in cache.items() if n != RESID0]
+    hooks.append((RESID0, lambda t, hook: leaf))
+    with warnings.catch_warnings(), model.hooks(fwd_hooks=hooks):
+        warnings.simplefilter("ignore")
+        logits = model(TOKENS[None], return_type="logits")
+    (logits[0, -1] @ vec).backward()
+    return (leaf.grad[0] * leaf[0].detach()).sum(-1)
+
+
+def test_graph_equals_model_jacobian_with_exact_transcoders(rmodel):
+    tset = exact_mlp_transcoders(rmodel)
+    graph = attribution_graph(rmodel, tset, TOKENS, targets=(4, 11))
+    A, a, nf = graph.adjacency, graph.activations, graph.n_feat
+    emb, logit = graph.embed_slice, graph.logit_slice
+    w_ff = A[:nf, :nf] / a[None, :]  # d pre_t / d a_s; d a / d pre = 1 for active ReLU features
+    total_f = torch.linalg.solve(torch.eye(nf) - w_ff, A[:nf, emb])  # feature inputs from each embedding
+    total = A[logit, emb] + (A[logit, :nf] / a[None, :]) @ total_f
+    want = frozen_jacobian_x_input(rmodel, graph.logit_vectors[0])
+    torch.testing.assert_close(total[0], want, rtol=1e-4, atol=1e-4)
+    # the direct embedding -> logit edge alone is not the total effect (features matter here)
+    assert (A[logit, emb][0] - want).abs().max() > 1e-3
+
+
+def test_llama_family_decomposition():
+    from recallscope.models.tiny import tiny_model
+
+    model = tiny_model("llama", n_layers=2, d_model=16, n_heads=4, d_vocab=32, seed=3)
+    gen = torch.Generator().manual_seed(9)
+    tcs = {}
+    for layer in range(2):
+        tc = Transcoder(TranscoderSpec(16, 24, 16, activation="relu", skip=True))
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        tcs[layer] = tc
+    tset = TranscoderSet(tcs, 2)
+    graph = attribution_graph(model, tset, TOKENS, targets=[1])
+    check_exact_decomposition(model, tset, graph)
+
+
+def test_prune_keeps_influential_nodes(rmodel):
+    tset = exact_mlp_transcoders(rmodel)
+    graph = attribution_graph(rmodel, tset, TOKENS, targets=[3])
+    loose = prune(graph, node_threshold=0.99, edge_threshold=0.999)
+    tight = prune(graph, node_threshold=0.5, edge_threshold=0.8)
+    assert tight.node_mask.sum() < loose.node_mask.sum() <= graph.adjacency.shape[0]
+    assert tight.edge_mask.sum() < loose.edge_mask.sum()
+    assert loose.node_mask[graph.logit_slice].all() and tight.node_mask[graph.embed_slice].all()
+    # the most influential feature survives the tight threshold
+    best = int(tight.influence[: graph.n_feat].argmax())
+    assert tight.node_mask[best]
+    # edges only between kept nodes
+    kept = tight.node_mask
+    assert not (tight.edge_mask & ~(kept[:, None] & kept[None, :])).any()

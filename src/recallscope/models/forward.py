@@ -12,6 +12,11 @@ What it adds over ``model(tokens)``:
    later partial run can reuse them.
 4. **Partial unembedding.** ``read_pos`` picks the positions whose logits are computed.
 
+Each point holds what the TransformerBridge hook of the same name holds for that architecture: ``q``/``k``
+are the projections before q/k norms and rotary; ``attn_out``/``mlp_out`` are what is added to the
+residual (after Gemma-2's and OLMo-2's post-norms); parallel blocks (GPT-NeoX, GPT-J) have no
+``resid_mid``.
+
 Layouts (TransformerLens): resid-like ``[batch, pos, d_model]``; q/z ``[batch, pos, head, d_head]``;
 k/v ``[batch, pos, kv_head, d_head]``; scores/pattern ``[batch, head, dest_pos, src_pos]``.
 """
@@ -54,11 +59,14 @@ def attention(
     """One attention sublayer on normalised input ``h``. Returns (attn_out, keys, values)."""
     lp = stack.layers[layer]
     b, s, _ = h.shape
-    q = lp.q(h).view(b, s, stack.n_heads, stack.d_head)
-    k = lp.k(h).view(b, s, stack.n_kv_heads, stack.d_head)
-    v = lp.v(h).view(b, s, stack.n_kv_heads, stack.d_head)
+    q, k, v = lp.qkv(h) if lp.qkv is not None else (lp.q(h), lp.k(h), lp.v(h))
+    q = q.reshape(b, s, stack.n_heads, stack.d_head)
+    k = k.reshape(b, s, stack.n_kv_heads, stack.d_head)
+    v = v.reshape(b, s, stack.n_kv_heads, stack.d_head)
     z, k, v = attend(stack, layer, q, k, v, positions, past, edit, keep)
     out = lp.o(z.reshape(b, s, stack.n_heads * stack.d_head))
+    if lp.post_attn is not None:
+        out = lp.post_attn(out)
     return out, k, v
 
 
@@ -67,7 +75,9 @@ def attend(
     past: tuple[Tensor, Tensor] | None, edit: Edit, keep: Callable[[str, Tensor], None],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Attention from projected ``q`` [batch, pos, head, d_head] and ``k``/``v`` [batch, pos, kv_head,
-    d_head] (before rotary). Returns (z [batch, pos, head, d_head], post-rotary keys, values)."""
+    d_head] (before q/k norms and rotary). Returns (z [batch, pos, head, d_head], keys after norm and
+    rotary, values). Scores are scaled, softcapped (if the layer has a softcap), then masked (causal,
+    and the layer's sliding window) before the ``scores`` edit point."""
     b = q.shape[0]
     # q and k are edited and recorded before rotary, like TransformerLens's hook_q / hook_k.
     q = edit("q", layer, q)
@@ -76,9 +86,15 @@ def attend(
     keep("q", q)
     keep("k", k)
     keep("v", v)
+    lp = stack.layers[layer]
+    if lp.q_norm is not None:  # after hook_q, like the bridge (its hook_q is the projection's output)
+        q = lp.q_norm(q)
+    if lp.k_norm is not None:
+        k = lp.k_norm(k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if stack.rope is not None:
-        q, k = stack.rope(q, k, positions)
+    rope = stack.rope_at(layer)
+    if rope is not None:
+        q, k = rope(q, k, positions)
     if past is not None:
         k = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=2)
         v = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=2)
@@ -86,8 +102,12 @@ def attend(
     kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k
     vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
     scores = torch.matmul(q, kk.transpose(-1, -2)) * stack.attn_scale
+    if lp.softcap is not None:
+        scores = lp.softcap * torch.tanh(scores / lp.softcap)
     key_pos = torch.arange(kk.shape[2], device=q.device)
     masked = key_pos[None, :] > positions[:, None]
+    if lp.window is not None:
+        masked = masked | (key_pos[None, :] <= positions[:, None] - lp.window)
     scores = edit("scores", layer, scores.masked_fill(masked, float("-inf")))
     pattern = edit("pattern", layer, torch.softmax(scores.float(), dim=-1).to(q.dtype))
     keep("pattern", pattern)
@@ -117,7 +137,10 @@ def block(
         keep("resid_mid", resid_mid)
         mlp_in = resid_mid
     if lp.mlp is not None:
-        mlp_out = edit("mlp_out", layer, lp.mlp(lp.ln2(mlp_in)))
+        mlp_out = lp.mlp(lp.ln2(mlp_in))
+        if lp.post_mlp is not None:
+            mlp_out = lp.post_mlp(mlp_out)
+        mlp_out = edit("mlp_out", layer, mlp_out)
         keep("mlp_out", mlp_out)
         x = resid_mid + mlp_out
     else:

@@ -5,18 +5,20 @@ final norm, unembed) taken from the model's *own* modules, so norms, MLPs and ro
 the model's exact numerics. Only attention is recomputed by :mod:`recallscope.models.forward`, which
 needs it split into q/k/v/o to reuse cached keys and values and to patch heads.
 
-Supported families: TransformerLens-native models (``boot_native``), Hugging Face Llama-style models
-(Llama, Qwen2, Mistral, SmolLM2: ``model.layers[i].self_attn.{q,k,v,o}_proj``) and GPT-2. Other
-architectures raise :class:`UnsupportedArchitectureError`; the hook-based reference path still works.
+Each family has an adapter in :mod:`recallscope.models.adapters` (the table is
+:data:`recallscope.models.adapters.ADAPTERS`); a model of any other architecture raises
+:class:`UnsupportedArchitectureError` (never a guess), and the hook engine runs it instead. Every edit
+point of :mod:`recallscope.models.forward` holds the tensor of the TransformerBridge hook of the same
+name (``tests/test_arch_matrix.py`` checks this per family against the bridge's cache).
 """
 
 import math
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from recallscope.errors import RecallscopeError
 
@@ -30,7 +32,17 @@ class UnsupportedArchitectureError(RecallscopeError):
 
 @dataclass(frozen=True)
 class LayerParts:
-    """The callables of one block. ``q``/``k``/``v`` map [.., d_model] to [.., heads * d_head]."""
+    """The callables of one block. ``q``/``k``/``v`` map [.., d_model] to [.., heads * d_head].
+
+    The optional parts are the extras of some families; each defaults to "absent":
+    ``q_norm``/``k_norm`` act on q/k [batch, pos, head, d_head] after the ``q``/``k`` edit points and
+    before rotary (Qwen3, Gemma-3, OLMo-2); ``post_attn``/``post_mlp`` normalise the attention / MLP
+    output before it is added to the residual, and ``attn_out``/``mlp_out`` are after them, like the
+    bridge's hooks (Gemma-2/3, OLMo-2); ``window`` is a sliding-window length (a key ``s`` is seen from
+    query ``t`` when ``t - window < s <= t``); ``softcap`` caps the attention scores as
+    ``softcap * tanh(scores / softcap)`` before the mask; ``rope`` replaces the stack's rotary for this
+    layer (Gemma-3's local layers); ``qkv`` computes q, k and v in one fused matmul.
+    """
 
     ln1: Fn
     q: Fn
@@ -39,6 +51,15 @@ class LayerParts:
     o: Fn
     ln2: Fn | None
     mlp: Fn | None
+    q_norm: Fn | None = None
+    k_norm: Fn | None = None
+    post_attn: Fn | None = None
+    post_mlp: Fn | None = None
+    window: int | None = None
+    softcap: float | None = None
+    rope: Rope | None = None
+    qkv: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
+    """A fused projection computing ``(q(x), k(x), v(x))`` at once (used by the forward pass when given)."""
 
 
 @dataclass(frozen=True)
@@ -60,13 +81,59 @@ class Stack:
     layers: tuple[LayerParts, ...]
     final_norm: Fn
     unembed: Fn
+    """Final residual (after ``final_norm``) to logits, including a final logit softcap if any."""
     parallel_attn_mlp: bool = False
+    family: str = ""
+    """The architecture the adapter was built for (``Qwen3ForCausalLM``, ``native``, ...)."""
+    final_softcap: float | None = None
+    """Gemma-2's final logit softcap (already applied inside ``unembed``): logits are then not linear
+    in the final residual."""
 
     def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         x = self.embed_tokens(tokens)
         if self.embed_pos is not None:
             x = x + self.embed_pos(positions)
         return x
+
+    def rope_at(self, layer: int) -> Rope | None:
+        """The rotary embedding that ``layer`` uses."""
+        own = self.layers[layer].rope
+        return own if own is not None else self.rope
+
+    def attention_extras(self) -> list[str]:
+        """What this model's attention does beyond ``softmax(q k^T * scale + causal mask) v`` with one
+        rotary for every layer (for methods that recompute attention scores from recorded q and k)."""
+        found = []
+        if any(lp.q_norm is not None or lp.k_norm is not None for lp in self.layers):
+            found.append("q/k norms")
+        if any(lp.softcap is not None for lp in self.layers):
+            found.append("attention-score softcapping")
+        if any(lp.window is not None for lp in self.layers):
+            found.append("sliding-window attention")
+        if any(lp.rope is not None for lp in self.layers):
+            found.append("per-layer rotary embeddings")
+        return found
+
+    def nonlinear_outputs(self) -> list[str]:
+        """What keeps the residual stream from being a plain sum of per-head and per-MLP outputs read
+        linearly by the logits (for methods that split the residual into parts: DLA, edge attribution)."""
+        found = []
+        if any(lp.post_attn is not None for lp in self.layers):
+            found.append("a norm after attention (heads do not add up to the attention output)")
+        if any(lp.post_mlp is not None for lp in self.layers):
+            found.append("a norm after the MLP")
+        if self.final_softcap is not None:
+            found.append("a final logit softcap")
+        return found
+
+    def require(self, method: str, *, attention: bool = False, linear_outputs: bool = False) -> None:
+        """Raise :class:`UnsupportedArchitectureError` if ``method`` needs plain attention
+        (``attention``) or linearly decomposable outputs (``linear_outputs``) and this model lacks them."""
+        found = (self.attention_extras() if attention else []) + (self.nonlinear_outputs() if linear_outputs else [])
+        if found:
+            raise UnsupportedArchitectureError(
+                f"{method} does not support {self.family or 'this model'}: it has {', '.join(found)}. "
+                "Use exact activation patching (recallscope.patching), which handles this architecture.")
 
 
 def unwrap(module: Any) -> Any:
@@ -76,30 +143,48 @@ def unwrap(module: Any) -> Any:
     return module
 
 
+def softcapped(fn: Fn, cap: float | None) -> Fn:
+    """``fn`` followed by ``cap * tanh(. / cap)`` (``fn`` itself when ``cap`` is None)."""
+    if cap is None:
+        return fn
+    return lambda x: cap * torch.tanh(fn(x) / cap)
+
+
 def build_stack(model: Any) -> Stack:
-    """Build the :class:`Stack` of a TransformerBridge (cached on the bridge object)."""
+    """Build the :class:`Stack` of a TransformerBridge (cached on the bridge object).
+
+    Raises :class:`UnsupportedArchitectureError` for an architecture without an adapter in
+    :data:`recallscope.models.adapters.ADAPTERS`, or with a setting its adapter does not handle.
+    """
+    from recallscope.models.adapters import ADAPTERS
+
     cached = getattr(model, "_recallscope_stack", None)
     if cached is not None:
         return cached
     original = unwrap(getattr(model, "original_model", model))
     name = type(original).__name__
-    if name == "NativeModel":
-        stack = _native_stack(original)
-    elif name == "GPT2LMHeadModel":
-        stack = _gpt2_stack(original)
-    elif hasattr(original, "model") and hasattr(unwrap(original.model), "layers"):
-        stack = _llama_like_stack(original)
-    else:
+    builder = _native_stack if name == "NativeModel" else ADAPTERS.get(name)
+    if builder is None:
         raise UnsupportedArchitectureError(
-            f"recallscope's fast engine does not support {name}. Use engine='hooks' (the TransformerLens "
-            "hook path, slower but architecture-agnostic), or add an adapter in recallscope.models.stack."
-        )
+            f"recallscope's fast engine has no adapter for {name} (it knows NativeModel, "
+            f"{', '.join(sorted(ADAPTERS))}). Use engine='hooks' (the TransformerLens hook path, slower "
+            "but architecture-agnostic), or engine='auto', which falls back to it.")
+    stack = builder(original)
     model._recallscope_stack = stack
     return stack
 
 
+def cap_value(value: Any) -> float | None:
+    """A softcap setting as a float, or None when disabled (None, 0 or negative, as in TransformerLens)."""
+    return float(value) if value is not None and float(value) > 0 else None
+
+
 def _native_stack(m: Any) -> Stack:
     cfg = m.cfg
+    if getattr(cfg, "attention_dir", "causal") != "causal":
+        raise UnsupportedArchitectureError(
+            f"the fast engine runs causal decoders; this native model has attention_dir={cfg.attention_dir!r}. "
+            "Use engine='hooks'.")
     layers = []
     for block in m.layers:
         b = unwrap(block)
@@ -107,7 +192,7 @@ def _native_stack(m: Any) -> Stack:
         mlp = unwrap(b.mlp) if not cfg.attn_only else None
         layers.append(LayerParts(
             ln1=unwrap(b.ln1), q=unwrap(attn.q), k=unwrap(attn.k), v=unwrap(attn.v), o=unwrap(attn.o),
-            ln2=unwrap(b.ln2) if mlp is not None else None, mlp=mlp,
+            ln2=unwrap(b.ln2) if mlp is not None else None, mlp=mlp, softcap=cap_value(attn.attn_scores_soft_cap),
         ))
     first_attn = unwrap(unwrap(m.layers[0]).attn)
     rotary = unwrap(m.rotary) if m.rotary is not None else None
@@ -116,46 +201,28 @@ def _native_stack(m: Any) -> Stack:
         def rope(q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
             return rotary.apply_rope(q, k, position_ids=positions.unsqueeze(0).expand(q.shape[0], -1))
     pos = unwrap(m.pos) if m.pos is not None else None
+    cap = cap_value(m.output_logits_soft_cap)
     return Stack(
         n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_key_value_heads or cfg.n_heads,
         d_head=cfg.d_head, d_model=cfg.d_model, d_vocab=unwrap(m.head).out_features, n_ctx=cfg.n_ctx,
         attn_scale=1.0 / first_attn.scale, embed_tokens=unwrap(m.tok_embed), embed_pos=pos, rope=rope,
-        layers=tuple(layers), final_norm=unwrap(m.ln_out), unembed=unwrap(m.head),
+        layers=tuple(layers), final_norm=unwrap(m.ln_out), unembed=softcapped(unwrap(m.head), cap),
+        family="native", final_softcap=cap,
     )
 
 
-def _llama_like_stack(m: Any) -> Stack:
-    inner = unwrap(m.model)
-    cfg = m.config
-    n_heads = cfg.num_attention_heads
-    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
-    layers = []
-    for layer in inner.layers:
-        layer = unwrap(layer)
-        attn = unwrap(layer.self_attn)
-        layers.append(LayerParts(
-            ln1=unwrap(layer.input_layernorm), q=unwrap(attn.q_proj), k=unwrap(attn.k_proj),
-            v=unwrap(attn.v_proj), o=unwrap(attn.o_proj), ln2=unwrap(layer.post_attention_layernorm),
-            mlp=unwrap(layer.mlp),
-        ))
-    first_attn = unwrap(unwrap(inner.layers[0]).self_attn)
-    apply_rope = sys.modules[type(first_attn).__module__].apply_rotary_pos_emb
-    rotary = unwrap(inner.rotary_emb)
-
-    def rope(q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        cos, sin = rotary(q, positions.unsqueeze(0))  # on the rotary module's device
-        return apply_rope(q, k, cos.to(q.device), sin.to(q.device))
-
-    return Stack(
-        n_layers=len(layers), n_heads=n_heads, n_kv_heads=getattr(cfg, "num_key_value_heads", n_heads),
-        d_head=d_head, d_model=cfg.hidden_size, d_vocab=cfg.vocab_size,
-        n_ctx=getattr(cfg, "max_position_embeddings", 2048), attn_scale=float(first_attn.scaling),
-        embed_tokens=unwrap(inner.embed_tokens), embed_pos=None, rope=rope, layers=tuple(layers),
-        final_norm=unwrap(inner.norm), unembed=unwrap(m.lm_head),
-    )
+def split_linear(linear: Any, rows: list[Any]) -> list[Fn]:
+    """Callables ``x -> x W[r]^T + b[r]`` for each row selection ``r`` (a slice or index tensor) of a
+    fused ``nn.Linear`` (Phi-3's qkv_proj, GPT-NeoX's query_key_value); the weights are views."""
+    out = []
+    for r in rows:
+        w = linear.weight[r]
+        b = linear.bias[r] if linear.bias is not None else None
+        out.append(lambda x, w=w, b=b: torch.nn.functional.linear(x, w, b))
+    return out
 
 
-def _conv1d_split(conv: Any, n: int) -> list[Fn]:
+def conv1d_split(conv: Any, n: int) -> list[Fn]:
     """Split a GPT-2 Conv1D (y = x W + b, W: [in, n*out]) into ``n`` linear callables."""
     weights = conv.weight.chunk(n, dim=1)
     biases = conv.bias.chunk(n, dim=0)
@@ -163,21 +230,5 @@ def _conv1d_split(conv: Any, n: int) -> list[Fn]:
             for w, b in zip(weights, biases)]
 
 
-def _gpt2_stack(m: Any) -> Stack:
-    tr = unwrap(m.transformer)
-    cfg = m.config
-    d_head = cfg.n_embd // cfg.n_head
-    layers = []
-    for block in tr.h:
-        block = unwrap(block)
-        attn = unwrap(block.attn)
-        q, k, v = _conv1d_split(unwrap(attn.c_attn), 3)
-        (o,) = _conv1d_split(unwrap(attn.c_proj), 1)
-        layers.append(LayerParts(ln1=unwrap(block.ln_1), q=q, k=k, v=v, o=o, ln2=unwrap(block.ln_2),
-                                 mlp=unwrap(block.mlp)))
-    return Stack(
-        n_layers=cfg.n_layer, n_heads=cfg.n_head, n_kv_heads=cfg.n_head, d_head=d_head, d_model=cfg.n_embd,
-        d_vocab=cfg.vocab_size, n_ctx=cfg.n_positions, attn_scale=1.0 / math.sqrt(d_head),
-        embed_tokens=unwrap(tr.wte), embed_pos=unwrap(tr.wpe), rope=None, layers=tuple(layers),
-        final_norm=unwrap(tr.ln_f), unembed=unwrap(m.lm_head),
-    )
+def inv_sqrt(d: float) -> float:
+    return 1.0 / math.sqrt(d)

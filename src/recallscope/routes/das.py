@@ -28,9 +28,9 @@ from prompts, the held-out evaluation, the paired statistics and a saved, plotta
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch

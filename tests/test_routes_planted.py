@@ -3,8 +3,8 @@
 The model (GPT-2 family, 2 layers, d_model 32, attention switched off) reads the input token " VAT" at
 the last position; every embedding shares one large common direction so that LayerNorm does not blow a
 weak feature up into a strong one. Route model: the embedding of " VAT" carries the direction of the concept " tax"
-(which " tax"'s own embedding also carries), and one layer-0 MLP neuron reads that direction and writes
-the output " Value". No-route model: " VAT" carries a private direction instead, read by another neuron
+(which " tax"'s own embedding also carries) plus an equally strong identity direction that nothing reads,
+and one layer-0 MLP neuron reads the concept direction and writes the output " Value". No-route model: " VAT" carries a private direction instead, read by another neuron
 that writes the same output; the concept neuron still exists (so " tax" -> " Value" still works) but the
 input no longer passes through it.
 """
@@ -47,6 +47,7 @@ class Planted:
         basis, _ = torch.linalg.qr(torch.randn(32, 32, generator=gen))
         self.basis = basis
         self.u_c, w_o, self.v_a, common = basis[:, 0], basis[:, 1], basis[:, 2], basis[:, 3]
+        self.v_id = basis[:, 5]  # the input's own identity: read by nothing
         self.a, c, o = (_tid(tokenizer, t) for t in (" VAT", " tax", " Value"))
         new = {k: torch.zeros_like(v) for k, v in sd.items()}
         # every token shares a large common direction, so after LayerNorm a feature matters only when strong
@@ -56,7 +57,7 @@ class Planted:
         for name in [k for k in sd if k.endswith(("ln1.weight", "ln2.weight", "ln_final.weight"))]:
             new[name] = torch.ones_like(sd[name])
         new["embed.weight"][c] += SCALE * self.u_c
-        new["embed.weight"][self.a] += SCALE * self.u_c
+        new["embed.weight"][self.a] += SCALE * self.u_c + SCALE * self.v_id
         new["unembed.weight"][o] = 4.0 * w_o
         # layer-0 MLP: neuron 0 reads the concept, neuron 1 the private direction; both write the output
         new["blocks.0.mlp.in.weight"][0] = 3.0 * self.u_c
@@ -89,7 +90,7 @@ def pool(planted):
     return control_pool(planted.model, WORDS[:80])
 
 
-CONFIG = RouteConfig(n_controls=19, n_boot=300)
+CONFIG = RouteConfig(n_controls=8, n_boot=300)
 
 
 def _top(model, prompt):
@@ -105,12 +106,16 @@ def test_planted_models_say_the_output(planted):
 
 
 def test_planted_route_is_found_and_removed_route_is_not(planted, pool, tmp_path):
+    """New standard (issue 13): interchange along the concept beats every competitor class (the input itself,
+    the output's casings, its neighbours, cosine- and norm-matched random directions) on 8 templates."""
     found = route_report(planted.model, QUERY, [" tax"], pool=pool, config=CONFIG, progress=False)
     row = found.routes()[0]
     assert found.verdict() == "route" and row.verdict == "route"
+    assert len(found.query["prompts"]) == 8  # 3 prompts expanded to the default 8 templates
     assert row.peak_layer == 0 and 0 in row.layers
-    assert row.score > 0.5 and row.p_value == pytest.approx(0.05)
-    assert row.mediation > 0.5 > abs(row.control_mediation)
+    assert row.score > 0.5 and row.p_value == pytest.approx(1 / 256) and row.p_holm == row.p_value
+    assert row.mediation > 0.5 and set(row.margins) == {"input", "output", "neighbour", "random"}
+    assert min(row.margins.values()) > 0.5
     assert row.similarity_z > 3
     with planted.removed() as model:
         gone = route_report(model, QUERY, [" tax"], pool=pool, config=CONFIG, progress=False)
@@ -120,6 +125,8 @@ def test_planted_route_is_found_and_removed_route_is_not(planted, pool, tmp_path
     assert back.routes() == found.routes()
     fig = found.plot()
     assert fig.data[0].type == "sankey"
+    labels = fig.data[0].node.label
+    assert any("(input)" in str(lab) for lab in labels) and any("(output)" in str(lab) for lab in labels)
 
 
 def test_planted_route_given_as_a_direction(planted, pool):

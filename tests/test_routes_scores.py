@@ -107,6 +107,32 @@ def test_mediation_matches_full_rerun(setup):
     torch.testing.assert_close(share[:, 0], drops / total, atol=1e-4, rtol=1e-4)
 
 
+def test_interchange_and_edit_norms_match_full_rerun(setup):
+    """The interchange along each direction (edit scaled by k per slot, alternative and window) equals a
+    full re-run from the embeddings; the edit norm is ||(h_alt - h) . u|| over the span at the window's layer."""
+    from recallscope.routes.interchange import edit_norms, interchange
+
+    model, dirs, prep, runner = setup
+    unit = dirs.unit()
+    alt_states, _ = alternative_runs(runner)
+    s, e = prep.span
+    scale = torch.tensor([1.0, 0.5, 2.0])[:, None, None].expand(3, alt_states.shape[1], 2).clone()
+    got = interchange(runner, alt_states, unit, (0, 1), 1, batch_size=4, scale=scale)
+    norms = edit_norms(runner, alt_states, unit, (0, 1))
+    for c in range(unit.shape[0]):
+        for a in range(alt_states.shape[1]):
+            for j, layer in enumerate((0, 1)):
+                k = float(scale[c, a, j])
+
+                def fn(h, lyr, a=a, c=c, k=k):
+                    return h + k * ((alt_states[lyr, a, s:e] - h) @ unit[c, lyr])[..., None] * unit[c, lyr]
+
+                want = runner.clean - _oracle(model, prep, prep.tokens, {layer}, fn)[0]
+                assert float(got[c, a, j]) == pytest.approx(float(want), abs=1e-4)
+                diff = alt_states[layer, a, s:e] - runner.states[layer, 0, s:e]
+                assert float(norms[c, a, j]) == pytest.approx(float((diff @ unit[c, layer]).norm()), rel=1e-5)
+
+
 def test_attribution_is_the_derivative_of_ablation(setup):
     """First-order estimate = the derivative of the effect of ablating a fraction t of the concept's
     component, at t = 0 (central finite difference)."""

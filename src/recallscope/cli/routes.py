@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,12 @@ def _cmd_routes(args: argparse.Namespace) -> int:
     from recallscope.routes import RouteConfig, RouteQuery, candidate_concepts, route_report
 
     model = load_model(args.model, **_placement(args))
-    config = RouteConfig(n_controls=args.n_controls, stride=args.stride, window=args.window, method=args.method,
-                         mediation=not args.no_mediation, seed=args.seed)
+    base = RouteConfig.from_toml(args.config) if args.config else RouteConfig()
+    config = replace(base, n_controls=args.n_controls if args.n_controls is not None else base.n_controls,
+                     mediation=base.mediation and not args.no_mediation, seed=args.seed,
+                     **{k: v for k, v in (("n_templates", args.templates), ("n_random", args.n_random),
+                                          ("n_neighbours", args.n_neighbours), ("stride", args.stride),
+                                          ("window", args.window), ("method", args.method)) if v is not None})
     record = _record(args, "routes", config=config, seed=args.seed)
     record.model(model, args.model)
     query = RouteQuery(tuple(args.prompt), args.input, args.output)
@@ -30,9 +35,16 @@ def _cmd_routes(args: argparse.Namespace) -> int:
     _write_figure(report.plot(), out / "routes", record)
     atomic_write_text(out / "summary.json", json.dumps(report.summary(), indent=1, default=str))
     record.output(out / "summary.json")
-    for r in report.routes():
+    print(f"{len(query.prompts)} prompts -> {len(report.query['prompts'])} templates; total effect "
+          f"{float(report.total_effect.nanmean()):.3f} nats")
+    for r in report.routes() + [r for r in report.competitor_rows() if r.p_value == r.p_value]:
+        margins = " ".join(f"{k} {v:+.3f}" for k, v in r.margins.items())
         print(f"{r.name[:40]:<40} {r.verdict:<12} score {r.score:+.3f} [{r.ci[0]:+.3f}, {r.ci[1]:+.3f}] "
-              f"p={r.p_value:.3f} layers {list(r.layers)}")
+              f"p={r.p_value:.4f} p_holm={r.p_holm:.4f} mediated {r.mediation:+.3f} peak {r.peak_layer} "
+              f"margins: {margins}")
+    for r in report.competitor_rows():
+        if r.p_value != r.p_value:
+            print(f"{r.name[:40]:<40} competitor   mediated {r.mediation:+.3f} at layer {r.peak_layer}")
     print(f"verdict: {report.verdict()}; manifest: {record.write()}")
     return 0
 
@@ -95,8 +107,9 @@ def register(sub: Any) -> None:
         sp.add_argument("--seed", type=int, default=0, help="seed (default 0)")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         _resume_option(sp)
-        sp.add_argument("--n-controls", type=int, default=19 if name == "routes" else 9,
-                        help="control concepts per candidate (default 19 for routes, 9 for compare-human)")
+        sp.add_argument("--n-controls", type=int, default=None if name == "routes" else 9,
+                        help="control concepts per candidate (default: RouteConfig's 8 for routes, 9 for "
+                             "compare-human)")
         if name == "routes":
             sp.add_argument("--prompt", action="append", required=True, help="a prompt containing the input; "
                             "repeat for several phrasings (CIs over prompts)")
@@ -104,11 +117,19 @@ def register(sub: Any) -> None:
             sp.add_argument("--output", required=True, help="continuation to explain, e.g. ' Value'")
             sp.add_argument("--concept", action="append", help="candidate concept; repeat (default: candidates "
                             "from the vocabulary, the acronym lexicon and the model itself)")
-            sp.add_argument("--stride", type=int, default=1, help="layer spacing of the intervention windows")
-            sp.add_argument("--window", type=int, default=1, help="layers ablated together")
-            sp.add_argument("--method", default="exact", choices=["exact", "attribution"],
-                            help="causal effect by exact ablation (default) or its gradient estimate")
-            sp.add_argument("--no-mediation", action="store_true", help="skip the mediation score (faster)")
+            sp.add_argument("--stride", type=int, help="layer spacing of the intervention windows (default 1)")
+            sp.add_argument("--window", type=int, help="layers intervened on together (default 1)")
+            sp.add_argument("--method", choices=["exact", "attribution"],
+                            help="mean ablation (reported, no verdict) exact (default) or by its gradient estimate")
+            sp.add_argument("--no-mediation", action="store_true", help="skip the interchange intervention "
+                            "(faster; then every verdict is inconclusive: mean ablation alone carries none)")
+            sp.add_argument("--templates", type=int, help="prompts per query: fewer --prompt are expanded by "
+                            "neutral context prefixes (default 8; 0 = the prompts as given)")
+            sp.add_argument("--n-random", type=int, help="cosine- and norm-matched random directions per concept "
+                            "(default 4)")
+            sp.add_argument("--n-neighbours", type=int, help="output neighbours in the unembedding (default 3)")
+            sp.add_argument("--config", help="TOML file with a [route_config] table of RouteConfig fields "
+                            "(the detector's configuration); flags override it")
         else:
             sp.add_argument("--cards", required=True, help="Anki text export: term, mnemonic, definition[, ...]")
             sp.add_argument("--max-cards", type=int, help="score only the first N cards with a keyword")

@@ -52,6 +52,14 @@ class ConceptSource(str, Enum):
     """The model's own continuation of a prompt about the input."""
     CONTROL = "control"
     """A control concept matched on frequency and token count."""
+    INPUT = "competitor: input"
+    """The input itself (a competitor, never a route)."""
+    OUTPUT = "competitor: output"
+    """The output in some casing or spacing (a competitor, never a route)."""
+    NEIGHBOUR = "competitor: output neighbour"
+    """A nearest neighbour of the output in the unembedding (a competitor)."""
+    RANDOM = "competitor: matched random"
+    """A random direction matched in cosine to the state and in edit norm (a competitor)."""
 
 
 @dataclass(frozen=True, eq=False)

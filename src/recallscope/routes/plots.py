@@ -8,46 +8,53 @@ from plotly.subplots import make_subplots
 from recallscope.plotting import apply_style
 
 VERDICT_COLORS = {"route": "rgba(214, 39, 40, 0.75)", "inconclusive": "rgba(255, 127, 14, 0.55)",
-                  "no route": "rgba(150, 150, 150, 0.45)"}
-"""Link colours of the route diagram by verdict."""
+                  "no route": "rgba(150, 150, 150, 0.45)", "competitor": "rgba(31, 119, 180, 0.45)"}
+"""Link colours of the route diagram by verdict (competitors in blue)."""
 
 
 def plot_route_report(report: Any, *, top: int = 8, title: str | None = None) -> go.Figure:
-    """Sankey input -> concept -> output (widths = positive route scores, colour = verdict) above the
-    per-layer route score ``S_c(w)`` of the top concepts, with the range of their controls shaded."""
+    """Sankey input -> concept -> output for the candidates *and* the competitors (widths = mediated
+    share, colour = verdict; competitors blue) above the per-layer interchange effect (share of the total
+    effect) of each candidate beside each competitor class (dashed: the class's strongest member) and the
+    range of the matched random directions (shaded)."""
     rows = report.routes()[:top]
+    comp = sorted(report.competitor_rows(), key=lambda r: -r.mediation)[:top]
     q = report.query
     fig = make_subplots(rows=2, cols=1, row_heights=[0.55, 0.45], vertical_spacing=0.1,
-                        specs=[[{"type": "domain"}], [{"type": "xy"}]],
-                        subplot_titles=("route diagram (width = route score, colour = verdict)",
-                                        "route score by layer: ablation effect beyond controls / total effect"))
-    labels = [f"input {q['input'].strip()!r}"] + [f"{r.name}<br>{r.verdict}: {r.score:.2f} "
-                                                   f"[{r.ci[0]:.2f}, {r.ci[1]:.2f}], p={r.p_value:.2f}"
-                                                   for r in rows] + [f"output {q['output'].strip()!r}"]
-    out = len(rows) + 1
-    widths = [max(r.score, 0.0) + 0.02 for r in rows]
-    colors = [VERDICT_COLORS[r.verdict] for r in rows]
+                        specs=[[{"type": "sankey"}], [{"type": "xy"}]])
+    shown = rows + comp
+    labels = [f"input {q['input'].strip()!r}"] + [
+        f"{r.name} [{r.verdict}] score {r.score:+.2f}, p_holm {r.p_holm:.3g}" if r.role == "candidate"
+        else f"{r.name} [competitor] mediated {r.mediation:+.2f}" for r in shown] + [f"output {q['output'].strip()!r}"]
+    out = len(shown) + 1
+    widths = [max(r.mediation, 0.0) + 0.02 if r.mediation == r.mediation else 0.02 for r in shown]
+    colors = [VERDICT_COLORS[r.verdict] for r in shown]
     fig.add_trace(go.Sankey(
         arrangement="snap", node=dict(label=labels, pad=14, thickness=14, color="#d0d7e2"),
-        link=dict(source=[0] * len(rows) + list(range(1, out)), target=list(range(1, out)) + [out] * len(rows),
+        link=dict(source=[0] * len(shown) + list(range(1, out)), target=list(range(1, out)) + [out] * len(shown),
                   value=widths * 2, color=colors * 2)), row=1, col=1)
-    index = {n: i for i, n in enumerate(report.names)}
     x = list(report.windows)
-    effect = report.ablation.nanmean(0)
-    scale = report._scale(report.total_effect)
-    for r in rows:
-        c = index[r.name]
-        ctrl = effect[report.controls[c]] / scale
-        median = ctrl.median(0).values
-        fig.add_trace(go.Scatter(x=x, y=(ctrl.max(0).values - median).tolist(), mode="lines", line=dict(width=0),
+    scale = report.scale()
+    mean = report.interchange.nanmean(0) / scale  # [slot, window]
+    rand = [j for j, c in enumerate(report.classes) if c == "random"]
+    if rand:
+        fig.add_trace(go.Scatter(x=x, y=mean[rand].amax(0).tolist(), mode="lines", line=dict(width=0),
                                  showlegend=False, hoverinfo="skip"), row=2, col=1)
-        fig.add_trace(go.Scatter(x=x, y=(ctrl.min(0).values - median).tolist(), mode="lines", line=dict(width=0),
-                                 fill="tonexty", fillcolor="rgba(150,150,150,0.12)", showlegend=False,
+        fig.add_trace(go.Scatter(x=x, y=mean[rand].amin(0).tolist(), mode="lines", line=dict(width=0),
+                                 fill="tonexty", fillcolor="rgba(150,150,150,0.18)", name="matched random (range)",
                                  hoverinfo="skip"), row=2, col=1)
-        fig.add_trace(go.Scatter(x=x, y=report.route_scores(c).tolist(), mode="lines+markers", name=r.name,
+    shared = sorted({c for c, r in zip(report.classes, report.roles) if r in ("auto", "competitor")})
+    for cls in shared:
+        members = [j for j, c in enumerate(report.classes) if c == cls]
+        fig.add_trace(go.Scatter(x=x, y=mean[members].amax(0).tolist(), mode="lines", line=dict(dash="dash"),
+                                 name=f"competitor: {cls} (strongest)",
+                                 hovertemplate="layer %{x}: %{y:.3f}<extra>" + cls + "</extra>"), row=2, col=1)
+    index = {n: i for i, n in enumerate(report.names)}
+    for r in rows:
+        fig.add_trace(go.Scatter(x=x, y=mean[index[r.name]].tolist(), mode="lines+markers", name=r.name,
                                  hovertemplate="layer %{x}: %{y:.3f}<extra>" + r.name + "</extra>"), row=2, col=1)
     fig.update_xaxes(title_text="layer (intervention window start)", row=2, col=1)
-    fig.update_yaxes(title_text="share of total effect", row=2, col=1)
+    fig.update_yaxes(title_text="interchange effect / total effect", row=2, col=1)
     te = report.total_effect.nanmean().item()
     apply_style(fig, title=title or f"routes {q['name']}: total effect {te:.2f} nats, verdict {report.verdict()}")
     fig.update_layout(height=820, legend=dict(orientation="h", y=-0.12))

@@ -1,22 +1,29 @@
-"""Route reports: rank candidate concepts for an (input, output) pair and give a verdict.
+"""Route reports: does an (input, output) recall pass through a candidate concept? Verdicts against competitors.
 
-:func:`route_report` runs the four route scores of :mod:`.scores` for every concept and its controls over
-every prompt of a :class:`~recallscope.routes.scores.RouteQuery`, and returns a :class:`RouteReport`.
+:func:`~recallscope.routes.route_report` scores every slot of a report on every prompt: the candidates,
+the competitors (:mod:`~recallscope.routes.competitors`: the input itself, the output in every casing and
+spacing, the output's unembedding neighbours, random directions matched to each candidate on the cosine
+with the state and on edit norm, and any classes the caller adds), and frequency-matched controls.
 
-The verdict for a concept ``c`` with controls ``k = 1..K`` (effects ``E`` = causal effect of ablating a
-direction, in nats, averaged over prompts; ``TE`` = the input's total effect on the output):
+**The evidence standard** (what "route" means). The primary causal score is the *interchange*
+(resample) intervention along the concept's direction at the input positions
+(:mod:`~recallscope.routes.interchange`): the direction's component is set to the value the model produces
+for alternative inputs in the same context; the effect ``E`` is the drop of the output's log-prob (nats).
+A candidate ``c`` is a **route** only if all of these hold (:class:`~recallscope.routes.config.RouteConfig`
+holds the thresholds):
 
-1. Route score per layer window ``w``: ``S_c(w) = (E_c(w) - median_k E_k(w)) / |TE|``, the share of the
-   total effect removed by ablating the concept beyond what control directions remove. The peak window
-   is the argmax; the score is ``S_c`` there.
-2. p-value by the max statistic over windows (which corrects for choosing the best layer): each control
-   gets the same statistic against the other controls; ``p = (1 + #{k: max_w S_k >= max_w S_c}) / (1 + K)``.
-3. 95% bootstrap CI of the score at the peak, resampling prompts and controls.
-4. ``route`` if ``p <= alpha`` and the CI's lower end is at least ``min_share``; ``no route`` if the CI's
-   upper end is below ``min_share``; otherwise ``inconclusive``. When ``TE < min_total_effect`` the input
-   does not help the output (alternative inputs do as well or better), so there is no route to find and
-   every verdict is ``inconclusive``.
-5. The route lives in the windows where ``S_c(w) >= min_share`` and ``E_c(w)`` exceeds every control's.
+1. the input matters: total effect ``TE = M_clean - M_alt >= min_total_effect``;
+2. it beats *every* competitor class on the same prompts: the paired sign-flip test over prompts of the
+   margin ``D = E_c - max_k class_k`` (max over windows, so the peak layer is selection-corrected;
+   :mod:`~recallscope.routes.verdict`), Holm-corrected over the report's candidates, ``p_holm <= alpha``;
+3. the held-out margin (each prompt read at the window chosen on the other prompts), as a share of
+   ``|TE|``, is at least ``min_share``;
+4. its mediated share (held-out interchange effect / TE) is at least ``min_mediated``.
+
+**No route** when the CI of the held-out margin lies below ``min_share`` or that of the mediated share below
+``min_mediated``; otherwise **inconclusive**. A concept that *is* the input or the output (any casing or
+spacing) is always a **competitor**, never a route, also when a user passes it as a candidate. Mean
+ablation (``ablation``) is reported but no verdict rests on it.
 """
 
 import os
@@ -28,229 +35,261 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from recallscope.errors import ConfigError, ResultFileError
+from recallscope.errors import ResultFileError
 from recallscope.results import load_result_dir, save_result_dir
+from recallscope.routes.config import RouteConfig
+from recallscope.routes.verdict import bootstrap_ratio, class_effect, cross_fitted, holm, sign_flip_max_t, t_stats
 
-Verdict = Literal["route", "no route", "inconclusive"]
+__all__ = ["ConceptRoute", "RouteConfig", "RouteReport", "Verdict"]
 
-
-@dataclass(frozen=True)
-class RouteConfig:
-    """How :func:`route_report` scores routes."""
-
-    n_controls: int = 19
-    """Controls per concept (19 lets p reach 0.05)."""
-    layers: tuple[int, ...] | None = None
-    """First layers of the intervention windows (hidden-state layers); None = every ``stride``-th."""
-    window: int = 1
-    """Layers intervened on together."""
-    stride: int = 1
-    """Spacing of the default windows."""
-    max_output_tokens: int = 3
-    """Output tokens in the teacher-forced log-prob metric."""
-    n_alternatives: int = 4
-    """Random alternative inputs when the query gives none (total effect, mediation)."""
-    method: Literal["exact", "attribution"] = "exact"
-    """Causal effect by exact ablation or by its first-order (gradient) estimate."""
-    mediation: bool = True
-    """Compute the mediation share (d) (costs one run per alternative, window and slot)."""
-    remove_output_direction: bool = True
-    """Project the output tokens' direct logit directions out of every concept direction."""
-    prefixes: tuple[str, ...] | None = None
-    """Neutral contexts of concept representations (None: ``directions.NEUTRAL_PREFIXES``, English)."""
-    baseline_words: tuple[str, ...] | None = None
-    """Words whose mean representation is the baseline (None: ``directions.BASELINE_WORDS``, English)."""
-    alpha: float = 0.05
-    """Significance level of the route verdict."""
-    min_share: float = 0.1
-    """Smallest share of the total effect (beyond controls) that counts as a route."""
-    min_total_effect: float = 0.5
-    """Smallest input -> output total effect (nats, ``M_clean - M_alt``) for a conclusive verdict."""
-    n_boot: int = 1000
-    """Bootstrap resamples for the CIs."""
-    seed: int = 0
-    """Seed for alternatives and the bootstrap."""
-    batch_size: int = 64
-    """Interventions per forward batch."""
-
-    def __post_init__(self) -> None:
-        if self.n_controls < 1 or self.window < 1 or self.stride < 1 or not 0 < self.alpha < 1:
-            raise ConfigError(f"invalid RouteConfig {self}: n_controls, window, stride >= 1 and 0 < alpha < 1.")
-        if self.method not in ("exact", "attribution"):
-            raise ConfigError(f"method must be 'exact' or 'attribution', not {self.method!r}.")
+Verdict = Literal["route", "no route", "inconclusive", "competitor"]
+TESTED = ("candidate", "competitor")
+"""Slot roles with the full statistics (the concepts the caller passed)."""
 
 
 @dataclass(frozen=True)
 class ConceptRoute:
-    """The verdict on one concept (a row of :meth:`RouteReport.routes`)."""
+    """The verdict on one concept (a row of :meth:`RouteReport.routes` or :meth:`RouteReport.competitor_rows`).
+
+    ``score``: held-out margin over the strongest competitor class, as a share of ``|TE|``; ``margins``:
+    per class, the margin at the peak window (share of ``|TE|``); ``mediation``: held-out interchange
+    effect / TE; ``interchange``: interchange effect at the peak (nats); ``effect_per_norm``: that effect
+    per unit of edit norm; ``ablation`` / ``control_ablation``: mean-ablation effects at the peak (nats).
+    """
 
     name: str
     source: str
+    role: str
     verdict: Verdict
     score: float
     ci: tuple[float, float]
     p_value: float
+    p_holm: float
     peak_layer: int
     layers: tuple[int, ...]
+    interchange: float
+    mediation: float
+    mediation_ci: tuple[float, float]
+    edit_norm: float
+    effect_per_norm: float
+    margins: dict[str, float]
+    strongest_competitor: str
     ablation: float
     control_ablation: float
-    mediation: float
-    control_mediation: float
     best_rank: float
     rank_percentile: float
     similarity_z: float
     n_controls: int
-
-
-def _median_excluding(values: Tensor, skip: int) -> Tensor:
-    keep = torch.cat([values[:skip], values[skip + 1:]])
-    return keep.median(0).values
+    n_prompts: int
 
 
 @dataclass(frozen=True)
 class RouteReport:
-    """Route scores of candidate concepts (and their controls) for one query.
-
-    Slots are the concepts (first ``n_concepts``) followed by the control concepts.
+    """Route scores of the candidates, their competitors and controls for one query (module doc).
 
     Attributes:
-        query: the :class:`RouteQuery` fields.
+        query: the :class:`~recallscope.routes.scores.RouteQuery` fields (prompts after template expansion).
         names / sources: per slot.
-        controls: ``[concept, n_controls]`` slot index of each concept's controls.
+        roles: per slot: ``candidate``, ``competitor`` (a concept the caller passed that is the input or
+            the output), ``auto`` (a generated competitor), ``random`` (matched random direction),
+            ``matched`` (a competitor's copy at a tested concept's edit norm) or ``control``.
+        classes: per slot, its competitor class (``candidate``, ``input``, ``output``, ``neighbour``,
+            ``random``, ``control`` or a caller's class name).
+        owner: ``[slot]`` the tested slot a random direction, matched copy or control belongs to (-1: none).
         windows: first hidden-state layer of each intervention window.
-        readout_rank: ``[prompt, slot, layer]`` best rank of the slot's first token over the input span
-            under the lens (NaN for direction-only concepts); layers are hidden-state layers ``0..n_layers``.
-        similarity: ``[prompt, slot, layer]`` cosine of the input's state with the slot's direction.
-        ablation: ``[prompt, slot, window]`` causal effect (nats) of ablating the slot's direction.
-        mediation: ``[prompt, slot, window]`` mediated share of the total effect.
-        clean: ``[prompt]`` output log-prob; total_effect: ``[prompt]`` input -> output total effect.
-        config / manifest: the :class:`RouteConfig` and provenance.
+        readout_rank / similarity: ``[prompt, slot, layer]`` lens rank of the slot's first token over the
+            input span; cosine of the input's state (minus baseline) with the slot's direction.
+        interchange / edit_norm / ablation: ``[prompt, slot, window]`` interchange effect (nats), its edit
+            norm, mean-ablation effect (nats); NaN where not computed.
+        clean / total_effect: ``[prompt]``.
+        config / manifest: the :class:`RouteConfig` fields and provenance.
     """
 
     query: dict[str, Any]
     names: tuple[str, ...]
     sources: tuple[str, ...]
-    controls: Int[Tensor, "concept control"]
+    roles: tuple[str, ...]
+    classes: tuple[str, ...]
+    owner: Int[Tensor, " slot"]
     windows: tuple[int, ...]
     readout_rank: Float[Tensor, "prompt slot layer"]
     similarity: Float[Tensor, "prompt slot layer"]
+    interchange: Float[Tensor, "prompt slot window"]
+    edit_norm: Float[Tensor, "prompt slot window"]
     ablation: Float[Tensor, "prompt slot window"]
-    mediation: Float[Tensor, "prompt slot window"]
     clean: Float[Tensor, " prompt"]
     total_effect: Float[Tensor, " prompt"]
     config: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        n_slots = len(self.names)
-        if len(self.sources) != n_slots or self.ablation.shape[1] != n_slots or self.readout_rank.shape[1] != n_slots:
-            raise ResultFileError("RouteReport: names, sources and the slot axis of the scores disagree.")
-        if self.ablation.shape[2] != len(self.windows) or self.mediation.shape != self.ablation.shape:
-            raise ResultFileError("RouteReport: ablation/mediation do not match the windows.")
-        if int(self.controls.max()) >= n_slots or self.controls.shape[0] > n_slots:
-            raise ResultFileError("RouteReport: control indices point outside the slots.")
+        n = len(self.names)
+        if not (len(self.sources) == len(self.roles) == len(self.classes) == len(self.owner) == n):
+            raise ResultFileError("RouteReport: names, sources, roles, classes and owner disagree on the slots.")
+        for t in (self.interchange, self.edit_norm, self.ablation):
+            if t.shape[1] != n or t.shape[2] != len(self.windows):
+                raise ResultFileError("RouteReport: a score tensor does not match the slots and windows.")
+        if self.readout_rank.shape[1] != n or (n and int(self.owner.max()) >= n):
+            raise ResultFileError("RouteReport: readout/owner indices point outside the slots.")
 
-    @property
-    def n_concepts(self) -> int:
-        return int(self.controls.shape[0])
+    # ------------------------------------------------------------------------------ slots
+    def cfg(self, name: str) -> Any:
+        return self.config.get(name, getattr(RouteConfig(), name))
 
-    def _scale(self, total: Tensor) -> Tensor:
-        te = total.nanmean().abs()
+    def tested(self) -> list[int]:
+        """Slots with the full statistics: the concepts the caller passed (candidates and competitors)."""
+        return [i for i, r in enumerate(self.roles) if r in TESTED]
+
+    def candidates(self) -> list[int]:
+        return [i for i, r in enumerate(self.roles) if r == "candidate"]
+
+    def competitor_classes(self, slot: int) -> dict[str, list[int]]:
+        """Class name -> member slots that ``slot`` must beat: its norm-matched copies of the competitors
+        (or, without them, the competitors themselves) and its matched random directions."""
+        owners = self.owner.tolist()
+        has_matched = any(r == "matched" and o == slot for r, o in zip(self.roles, owners))
+        out: dict[str, list[int]] = {}
+        for j, (role, cls, owner) in enumerate(zip(self.roles, self.classes, owners)):
+            own = role in ("random", "matched") and owner == slot
+            shared = role in ("auto", "competitor") and not has_matched and j != slot
+            if own or shared:
+                out.setdefault(cls, []).append(j)
+        return out
+
+    def scale(self) -> Tensor:
+        te = self.total_effect.nanmean().abs()
         return te if torch.isfinite(te) and te > 0 else torch.tensor(1.0)
 
-    def route_scores(self, concept: int) -> Float[Tensor, " window"]:
-        """``S_c(w)``: the concept's ablation effect beyond its controls' median, as a share of |TE|."""
-        effect = self.ablation.nanmean(0)
-        ctrl = self.controls[concept]
-        return (effect[concept] - effect[ctrl].median(0).values) / self._scale(self.total_effect)
+    def margin(self, slot: int) -> tuple[Float[Tensor, "prompt window"], dict[str, Tensor]]:
+        """``D[prompt, window] = E_slot - max_k class_k`` (nats) and each class's effect."""
+        effects = {k: class_effect(self.interchange[:, m], "max") for k, m in self.competitor_classes(slot).items()}
+        own = self.interchange[:, slot]
+        strongest = torch.stack(list(effects.values())).amax(0) if effects else torch.zeros_like(own)
+        return own - strongest, effects
 
-    def _p_value(self, concept: int) -> float:
-        effect = self.ablation.nanmean(0)
-        ctrl = effect[self.controls[concept]]
-        scale = self._scale(self.total_effect)
-        t_c = float(self.route_scores(concept).max())
-        t_k = torch.stack([((ctrl[k] - _median_excluding(ctrl, k)) / scale).max() for k in range(len(ctrl))])
-        return (1 + int((t_k >= t_c).sum())) / (1 + len(ctrl))
+    # ------------------------------------------------------------------------------ verdicts
+    def _p_values(self) -> dict[int, float]:
+        return {i: sign_flip_max_t(self.margin(i)[0], n_perm=int(self.cfg("n_perm")), seed=int(self.cfg("seed")))
+                for i in self.tested()}
 
-    def _ci(self, concept: int, peak: int) -> tuple[float, float]:
-        cfg = self.config
-        gen = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
-        n_boot, n_prompts, ctrl = int(cfg.get("n_boot", 1000)), self.ablation.shape[0], self.controls[concept]
-        cols = self.ablation[:, torch.cat([torch.tensor([concept]), ctrl]), peak]  # [prompt, 1 + K]
-        pidx = torch.randint(n_prompts, (n_boot, n_prompts), generator=gen)
-        kidx = torch.randint(len(ctrl), (n_boot, len(ctrl)), generator=gen)
-        means = cols[pidx].nanmean(1)  # [boot, 1 + K]
-        te = self.total_effect[pidx].nanmean(1).abs()
-        scale = torch.where(torch.isfinite(te) & (te > 0), te, torch.ones_like(te))
-        s = (means[:, 0] - means[:, 1:].gather(1, kidx).median(1).values) / scale
-        return float(s.quantile(0.025)), float(s.quantile(0.975))
-
-    def _verdict(self, score_ci: tuple[float, float], p: float) -> Verdict:
-        cfg = self.config
-        te = float(self.total_effect.nanmean()) if torch.isfinite(self.total_effect).any() else float("inf")
-        if te < float(cfg.get("min_total_effect", 0.5)):  # the input does not help the output: nothing to route
-            return "inconclusive"
-        if p <= float(cfg.get("alpha", 0.05)) and score_ci[0] >= float(cfg.get("min_share", 0.1)):
+    def _verdict(self, role: str, p_holm: float, score: float, ci: tuple[float, float], med: float,
+                 med_ci: tuple[float, float]) -> Verdict:
+        if role != "candidate":
+            return "competitor"
+        te = float(self.total_effect.nanmean()) if torch.isfinite(self.total_effect).any() else float("nan")
+        if not (te >= float(self.cfg("min_total_effect"))) or not torch.isfinite(torch.tensor(score)):
+            return "inconclusive"  # the input does not help the output, or no interchange was run
+        min_share, min_med = float(self.cfg("min_share")), float(self.cfg("min_mediated"))
+        if p_holm <= float(self.cfg("alpha")) and score >= min_share and med >= min_med:
             return "route"
-        if score_ci[1] < float(cfg.get("min_share", 0.1)):
+        if ci[1] < min_share or med_ci[1] < min_med:
             return "no route"
         return "inconclusive"
 
-    def concept_route(self, concept: int) -> ConceptRoute:
-        """The verdict and summary statistics of concept ``concept`` (see the module doc)."""
-        scores = self.route_scores(concept)
-        peak = int(scores.argmax())
-        ctrl = self.controls[concept]
-        effect, med = self.ablation.nanmean(0), self.mediation.nanmean(0)
-        ci, p = self._ci(concept, peak), self._p_value(concept)
-        live = (scores >= float(self.config.get("min_share", 0.1))) & (effect[concept] > effect[ctrl].max(0).values)
-        best = self.readout_rank.amin(-1).nanmedian(0).values  # [slot]
-        sim = self.similarity.mean(0)  # [slot, layer]
-        z = (sim[concept] - sim[ctrl].mean(0)) / sim[ctrl].std(0).clamp_min(1e-6)
+    def _row(self, slot: int, p: float, p_adj: float) -> ConceptRoute:
+        d, effects = self.margin(slot)
+        te, scale = self.total_effect, self.scale()
+        n_boot, seed = int(self.cfg("n_boot")), int(self.cfg("seed"))
+        finite = bool(torch.isfinite(d).all())
+        peak = int(torch.nan_to_num(t_stats(d.double()), nan=-float("inf")).argmax()) if finite else 0
+        if finite and d.shape[0] > 1:
+            _, d_out, e_out = cross_fitted(d, self.interchange[:, slot])
+        else:
+            d_out, e_out = d[:, peak], self.interchange[:, slot, peak]
+        score, med = float(d_out.mean() / scale), float(e_out.mean() / scale)
+        ci, med_ci = (bootstrap_ratio(d_out, te, n_boot=n_boot, seed=seed),
+                      bootstrap_ratio(e_out, te, n_boot=n_boot, seed=seed + 1))
+        margins = {k: float((self.interchange[:, slot, peak] - v[:, peak]).mean() / scale) for k, v in effects.items()}
+        mean_d, mean_e = d.mean(0) / scale, self.interchange[:, slot].mean(0) / scale
+        live = (mean_d >= float(self.cfg("min_share"))) & (mean_e >= float(self.cfg("min_mediated")))
         return ConceptRoute(
-            name=self.names[concept], source=self.sources[concept], verdict=self._verdict(ci, p),
-            score=float(scores[peak]), ci=ci, p_value=p, peak_layer=self.windows[peak],
+            name=self.names[slot], source=self.sources[slot], role=self.roles[slot],
+            verdict=self._verdict(self.roles[slot], p_adj, score, ci, med, med_ci), score=score, ci=ci, p_value=p,
+            p_holm=p_adj, peak_layer=self.windows[peak],
             layers=tuple(self.windows[w] for w in torch.nonzero(live).flatten().tolist()),
-            ablation=float(effect[concept, peak]), control_ablation=float(effect[ctrl, peak].median()),
-            mediation=float(med[concept, peak]), control_mediation=float(med[ctrl, peak].nanmedian()),
-            best_rank=float(best[concept]),
-            rank_percentile=float(((best[ctrl] > best[concept]).float() + 0.5 * (best[ctrl] == best[concept]).float())
-                                  .mean()),
-            similarity_z=float(z.max()), n_controls=len(ctrl))
+            margins=margins, strongest_competitor=min(margins, key=margins.get) if margins else "",
+            mediation=med, mediation_ci=med_ci, **self._effects_at(slot, peak))
+
+    def _effects_at(self, slot: int, peak: int) -> dict[str, Any]:
+        effect = self.interchange[:, slot, peak].nanmean()
+        norm = self.edit_norm[:, slot, peak].nanmean()
+        ctrl = [j for j, (c, o) in enumerate(zip(self.classes, self.owner.tolist())) if c == "control" and o == slot]
+        abl = self.ablation.nanmean(0)
+        best = self.readout_rank.amin(-1).nanmedian(0).values  # [slot]
+        sim = self.similarity.mean(0)
+        if ctrl:
+            pct = float(((best[ctrl] > best[slot]).float() + 0.5 * (best[ctrl] == best[slot]).float()).mean())
+            z = float(((sim[slot] - sim[ctrl].mean(0)) / sim[ctrl].std(0).nan_to_num(0).clamp_min(1e-6)).max())
+            ctrl_abl = float(abl[ctrl, peak].median())
+        else:
+            pct = z = ctrl_abl = float("nan")
+        return dict(interchange=float(effect), edit_norm=float(norm),
+                    effect_per_norm=float(effect / norm) if norm > 0 else float("nan"), ablation=float(abl[slot, peak]),
+                    control_ablation=ctrl_abl, best_rank=float(best[slot]), rank_percentile=pct, similarity_z=z,
+                    n_controls=len(ctrl), n_prompts=int(self.interchange.shape[0]))
+
+    def _all_rows(self) -> list[ConceptRoute]:
+        p = self._p_values()
+        cands = self.candidates()
+        adjusted = dict(zip(cands, holm([p[i] for i in cands])))
+        return [self._row(i, p[i], adjusted.get(i, p[i])) for i in self.tested()]
 
     def routes(self) -> list[ConceptRoute]:
-        """Every concept's :class:`ConceptRoute`, best route score first."""
-        return sorted((self.concept_route(i) for i in range(self.n_concepts)), key=lambda r: -r.score)
+        """Every candidate's :class:`ConceptRoute`, best score first (competitors: :meth:`competitor_rows`)."""
+        return sorted((r for r in self._all_rows() if r.role == "candidate"), key=lambda r: -r.score)
+
+    def competitor_rows(self) -> list[ConceptRoute]:
+        """Rows of the competitors: the caller's own (full statistics, verdict ``competitor``), then every
+        generated one (effect at its own peak window; test statistics NaN)."""
+        rows = [r for r in self._all_rows() if r.role != "candidate"]
+        nan, scale = float("nan"), self.scale()
+        for j, role in enumerate(self.roles):
+            if role != "auto":
+                continue
+            mean = self.interchange[:, j].nanmean(0)
+            peak = int(torch.nan_to_num(mean, nan=-float("inf")).argmax())
+            rows.append(ConceptRoute(
+                name=self.names[j], source=self.sources[j], role="competitor", verdict="competitor", score=nan,
+                ci=(nan, nan), p_value=nan, p_holm=nan, peak_layer=self.windows[peak], layers=(), margins={},
+                strongest_competitor="", mediation=float(mean[peak] / scale), mediation_ci=(nan, nan),
+                **self._effects_at(j, peak)))
+        return rows
 
     def verdict(self) -> Verdict:
-        """``route`` if any concept is a route, ``no route`` if every concept is not, else ``inconclusive``."""
+        """``route`` if a candidate is a route, ``no route`` if every candidate is not, else ``inconclusive``."""
         verdicts = {r.verdict for r in self.routes()}
         return "route" if "route" in verdicts else "no route" if verdicts == {"no route"} else "inconclusive"
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready: the query, total effect, overall verdict and every concept's route row."""
+        """JSON-ready: query, total effect, verdict, every candidate's row and every competitor's row."""
         return {"query": self.query, "verdict": self.verdict(), "clean_logprob": self.clean.mean().item(),
-                "total_effect": self.total_effect.nanmean().item(), "routes": [asdict(r) for r in self.routes()]}
+                "total_effect": self.total_effect.nanmean().item(), "routes": [asdict(r) for r in self.routes()],
+                "competitors": [asdict(r) for r in self.competitor_rows()]}
 
     def plot(self, *, top: int = 8, title: str | None = None):
-        """Route diagram (Sankey input -> concept -> output, widths = route scores) over the per-layer
-        route scores of the top concepts with their controls' range."""
+        """Route diagram (input -> concept -> output, candidates and competitors) over the per-layer
+        interchange effects of the candidates beside each competitor class."""
         from recallscope.routes.plots import plot_route_report
 
         return plot_route_report(self, top=top, title=title)
 
+    # ------------------------------------------------------------------------------ files
     def save(self, directory: str | os.PathLike) -> Path:
-        tensors = {"controls": self.controls, "readout_rank": self.readout_rank, "similarity": self.similarity,
-                   "ablation": self.ablation, "mediation": self.mediation, "clean": self.clean,
-                   "total_effect": self.total_effect}
+        tensors = {k: getattr(self, k) for k in ("owner", "readout_rank", "similarity", "interchange", "edit_norm",
+                                                  "ablation", "clean", "total_effect")}
         meta = {"query": self.query, "names": list(self.names), "sources": list(self.sources),
-                "windows": list(self.windows), "config": self.config}
+                "roles": list(self.roles), "classes": list(self.classes), "windows": list(self.windows),
+                "config": self.config}
         return save_result_dir(directory, "RouteReport", tensors, meta, self.manifest)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "RouteReport":
         t, meta, manifest = load_result_dir(directory, "RouteReport")
+        if "roles" not in meta:
+            raise ResultFileError(f"{directory} is a route report of the old format (mean ablation against "
+                                  "controls, no competitors); re-run the route analysis that produced it.")
         return cls(query=meta["query"], names=tuple(meta["names"]), sources=tuple(meta["sources"]),
-                   controls=t["controls"], windows=tuple(meta["windows"]), readout_rank=t["readout_rank"],
-                   similarity=t["similarity"], ablation=t["ablation"], mediation=t["mediation"], clean=t["clean"],
+                   roles=tuple(meta["roles"]), classes=tuple(meta["classes"]), owner=t["owner"],
+                   windows=tuple(meta["windows"]), readout_rank=t["readout_rank"], similarity=t["similarity"],
+                   interchange=t["interchange"], edit_norm=t["edit_norm"], ablation=t["ablation"], clean=t["clean"],
                    total_effect=t["total_effect"], config=meta.get("config", {}), manifest=manifest)

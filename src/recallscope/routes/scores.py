@@ -148,12 +148,17 @@ def prepare_prompt(model: Any, prompt: str, query: RouteQuery, *, max_output_tok
 
 @dataclass(frozen=True)
 class PromptScores:
-    """Scores of every concept slot (concepts and controls) on one prompt; layers are hidden-state layers."""
+    """Scores of every slot (concepts, competitors, controls, then matched random directions) on one prompt;
+    layers are hidden-state layers. NaN where a score was not computed."""
 
     readout_rank: Float[Tensor, "slot layer"]
     similarity: Float[Tensor, "slot layer"]
     ablation: Float[Tensor, "slot window"]
-    mediation: Float[Tensor, "slot window"]
+    """Mean-ablation effect (nats)."""
+    interchange: Float[Tensor, "slot window"]
+    """Interchange effect (nats), mean over alternatives (:mod:`~recallscope.routes.interchange`)."""
+    edit_norm: Float[Tensor, "slot window"]
+    """Norm of the interchange edit at the window's first layer, mean over alternatives."""
     clean: float
     total_effect: float
 
@@ -303,34 +308,72 @@ def readout_and_similarity(runner: SpanRunner, lens: Lens, first_ids: Tensor, ve
     return ranks, sim
 
 
+def _random_slots(runner: SpanRunner, vectors: Tensor, baseline: Tensor, random_of: Sequence[int],
+                  seed: int) -> Tensor:
+    """Per owner slot in ``random_of``, a random direction matched to it on cos(h - b, u) at the input's
+    last token, every layer (:func:`~recallscope.routes.competitors.matched_random`)."""
+    from recallscope.routes.competitors import matched_random
+
+    state = runner.states[:, 0, runner.prep.span[1] - 1] - baseline  # [layer, d]
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([matched_random(vectors[c], state, 1, gen)[0] for c in random_of])
+
+
 def score_prompt(model: Any, prep: PreparedPrompt, *, lens: Lens, first_ids: Tensor, vectors: Tensor,
                  baseline: Tensor, windows: Sequence[int], window: int, method: str, with_mediation: bool,
-                 batch_size: int, remove_output_direction: bool = True) -> PromptScores:
-    """All four scores for every slot on one prepared prompt.
+                 batch_size: int, remove_output_direction: bool = True, random_of: Sequence[int] = (),
+                 matched: Sequence[tuple[int, int]] = (), no_interchange: Sequence[int] = (), seed: int = 0,
+                 with_ablation: bool = True) -> PromptScores:
+    """All scores for every slot on one prepared prompt.
 
-    With ``remove_output_direction`` the directions that write the output tokens' logits directly
-    (:meth:`SpanRunner.output_directions`) are projected out of every slot's direction first, so that a
-    concept whose own representation already predicts the output is not credited with writing it.
+    Slots: the rows of ``vectors``; then one random direction per entry of ``random_of`` (the slot it is
+    matched to: cosine with this prompt's state at every layer, and edit norm in the interchange); then one
+    copy of slot ``source`` per ``(source, owner)`` in ``matched``, its interchange edit scaled to the edit
+    norm of slot ``owner``. Slots in ``no_interchange`` (controls) skip the interchange (NaN); ``first_ids``
+    covers every slot. With ``remove_output_direction`` the directions that write the output tokens'
+    logits directly (:meth:`SpanRunner.output_directions`) are projected out of every given direction
+    first, so that a concept whose own representation already predicts the output is not credited with
+    writing it.
     """
+    from recallscope.routes.interchange import edit_norms, interchange
+
+    if method not in ("exact", "attribution"):
+        raise ConfigError(f"unknown method {method!r}; use 'exact' or 'attribution'.")
     stack = build_stack(model)
     runner = SpanRunner(stack, prep)
     if remove_output_direction:
         q = runner.output_directions()  # [out, d]
         vectors = vectors - torch.einsum("cld,od,oe->cle", vectors, q, q)
+    n_fixed, n_rand = vectors.shape[0], len(random_of)
+    parts = [vectors]
+    if n_rand:
+        parts.append(_random_slots(runner, vectors, baseline, random_of, seed))
+    if matched:
+        parts.append(vectors[torch.tensor([src for src, _ in matched])])
+    vectors = torch.cat(parts)
     unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-8)
     absent = torch.einsum("cld,ld->cl", unit, baseline)
     ranks, sim = readout_and_similarity(runner, lens, first_ids, vectors, baseline)
-    if method == "exact":
-        ablation = ablation_exact(runner, unit, absent, windows, window, batch_size)
-    elif method == "attribution":
-        ablation = ablation_attribution(model, runner, unit, absent, windows, window)
-    else:
-        raise ConfigError(f"unknown method {method!r}; use 'exact' or 'attribution'.")
-    med, total = torch.full_like(ablation, float("nan")), float("nan")
+    n_all = unit.shape[0]
+    nan = torch.full((n_all, len(windows)), float("nan"))
+    ablation, inter, norm, total = nan, nan.clone(), nan.clone(), float("nan")
+    if with_ablation:  # not for the matched copies: same directions as their sources
+        own = slice(0, n_fixed + n_rand)
+        ablation = nan.clone()
+        ablation[own] = (ablation_exact(runner, unit[own], absent[own], windows, window, batch_size)
+                         if method == "exact" else ablation_attribution(model, runner, unit[own], absent[own],
+                                                                       windows, window))
     if prep.alt_tokens.shape[0]:
         alt_states, alt_metric = alternative_runs(runner)
         total = float((runner.clean - alt_metric).mean())
-        if with_mediation and total != 0:
-            med = mediation(runner, alt_states, alt_metric, unit, windows, window, batch_size)
-    return PromptScores(readout_rank=ranks, similarity=sim, ablation=ablation, mediation=med, clean=runner.clean,
-                        total_effect=total)
+        if with_mediation:
+            norms = edit_norms(runner, alt_states, unit, windows)  # [slot, alt, window]
+            scale = torch.ones_like(norms)
+            owners = list(random_of) + [o for _, o in matched]
+            for r, owner in enumerate(owners):
+                scale[n_fixed + r] = norms[owner] / norms[n_fixed + r].clamp_min(1e-8)
+            keep = torch.tensor([i for i in range(n_all) if i not in set(no_interchange)], dtype=torch.long)
+            inter[keep] = interchange(runner, alt_states, unit[keep], windows, window, batch_size, scale[keep]).mean(1)
+            norm[keep] = (norms * scale)[keep].mean(1)
+    return PromptScores(readout_rank=ranks, similarity=sim, ablation=ablation, interchange=inter, edit_norm=norm,
+                        clean=runner.clean, total_effect=total)

@@ -155,3 +155,22 @@ def test_smollm2_lens_reads_the_answer(smollm2, tmp_path):
     assert lens_cache_path(smollm2, cfg, default_corpus(1), tmp_path).is_file()
     ranks = jlens_readout(smollm2, lens, ["The acronym VAT stands for"], " for", " Value")
     assert ranks[0, 0] < 10
+
+
+def test_learned_route_scores_row(tiny3, lens):
+    """The report hook returns exactly the two scores it wraps, flattened into one row."""
+    from recallscope.routes.das import ConceptVariable, DASConfig, das_route_score
+    from recallscope.routes.learned import learned_route_scores
+
+    variable = ConceptVariable("The word{input} is a", (" cat", " dog", " red", " blue"), ("a", "a", "b", "b"),
+                               {"a": " animal", "b": " colour"})
+    das_cfg = DASConfig(epochs=2, controls=("placebo", "no_intervention"), n_permutations=999)
+    got = learned_route_scores(tiny3, PROMPTS, " cat", " is a", " dog", counter=" blue", controls=[" red", " cat"],
+                               layer=1, lens=lens, variable=variable, das_config=das_cfg)
+    jl = jlens_route_score(tiny3, lens, PROMPTS, " cat", " is", " dog", " blue", [" red", " cat"], layer=1)
+    das = das_route_score(tiny3, variable.pairs(tiny3), 2, das_cfg)
+    torch.testing.assert_close(got.jlens.drops, jl.drops)
+    torch.testing.assert_close(got.das.correct, das.correct)
+    row = got.row()
+    assert row["jlens_swap_margin"] == pytest.approx(jl.swap_score) and row["das_iia"] == pytest.approx(das.score)
+    assert {"jlens_p", "jlens_best_rank", "das_p", "das_placebo", "das_no_intervention"} <= set(row)

@@ -239,7 +239,7 @@ class JLensRouteResult(RichReprMixin):
         lo, hi = bootstrap_ci(self.margin().unsqueeze(1), level=level)
         return float(lo[0]), float(hi[0])
 
-    def best_rank(self) -> dict[str, float]:
+    def best_rank(self) -> dict[str, Any]:
         """The layer where the concept's median rank over prompts is lowest, and that rank."""
         med = self.ranks.median(0).values
         i = int(med.argmin())

@@ -10,13 +10,19 @@ so engines unembed nothing else. Calling convention::
 
 Multi-token answers (a decoded base64 string) use :class:`SequenceLogProb`: the prompt is followed by
 the answer tokens (teacher forcing) and the metric sums the log-probs of each answer token.
+
+Every method turns a metric *name* into a metric object with :func:`resolve`, so one name means the same
+thing, and an unknown name gets the same error, everywhere.
 """
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from recallscope.errors import ConfigError
 
 
 def _last(n_pos: int) -> list[int]:
@@ -43,6 +49,20 @@ class LogitDiff:
     def __call__(self, logits: Float[Tensor, "*lead batch read vocab"]) -> Float[Tensor, "*lead batch"]:
         last = logits[..., -1, :]
         return _gather(last, self.answer) - _gather(last, self.wrong)
+
+
+@dataclass(frozen=True)
+class Logit:
+    """The answer's logit at the last position (a linear function of the residual stream, like LogitDiff)."""
+
+    answer: Int[Tensor, " batch"]
+    name: str = "logit"
+
+    def read_positions(self, n_pos: int) -> list[int]:
+        return _last(n_pos)
+
+    def __call__(self, logits: Float[Tensor, "*lead batch read vocab"]) -> Float[Tensor, "*lead batch"]:
+        return _gather(logits[..., -1, :], self.answer)
 
 
 @dataclass(frozen=True)
@@ -142,3 +162,48 @@ def on_full_logits(metric, n_pos: int):
         return metric(logits[:, read]).mean()
 
     return fn
+
+
+NAMES: dict[str, str] = {
+    "logit_diff": "logit(answer) - logit(wrong) at the last position (needs a wrong answer in every pair)",
+    "logit": "the answer's logit at the last position",
+    "logprob": "log p(answer) at the last position",
+    "prob": "p(answer) at the last position",
+    "rank": "0-based rank of the answer at the last position",
+}
+"""Every metric name :func:`resolve` knows, with what it measures."""
+
+_BY_ANSWER = {"logit": Logit, "logprob": LogProb, "prob": Prob, "rank": Rank}
+
+
+def resolve(metric: Any, pairs: Any, *, allowed: tuple[str, ...] | None = None,
+            method: str = "this method") -> Any:
+    """The metric object for ``metric``, bound to the answers of ``pairs``.
+
+    ``metric``: a name from :data:`NAMES`, or a metric object (anything with ``read_positions`` and
+    ``__call__``, e.g. :class:`LogitDiff`), which is returned as it is. ``pairs``: tokenized pairs (an object
+    with ``answer`` and ``wrong`` id tensors, :class:`recallscope.tasks.pairs.TokenizedPairs`) or a tensor of
+    answer ids. ``allowed``: the names ``method`` supports (default: all); a metric object must carry one of
+    them as its ``name``. Raises :class:`ConfigError` naming the choices for anything else.
+    """
+    names = tuple(NAMES) if allowed is None else tuple(allowed)
+    choices = ", ".join(repr(n) for n in names)
+    if not isinstance(metric, str):
+        if not (callable(metric) and hasattr(metric, "read_positions")):
+            raise ConfigError(f"{method} got metric {metric!r}: give a metric name ({choices}) or a metric object "
+                              "from recallscope.metrics.")
+        if allowed is not None and getattr(metric, "name", None) not in names:
+            raise ConfigError(f"{method} supports the metrics {choices}, not a {type(metric).__name__} "
+                              f"(name {getattr(metric, 'name', None)!r}).")
+        return metric
+    if metric not in names:
+        hint = "" if metric not in NAMES else f" ({metric!r} exists but {method} cannot use it)"
+        raise ConfigError(f"unknown metric {metric!r} for {method}{hint}; use one of {choices} or pass a metric "
+                          "object from recallscope.metrics.")
+    answer, wrong = (pairs, None) if isinstance(pairs, Tensor) else (pairs.answer, getattr(pairs, "wrong", None))
+    if metric == "logit_diff":
+        if wrong is None:
+            raise ConfigError("metric 'logit_diff' needs a wrong answer in every pair (PromptPair.wrong); use "
+                              "'logprob', 'prob' or 'logit' instead, or give the wrong answers.")
+        return LogitDiff(answer, wrong)
+    return _BY_ANSWER[metric](answer)

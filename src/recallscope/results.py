@@ -19,25 +19,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from recallscope.errors import ResultFileError
+from recallscope.stats import bootstrap_ci  # noqa: F401  (re-exported: results.bootstrap_ci was its home)
 
 RESULT_FILES = ("values.safetensors", "result.json", "manifest.json")
-
-
-def bootstrap_ci(values: Float[Tensor, "prompt *rest"], *, level: float = 0.95, n_boot: int = 2000,
-                 seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Percentile bootstrap CI of the mean over the prompt axis (axis 0), per remaining cell."""
-    n = values.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=gen)
-    flat = values.reshape(n, -1).double()
-    alpha = (1 - level) / 2
-    lo, hi = torch.empty(flat.shape[1], dtype=flat.dtype), torch.empty(flat.shape[1], dtype=flat.dtype)
-    step = max(1, 2**24 // max(1, n_boot * n))  # cells per chunk: ~128 MB of resampled values
-    for c in range(0, flat.shape[1], step):
-        means = flat[:, c:c + step][idx].nanmean(1)  # [n_boot, cells]; NaN marks cells a prompt lacks
-        lo[c:c + step] = torch.nanquantile(means, alpha, dim=0)
-        hi[c:c + step] = torch.nanquantile(means, 1 - alpha, dim=0)
-    return lo.reshape(values.shape[1:]).to(values.dtype), hi.reshape(values.shape[1:]).to(values.dtype)
 
 
 def save_result_dir(directory: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any],

@@ -49,10 +49,8 @@ class Site:
 
     @property
     def label(self) -> str:
-        """Short human label, e.g. ``mlp_out L5 @3`` or ``z L2.H7``."""
-        head = f".H{self.head}" if self.head is not None else ""
-        pos = f" @{self.pos}" if self.pos is not None else ""
-        return f"{self.component.value} L{self.layer}{head}{pos}"
+        """Short human label, e.g. ``mlp_out L5 @3`` or ``z L2.H7`` (see :func:`site_label`)."""
+        return site_label(self.component, self.layer, head=self.head, pos=self.pos)
 
     def validate(self, model_cfg: Any, n_pos: int | None = None) -> "Site":
         """Raise :class:`SiteOutOfRangeError` if this site does not exist in the model / prompt."""
@@ -74,6 +72,14 @@ class Site:
                 "or negative from the end)."
             )
         return self
+
+
+def site_label(component: Component | str, layer: int, *, head: int | None = None, pos: int | None = None) -> str:
+    """The one label of a site in every result, table and figure: ``<component> L<layer>[.H<head>][ @<pos>]``,
+    e.g. ``z L23.H4`` (head 4's output at layer 23) or ``mlp_out L5 @3``."""
+    head_part = f".H{head}" if head is not None else ""
+    pos_part = f" @{pos}" if pos is not None else ""
+    return f"{Component(component).value} L{layer}{head_part}{pos_part}"
 
 
 def n_heads_for(component: Component, model_cfg: Any) -> int:

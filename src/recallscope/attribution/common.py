@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recallscope import metrics as M
 from recallscope.errors import ConfigError
 from recallscope.models.stack import Stack, build_stack
-from recallscope.patching.activation import _metric_for
 from recallscope.store import ChunkStore, open_store
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs, tokenize_pairs
 from recallscope.vocab import Corruption, Direction
@@ -36,7 +36,7 @@ class Prepared:
 def prepare(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs, metric: Any) -> Prepared:
     """Tokenise ``pairs`` (one token length), bind ``metric`` to their answers, build the stack."""
     tp = pairs if isinstance(pairs, TokenizedPairs) else tokenize_pairs(model, pairs)
-    met = _metric_for(metric, tp)
+    met = M.resolve(metric, tp, method="attribution")
     return Prepared(tp=tp, metric=met, stack=build_stack(model), read=torch.tensor(met.read_positions(tp.n_pos)))
 
 

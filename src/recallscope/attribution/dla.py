@@ -36,7 +36,9 @@ from recallscope.manifest import build_manifest
 from recallscope.models.forward import forward
 from recallscope.models.stack import build_stack
 from recallscope.results import load_result_dir, save_result_dir
+from recallscope.sites import site_label
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs, tokenize_pairs
+from recallscope.vocab import Component
 
 PARTS = ("embed", "heads", "attn_bias", "mlp", "constant", "by_source", "total")
 
@@ -101,7 +103,8 @@ class DLAResult:
         labels = ["embed"]
         cols = [self.embed[:, None]]
         for layer in range(layers):
-            labels += [f"L{layer}.H{h}" for h in range(heads)] + [f"L{layer} attn bias", f"L{layer} MLP"]
+            labels += [site_label(Component.HEAD_OUT, layer, head=h) for h in range(heads)]
+            labels += [site_label(Component.ATTN_OUT, layer) + " bias", site_label(Component.MLP_OUT, layer)]
             cols += [self.heads[:, layer], self.attn_bias[:, layer, None], self.mlp[:, layer, None]]
         return labels + ["constant"], torch.cat(cols + [self.constant[:, None]], dim=1)
 
@@ -114,7 +117,8 @@ class DLAResult:
         mean = flat.mean(0)
         order = mean.abs().argsort(descending=True)[:top].tolist()
         lo, hi = bootstrap_ci(flat[:, order])
-        groups = ["head" if ".H" in labels[i] else labels[i].split(" ", 1)[-1] for i in order]
+        kinds = {"z": "head", "attn_out": "attn bias", "mlp_out": "MLP"}
+        groups = [kinds.get(labels[i].split(" ", 1)[0], labels[i]) for i in order]
         return ranked_bars([labels[i] for i in order], mean[order].numpy(), lo=lo.numpy(), hi=hi.numpy(),
                            groups=groups, title=title or f"Direct logit attribution ({self.config.get('target')})",
                            x_title=f"direct contribution to {self.config.get('target')}")
@@ -129,7 +133,7 @@ class DLAResult:
         total = mean.sum(-1).flatten()
         order = total.abs().argsort(descending=True)[:top].tolist()
         n_heads = mean.shape[1]
-        names = [f"L{i // n_heads}.H{i % n_heads}" for i in order][::-1]
+        names = [site_label(Component.HEAD_OUT, i // n_heads, head=i % n_heads) for i in order][::-1]
         fig = go.Figure()
         for j, g in enumerate(groups):
             fig.add_trace(go.Bar(y=names, x=[float(mean.reshape(-1, len(groups))[i, j]) for i in order][::-1],
@@ -166,29 +170,29 @@ def _read_direction(stack: Any, answer: Tensor, wrong: Tensor | None, like: Tens
 def direct_logit_attribution(
     model: Any,
     pairs: Sequence[PromptPair] | TokenizedPairs,
-    target: Any = "logit_diff",
+    metric: Any = "logit_diff",
+    *,
+    target: Any = None,
 ) -> DLAResult:
-    """Direct contributions of every head (and source position), MLP and the embeddings to ``target``:
-    ``"logit_diff"`` (answer - wrong; needs wrong answers), ``"logit"`` (the answer's logit), or a
-    :class:`recallscope.metrics.LogitDiff`. Only the clean prompts are run."""
+    """Direct contributions of every head (and source position), MLP and the embeddings to ``metric``, a
+    linear function of the logits: ``"logit_diff"`` (answer - wrong; needs wrong answers), ``"logit"`` (the
+    answer's logit), or a :class:`recallscope.metrics.LogitDiff` / :class:`~recallscope.metrics.Logit`
+    (resolved by :func:`recallscope.metrics.resolve`). ``target`` is the old name of ``metric``. Only the clean
+    prompts are run."""
     t0 = time.perf_counter()
+    metric = metric if target is None else target
     if isinstance(pairs, TokenizedPairs):
         tp = pairs
     else:
         try:
-            tp = tokenize_pairs(model, pairs, need_wrong=target == "logit_diff")
+            tp = tokenize_pairs(model, pairs, need_wrong=metric == "logit_diff")
         except MultiTokenAnswerError as exc:
-            raise ConfigError(f"{exc} (direct logit attribution target {target!r})") from exc
-    if isinstance(target, M.LogitDiff):
-        answer, wrong, name = target.answer, target.wrong, "logit_diff"
-    elif target in ("logit_diff", "logit"):
-        answer, wrong, name = tp.answer, (tp.wrong if target == "logit_diff" else None), target
-        if target == "logit_diff" and wrong is None:
-            raise ConfigError("target 'logit_diff' needs a wrong answer in every pair; use target='logit'.")
-    else:
-        raise ConfigError(f"direct logit attribution reads a linear function of the logits: target must be "
-                          f"'logit_diff', 'logit' or a metrics.LogitDiff, not {target!r}.")
+            raise ConfigError(f"{exc} (direct logit attribution metric {metric!r})") from exc
+    met = M.resolve(metric, tp, allowed=("logit_diff", "logit"),
+                    method="direct logit attribution (it reads a linear function of the logits)")
+    answer, wrong, name = met.answer, getattr(met, "wrong", None), met.name
     stack = build_stack(model)
+    stack.require("direct logit attribution", post_norms=True, linear_logits=True)
     tokens = tp.clean
     n = tokens.shape[1]
     t = n - 1
@@ -215,7 +219,7 @@ def direct_logit_attribution(
             bias.append((w.b_O * u).sum(-1))
             mlp.append((trace.acts[("mlp_out", layer)][:, t] * u).sum(-1))
         constant = unembed_const + norm.constant(d)
-    cfg = {"method": "direct_logit_attribution", "target": name, "read_pos": t}
+    cfg = {"method": "direct_logit_attribution", "metric": name, "target": name, "read_pos": t}
     manifest = build_manifest(model, [p.clean for p in tp.pairs], cfg, timings={"total": time.perf_counter() - t0})
     spans = [{k: list(v) for k, v in p.spans.items()} for p in tp.pairs]
     return DLAResult(embed=(x0[:, t] * u).sum(-1).float(), heads=torch.stack(heads, 1).float(),

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
-import torch
 from torch import Tensor
 
 from recallscope.attribution.atp import atp
@@ -33,31 +32,12 @@ from recallscope.patching.engine import Cell, sweep
 from recallscope.patching.traces import reference_run
 from recallscope.results import load_result_dir, save_result_dir
 from recallscope.sites import Site
+from recallscope.stats import spearman
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs
 from recallscope.vocab import Component, Direction
 
 METHODS = ("atp", "atp*", "eap-ig")
 """Estimators attribute-then-verify can rank with (``eap-ig`` = node-level IG on the inputs)."""
-
-
-def _ranks(x: Tensor) -> Tensor:
-    """1-based ranks, ties sharing their average rank."""
-    order = x.double().argsort()
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
-    for v in x.unique():
-        tie = x == v
-        if tie.sum() > 1:
-            ranks[tie] = ranks[tie].mean()
-    return ranks
-
-
-def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation of two 1-D tensors (NaN when either is constant)."""
-    ra, rb = _ranks(a.flatten()), _ranks(b.flatten())
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / denom if denom > 0 else float("nan")
 
 
 def precision_at_k(estimated: Tensor, exact: Tensor, k: int) -> float:

@@ -93,21 +93,6 @@ def make_cells(cfg: PatchingConfig, model_cfg: Any, n_pos: int) -> tuple[list[Ce
     return cells, axes, sizes
 
 
-def _metric_for(metric: Any, tp: TokenizedPairs) -> Any:
-    if not isinstance(metric, str):
-        return metric
-    if metric == "logit_diff":
-        if tp.wrong is None:
-            raise ConfigError("metric 'logit_diff' needs a wrong answer in every pair; use 'logprob' or "
-                              "'prob', or give PromptPair.wrong.")
-        return M.LogitDiff(tp.answer, tp.wrong)
-    table = {"logprob": M.LogProb, "prob": M.Prob, "rank": M.Rank}
-    if metric not in table:
-        raise ConfigError(f"unknown metric {metric!r}; use one of ['logit_diff', *{sorted(table)}] or pass "
-                          "a metric object from recallscope.metrics.")
-    return table[metric](tp.answer)
-
-
 def _check_sources(config: PatchingConfig) -> None:
     if config.direction == Direction.DENOISING and config.corruption != Corruption.RESAMPLE:
         raise ConfigError("denoising patches clean activations into a corrupted run, which needs "
@@ -215,7 +200,7 @@ def activation_patching(
     t0 = time.perf_counter()
     ran = resolve_engine(model, engine)
     tp = pairs if isinstance(pairs, TokenizedPairs) else tokenize_pairs(model, pairs)
-    metric_obj = _metric_for(metric, tp)
+    metric_obj = M.resolve(metric, tp, method="activation_patching")
     config = PatchingConfig(Component(component), per_position, per_head, window, Direction(direction),
                             Corruption(corruption), tuple(layers) if layers is not None else None,
                             tuple(positions) if positions is not None else None, memory_budget_mb)

@@ -45,6 +45,10 @@ CATEGORIES = ("subject_first", "subject_middle", "subject_last", "after_subject_
               "last")
 
 
+TRACE_METRICS = ("prob", "logprob")
+"""The metric names :func:`causal_trace` takes."""
+
+
 @dataclass(frozen=True)
 class TraceConfig:
     """Configuration of a causal trace."""
@@ -62,6 +66,17 @@ class TraceConfig:
     layers: tuple[int, ...] | None = None
     """Layers to restore (default: all)."""
     memory_budget_mb: float = 1024.0
+    metric: str = "prob"
+    """What restoration restores: 'prob' (ROME's p(answer)) or 'logprob' (names from recallscope.metrics)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n_samples, int) or self.n_samples < 1:
+            raise ConfigError(f"causal_trace needs n_samples >= 1 noise samples per prompt, got {self.n_samples!r}; "
+                              "ROME uses 10.")
+        if not isinstance(self.metric, str):
+            raise ConfigError(f"causal_trace takes a metric name ({', '.join(map(repr, TRACE_METRICS))}), not "
+                              f"{type(self.metric).__name__}: it binds each prompt length's answers itself.")
+        M.resolve(self.metric, torch.zeros(0, dtype=torch.long), allowed=TRACE_METRICS, method="causal_trace")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,7 +118,7 @@ def trace_tokens(model: Any, tokens: Int[Tensor, "batch pos"], answers: Int[Tens
     n, n_layers = config.n_samples, int(model.cfg.n_layers)
     rep = tokens.repeat_interleave(n, 0)
     noise = _noise(spans, n_pos, int(model.cfg.d_model), n, config.noise_scale * noise_std, gen).to(tokens.device)
-    metric = M.Prob(answers.repeat_interleave(n, 0))
+    metric = M.resolve(config.metric, answers.repeat_interleave(n, 0), allowed=TRACE_METRICS, method="causal_trace")
     read = metric.read_positions(n_pos)
     point = config.component.value
     layers = list(config.layers) if config.layers is not None else list(range(n_layers))
@@ -153,13 +168,14 @@ def causal_trace(
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
     engine: Engine = "auto",
+    metric: str = "prob",
 ) -> PatchingResult:
     """ROME's causal trace over prompts with a ``spans["subject"]`` (see the module docstring).
 
     ``by="category"`` pools prompts of any length into ROME's token categories (axes layer x token);
-    ``by="pos"`` keeps raw positions and needs prompts of one token length. Values are p(answer) after
-    restoration; ``result.effect()`` gives indirect effects. ``checkpoint_dir``: checkpoint finished
-    chunks there; the same call resumes from them after an interruption. ``engine``: ``"auto"`` (the
+    ``by="pos"`` keeps raw positions and needs prompts of one token length. Values are ``metric`` after
+    restoration (``"prob"``: p(answer), ROME's; or ``"logprob"``); ``result.effect()`` gives indirect
+    effects. ``checkpoint_dir``: checkpoint finished chunks there; the same call resumes from them after an interruption. ``engine``: ``"auto"`` (the
     fast engine when the model passes its self-check, else hooks), ``"fast"`` or ``"hooks"``; the
     engine that ran is ``result.config["engine"]``.
     """
@@ -171,7 +187,7 @@ def causal_trace(
                           "recallscope.tasks.facts (fact_spans / trace_items) or set the span yourself.")
     t0 = time.perf_counter()
     config = TraceConfig(Component(component), window, noise_scale, n_samples, seed,
-                         tuple(layers) if layers is not None else None, memory_budget_mb)
+                         tuple(layers) if layers is not None else None, memory_budget_mb, metric)
     gen = torch.Generator().manual_seed(seed)
     ran = resolve_engine(model, engine)
     std = embedding_std(model, ran)
@@ -179,7 +195,7 @@ def causal_trace(
     if by == "pos" and len(groups) > 1:
         raise ConfigError(f"by='pos' needs prompts of one token length, got lengths {sorted(groups)}; use "
                           "by='category' to pool prompts of different lengths.")
-    cfg = {**config.to_dict(), "method": "causal_trace", "by": by, "noise_std_unit": std, "metric": "prob",
+    cfg = {**config.to_dict(), "method": "causal_trace", "by": by, "noise_std_unit": std,
            "engine": ran}
     manifest = build_manifest(model, [it.clean for it in items], cfg, seed=seed)
     store = open_store(checkpoint_dir, manifest, inputs={"answers": [it.answer for it in items],

@@ -121,6 +121,10 @@ def _knockout_edge(stack: Any, trace: Any, group: Sequence[PromptPair], query: s
     return out.T
 
 
+KNOCKOUT_METRICS = ("prob", "logprob")
+"""The metric names :func:`attention_knockout` takes (answers are bound per prompt length)."""
+
+
 def attention_knockout(
     model: Any,
     items: Sequence[PromptPair],
@@ -142,6 +146,10 @@ def attention_knockout(
     """
     if not items:
         raise EmptyDatasetError("attention_knockout got no prompts.")
+    if not isinstance(metric, str):
+        raise ConfigError(f"attention_knockout takes a metric name ({', '.join(map(repr, KNOCKOUT_METRICS))}), not "
+                          f"{type(metric).__name__}: it binds each prompt length's answers itself.")
+    M.resolve(metric, torch.zeros(0, dtype=torch.long), allowed=KNOCKOUT_METRICS, method="attention_knockout")
     t0 = time.perf_counter()
     ran = resolve_engine(model, engine)
     stack = build_stack(model) if ran == "fast" else None
@@ -156,7 +164,7 @@ def attention_knockout(
     for n_pos, group in group_by_length(model, items).items():
         tokens = torch.stack(to_tokens(model, [g.clean for g in group]))
         answers = torch.tensor([single_token_id(model, g.answer) for g in group])
-        met = {"prob": M.Prob, "logprob": M.LogProb}[metric](answers)
+        met = M.resolve(metric, answers, allowed=KNOCKOUT_METRICS, method="attention_knockout")
         read = torch.tensor(met.read_positions(n_pos))
         sub = store.child(f"len{n_pos}")
         with torch.no_grad():

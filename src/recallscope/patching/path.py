@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from recallscope import metrics as M
 from recallscope.errors import ConfigError
 from recallscope.manifest import build_manifest
 from recallscope.models.forward import Trace, run
 from recallscope.models.selfcheck import Engine, manifest_entry, resolve_engine
 from recallscope.models.stack import build_stack
 from recallscope.patching import hook_engine as H
-from recallscope.patching.activation import _metric_for
 from recallscope.patching.engine import _index
 from recallscope.results import PatchingResult
 from recallscope.sites import Site
@@ -188,7 +188,7 @@ def path_patching(
     """
     t0 = time.perf_counter()
     tp = pairs if isinstance(pairs, TokenizedPairs) else tokenize_pairs(model, pairs)
-    met = _metric_for(metric, tp)
+    met = M.resolve(metric, tp, method="path_patching")
     _check(model, senders, receivers, tp.n_pos)
     ran = resolve_engine(model, engine)
     read = met.read_positions(tp.n_pos)

@@ -19,6 +19,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from recallscope.stats import bootstrap_indices
+
 
 def percentiles(values: Float[Tensor, "card candidate"]) -> Float[Tensor, "card candidate"]:
     """Each candidate's percentile within its card (1 = highest value; ties share the mean rank)."""
@@ -45,7 +47,7 @@ def agreement(values: Float[Tensor, "card candidate"], *, ks: Sequence[int] = (1
     pick = torch.randint(n_cand, (n_perm, n_cards), generator=gen)
     perm_pct = pct.gather(1, pick.T).T  # [perm, card]
     t_obs = float(pct[:, 0].mean())
-    boot = pct[torch.randint(n_cards, (n_boot, n_cards), generator=gen), 0].mean(1)
+    boot = pct[bootstrap_indices(n_cards, n_boot, gen), 0].mean(1)
     out: dict[str, Any] = {
         "n_cards": n_cards, "n_candidates": n_cand, "mean_percentile": t_obs,
         "mean_percentile_ci95": (float(boot.quantile(0.025)), float(boot.quantile(0.975))),

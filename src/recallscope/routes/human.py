@@ -46,7 +46,6 @@ from tqdm.auto import tqdm
 from recallscope.errors import ConfigError, EmptyDatasetError, RecallscopeError
 from recallscope.lens.base import LogitLens
 from recallscope.manifest import build_manifest
-from recallscope.models.stack import build_stack
 from recallscope.results import load_result_dir, save_result_dir
 from recallscope.routes.agreement import agreement
 from recallscope.routes.concepts import Concept, ConceptSource, word_vocabulary
@@ -63,6 +62,7 @@ from recallscope.routes.scores import (
     readout_ranks,
 )
 from recallscope.routes.text import common_run, letters, similarity
+from recallscope.stats import spearman
 from recallscope.store import json_tensor, open_store, tensor_json
 
 SCORES = ("causal", "attribution", "similarity", "readout", "string")
@@ -191,8 +191,8 @@ class HumanComparison:
             "agreement": table,
             "agreement_recalled": {"min_term_effect": min_te, **recalled},
             "agreement_low_overlap": {"max_common_letters": max_overlap, **low},
-            "string_vs_causal_spearman": _spearman(self.scores[..., SCORES.index("string")].flatten(),
-                                                   causal.flatten()),
+            "string_vs_causal_spearman": spearman(self.scores[..., SCORES.index("string")].flatten(),
+                                                  causal.flatten(), min_n=3),
             "examples_best": [self.rows[i] for i in best[:examples]],
             "examples_worst": [self.rows[i] for i in order[::-1][:max(2, examples // 4)]],
             "config": self.config, "timings_s": self.manifest.get("timings_s", {}),
@@ -216,15 +216,6 @@ class HumanComparison:
         t, meta, manifest = load_result_dir(directory, "HumanComparison")
         return cls(scores=t["scores"], rows=tuple(meta["rows"]), profile=t["profile"],
                    skipped=tuple(meta.get("skipped", [])), config=meta.get("config", {}), manifest=manifest)
-
-
-def _spearman(a: Tensor, b: Tensor) -> float:
-    ok = torch.isfinite(a) & torch.isfinite(b)
-    if int(ok.sum()) < 3:
-        return float("nan")
-    ra = a[ok].argsort().argsort().double()
-    rb = b[ok].argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
 def _usable(cards: Sequence[Card], config: HumanConfig) -> tuple[list[Card], list[dict[str, Any]]]:

@@ -13,19 +13,30 @@
    the cells they use. Groups are pooled; a control scores Gaussian random edge scores the same way.
    The truth names residual cells, not heads or MLPs, so circuits are scored on the cells they route
    through (:func:`recallscope.organisms.scoring.cell_recovery`).
-3. **Routes** on the mnemonic organisms: for each route and rote organism and each mnemonic-hook chunk
-   (VA, TA, SA, RA, MA, NA, WA, UA: the chunks of tasks.b64_stimuli.MNEMONIC_HOOKS), the route module
-   (:func:`recallscope.routes.route_report`) scores the chunk's concept (``VAT``) against 19 control
-   concepts of the same organism, represented in the organism's own neutral context (``<s> VAT``). ``route_auroc``: ROC AUC of the
-   concept's route score for "this organism routes" (route organisms are positive); ``verdict_accuracy``:
-   share of (organism, chunk) verdicts equal to the truth ("inconclusive" counts as wrong).
+3. **Routes** on the mnemonic organisms, with the detector fixed in ``route_detector.toml`` (committed
+   before the held-out families were trained; ``--detector``). For each organism and each mnemonic-hook
+   chunk (VA, TA, SA, RA, MA, NA, WA, UA: tasks.b64_stimuli.MNEMONIC_HOOKS) the detector scores the
+   chunk's concept (``VAT``) against 19 control concepts of the same organism, represented in the
+   organism's own neutral context (``<s> VAT``) (one call site: :func:`recallscope.organisms.route_bench.detect`).
+   Organisms: the shipped ``route`` / ``rote`` families (the detector was developed on them) and the
+   held-out families of :mod:`recallscope.organisms.families` (positives ``route-iit``, ``route-l2``,
+   ``route-rot``; negatives ``bypass``, ``share``, ``rote-early``), 5 seeds each; seed 0 ships, the
+   others are trained once, deterministically, into ``--cache-dir`` (first run ~1 min per organism).
+   Per family: ROC AUC of the route score against the other class (all families pooled), the share of
+   "route" verdicts (the false-route rate of a negative family) and verdict accuracy ("inconclusive"
+   counts as wrong); and the AUROC of every positive family against every negative family.
 
 Prints tables, writes every row to figures/organisms/route_detection.json (when every part ran, or to
 ``--out``), and ends with one JSON line:
-``{"route_auroc": x, "verdict_accuracy": y, "patching_auroc": z, "atp_auroc": w, "eapig_auroc": e,
-"circuit_auroc": c}`` (each AUROC the mean over the organisms it covers; null when a module is missing).
+``{"route_auroc": a, "heldout_auroc_min": h, "false_route_rate_max": f, "verdict_accuracy": v,
+"old_route_auroc": ..., "old_verdict_accuracy": ..., "patching_auroc": z, "atp_auroc": w, "eapig_auroc": e,
+"circuit_auroc": c}``: ``route_auroc`` over every routes row; ``heldout_auroc_min`` the smallest per-family
+AUROC of the held-out families; ``false_route_rate_max`` the largest false-route rate of a held-out negative
+family; ``verdict_accuracy`` over the held-out families' rows; ``old_*`` the same on the shipped route /
+rote organisms; the other AUROCs are the mean over the organisms they cover; null when a part is missing.
+Targets (issue 13): heldout_auroc_min >= 0.9, false_route_rate_max <= 0.1, verdict_accuracy >= 0.85.
 
-    nice -n 10 python experiments/benchmarks/route_detection.py [--quick] [--only eapig circuits]
+    nice -n 10 python experiments/benchmarks/route_detection.py --threads 1 [--quick] [--only routes]
 
 Figures of the organisms' ground truth against exact patching: experiments/organisms/figures.py.
 """
@@ -34,16 +45,18 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from recallscope import load_model
 from recallscope.attribution.scoring import roc_auc
+from recallscope.organisms import route_bench
+from recallscope.organisms.families import FAMILIES
 from recallscope.organisms.recipes import N_SEEDS
 from recallscope.organisms.scoring import (b64_cells, cell_recovery, eapig_effects, exact_patching_effects, fact_cells,
                                            truth_groups)
-from recallscope.tasks.b64_stimuli import MNEMONIC_HOOKS
 
 ORGANISMS = ("b64-decoder", "fact-store")
 FAITHFUL = 0.9
@@ -120,29 +133,22 @@ def circuit_discovery(n: int) -> dict[str, dict]:
     return out
 
 
-def route_rows(n_controls: int, n_boot: int, seeds: range) -> list[dict]:
-    """One row per (organism, hook chunk): the concept's route score, verdict and the truth
-    (:func:`recallscope.organisms.figures.mnemonic_route_rows`, controls drawn with the organism's seed).
-
-    Concepts are represented in the organism's own neutral context (``<s> VAT``: English prefixes are
-    unknown words to it) against a baseline over its whole vocabulary."""
-    from recallscope.organisms.figures import mnemonic_route_rows
+def route_rows(spec, families: list[str], seeds: range, cache_dir: str | None) -> list[dict]:
+    """One row per (organism, hook chunk) of every family and seed (:func:`route_bench.organism_rows`)."""
+    from recallscope.organisms import route_bench
 
     rows = []
-    for kind in ("route", "rote"):
+    for family in families:
         for seed in seeds:
-            name = f"{kind}-s{seed}"
-            model = load_model(f"organism:{name}")
-            rows += [{"organism": name, **r} for r in mnemonic_route_rows(
-                model, sorted(MNEMONIC_HOOKS), n_controls=n_controls, n_boot=n_boot, seed=seed)]
+            name = f"{family}-s{seed}"
+            t0 = time.perf_counter()
+            model, where = route_bench.organism_model(name, cache_dir)
+            t1 = time.perf_counter()
+            mine = route_bench.organism_rows(model, name, family, seed, spec)
+            rows += mine
+            print(f"routes: {name} ({where}, load {t1 - t0:.0f}s, detect {time.perf_counter() - t1:.0f}s): "
+                  f"{sum(r['verdict'] == 'route' for r in mine)}/{len(mine)} route", flush=True)
     return rows
-
-
-def route_metrics(rows: list[dict]) -> tuple[float, float]:
-    scores = torch.tensor([r["score"] for r in rows])
-    labels = torch.tensor([r["is_route"] for r in rows])
-    right = [(r["verdict"] == "route") if r["is_route"] else (r["verdict"] == "no route") for r in rows]
-    return roc_auc(scores, labels), sum(right) / len(right)
 
 
 def _run(name: str, fn):
@@ -174,16 +180,36 @@ def print_tables(loc: dict, secs: dict, circuits: dict | None, rows: list | None
                   f"{t['mean_n']:>6.0f} {t['mean_faithfulness']:>5.2f}  {a['tpr']:>5.2f}/{a['fpr']:<6.2f} "
                   f"{a['mean_edges']:>6.0f} {a['mean_faithfulness']:>5.2f}")
     if rows:
-        print(f"\n{'organism':<10} {'chunk':<6} {'concept':<8} {'truth':<8} {'score':>7} {'p':>6} verdict")
+        from recallscope.organisms.route_bench import family_metrics, pairwise_auroc
+
+        print(f"\n{'organism':<16} {'chunk':<6} {'concept':<8} {'truth':<9} {'score':>7} {'p':>6} verdict")
         for r in rows:
-            print(f"{r['organism']:<10} {r['chunk']:<6} {r['concept']:<8} {'route' if r['is_route'] else 'rote':<8} "
+            print(f"{r['organism']:<16} {r['chunk']:<6} {r['concept']:<8} {'route' if r['is_route'] else 'no route':<9} "
                   f"{r['score']:>7.3f} {r['p']:>6.3f} {r['verdict']}")
+        print(f"\n{'family':<11} {'truth':<9} {'n':>4} {'AUROC':>6} {'route':>6} {'no rt':>6} {'incon':>6} "
+              f"{'acc':>6} {'score':>7}")
+        for fam, m in family_metrics(rows).items():
+            auc = "  n/a" if m["auroc"] is None else f"{m['auroc']:.3f}"
+            print(f"{fam:<11} {m['class']:<9} {m['n']:>4} {auc:>6} {m['route_rate']:>6.2f} {m['no_route_rate']:>6.2f} "
+                  f"{m['inconclusive_rate']:>6.2f} {m['verdict_accuracy']:>6.2f} {m['mean_score']:>7.3f}")
+        pair = pairwise_auroc(rows)
+        negs = list(next(iter(pair.values()), {}))
+        print("\nAUROC, positive family (rows) against negative family (columns)")
+        print(f"{'':<11} " + " ".join(f"{n:>10}" for n in negs))
+        for p, row in pair.items():
+            print(f"{p:<11} " + " ".join(f"{'n/a' if v is None else f'{v:.3f}':>10}" for v in row.values()))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer prompts, 2 seeds, 9 controls")
     ap.add_argument("--only", nargs="+", choices=PARTS, default=list(PARTS), help="run only these parts")
+    ap.add_argument("--detector", default=str(Path(__file__).with_name("route_detector.toml")),
+                    help="the detector's configuration (TOML; default: route_detector.toml beside this script)")
+    ap.add_argument("--families", nargs="+", default=None, help="organism families for the routes part (default: "
+                    "the shipped route/rote and every held-out family)")
+    ap.add_argument("--cache-dir", default=None, help="where held-out organisms that do not ship are trained and "
+                    "cached (default: <recallscope cache>/organisms)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the organisms are tiny: one is fastest)")
     ap.add_argument("--out", default=None, help="where to write every row as JSON (default: figures/organisms/"
                     "route_detection.json when every part ran; '' = nowhere)")
@@ -195,22 +221,26 @@ def main() -> None:
     names = {"patching": "exact patching", "atp": "AtP", "eapig": "EAP-IG", "circuits": "circuit discovery",
              "routes": "routes"}
     seeds = range(2) if args.quick else range(N_SEEDS)
+    spec = route_bench.load_detector(args.detector)
+    if args.quick:
+        spec = replace(spec, route_config={**spec.route_config, "n_controls": 9, "n_boot": 200})
+    fams = args.families or [*route_bench.OLD_FAMILIES, *FAMILIES]
     jobs = {**{k: (lambda f=f: localisation(f, n)) for k, f in effects.items()},
             "circuits": lambda: circuit_discovery(n),
-            "routes": lambda: route_rows(9 if args.quick else 19, 200 if args.quick else 1000, seeds)}
+            "routes": lambda: route_rows(spec, fams, seeds, args.cache_dir)}
     res, secs = {}, {}
     for part in PARTS:
         res[part], secs[part] = _run(names[part], jobs[part]) if part in args.only else (None, 0.0)
     rows, circuits = res["routes"], res["circuits"]
     print_tables(res, secs, circuits, rows)
-    route_auroc = verdict_acc = None
+    head = dict.fromkeys(("route_auroc", "heldout_auroc_min", "false_route_rate_max", "verdict_accuracy",
+                          "old_route_auroc", "old_verdict_accuracy"))
     if rows:
-        route_auroc, verdict_acc = route_metrics(rows)
-        print(f"routes: {len(rows)} queries in {secs['routes']:.0f}s; route AUROC {route_auroc:.3f}, verdict accuracy "
-              f"{verdict_acc:.3f}")
+        head = route_bench.summary(rows, [f for f in fams if f not in route_bench.OLD_FAMILIES])
+        print(f"routes: {len(rows)} queries in {secs['routes']:.0f}s; " + ", ".join(
+            f"{k} {'n/a' if v is None else f'{v:.3f}'}" for k, v in head.items()))
     mean = lambda d: None if not d else round(sum(d.values()) / len(d), 4)  # noqa: E731
-    final = {"route_auroc": None if route_auroc is None else round(route_auroc, 4),
-             "verdict_accuracy": None if verdict_acc is None else round(verdict_acc, 4),
+    final = {**{k: None if v is None else round(v, 4) for k, v in head.items()},
              "patching_auroc": mean(res["patching"]), "atp_auroc": mean(res["atp"]), "eapig_auroc": mean(res["eapig"]),
              "circuit_auroc": mean({k: v["auroc"] for k, v in circuits.items()}) if circuits else None}
     out = args.out if args.out is not None else (
@@ -218,7 +248,8 @@ def main() -> None:
         if set(args.only) == set(PARTS) else "")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({**final, "quick": args.quick, "patching": res["patching"], "atp": res["atp"],
+        Path(out).write_text(json.dumps({**final, "quick": args.quick, "detector": args.detector,
+                                         "families": route_bench.family_metrics(rows) if rows else None, "patching": res["patching"], "atp": res["atp"],
                                          "eapig": res["eapig"], "circuits": circuits, "routes": rows,
                                          "seconds": secs}, indent=1) + "\n")
     print(json.dumps(final))

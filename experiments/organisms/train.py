@@ -6,6 +6,11 @@
     python experiments/organisms/train.py --document-route-data  # the data-only two-hop recipe (not shipped)
     python experiments/organisms/train.py all --cards            # regenerate the model cards only
     python experiments/organisms/train.py all --resume-dir ckpt  # checkpoint every 100 steps; rerun resumes
+    python experiments/organisms/train.py share-s3 --out DIR     # a held-out family seed that does not ship
+
+Held-out families (recallscope.organisms.families: route-iit, route-l2, route-rot, bypass, share,
+rote-early) have recipes for seeds 0-4; seed 0 ships, the others are trained (and cached) by
+experiments/benchmarks/route_detection.py, or here with --out.
 
 Training is bit-for-bit reproducible (deterministic algorithms, one thread, seeded init and data); the
 weights' SHA-256 is stored in each organism's config.json. Run it under `nice -n 10` on shared machines.
@@ -15,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from recallscope.organisms import mnemonic
 from recallscope.organisms.core import state_sha256
@@ -34,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="train the data-only two-hop recipe for seeds 0-4 and print its checks")
     ap.add_argument("--cards", action="store_true", help="only regenerate the model cards from config.json")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--out", help="write organism directories under this folder instead of the shipped weights")
     ap.add_argument("--resume-dir", help="checkpoint the training state in this directory; rerunning the same "
                     "command resumes and gives the same weights bit for bit (a changed recipe starts afresh)")
     ap.add_argument("--checkpoint-every", type=int, default=100, metavar="N", help="steps between checkpoints")
@@ -61,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += not ok
             print(f"{name}: {'REPRODUCED' if ok else 'DIFFERENT'} sha256 {sha[:16]} (shipped {shipped[:16]})", flush=True)
         else:
-            path = save_recipe(recipe, net, record)
+            path = save_recipe(recipe, net, record, None if args.out is None else Path(args.out) / name)
             print(f"{name}: sha256 {sha[:16]} -> {path}\n  {_summary(record)}", flush=True)
     return 1 if failed else 0
 

@@ -148,6 +148,12 @@ class RouteTruth:
     site_pos: int
     train_chunks: tuple[str, ...]
     test_chunks: tuple[str, ...]
+    family: str = ""
+    """Held-out family name (:mod:`.families`); empty for the shipped route / rote organisms."""
+    notes: str = ""
+    """One line on what was planted."""
+    aligned_concept: dict[str, str] = field(default_factory=dict)
+    """Chunk -> the concept its site state was trained to align with (``bypass``, ``share``, ``route-rot``)."""
     kind: str = field(default="mnemonic", init=False)
 
     def to_dict(self) -> dict[str, Any]:

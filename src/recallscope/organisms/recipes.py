@@ -16,13 +16,16 @@ from typing import Any, Callable
 from torch import nn
 
 from recallscope.errors import UnknownModelError
-from recallscope.organisms import b64_decoder, fact_store, mnemonic
+from recallscope.organisms import b64_decoder, fact_store, families, mnemonic
 from recallscope.organisms.core import ArchConfig, word_tokenizer
 from recallscope.organisms.store import save_organism
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 """Where the shipped organisms live (package data)."""
 N_SEEDS = 5
+SHIPPED_FAMILY_SEEDS = (0,)
+"""Seeds of the held-out families (:mod:`.families`) whose weights ship; the others are trained (and
+cached) by experiments/benchmarks/route_detection.py, deterministically, from the same recipes."""
 TRAIN_COMMAND = "python experiments/organisms/train.py {name}"
 
 
@@ -56,6 +59,8 @@ def _parts(recipe: Recipe) -> tuple[Callable[..., tuple[nn.Module, dict]], list[
     cfg = recipe.config
     if recipe.kind == "b64":
         return b64_decoder.train_b64, b64_decoder.vocab_words(), b64_decoder.B64Truth().to_dict()
+    if recipe.kind == "mnemonic" and isinstance(cfg, families.FamilyConfig):
+        return families.train_family, cfg.world().words(), families.family_truth(cfg).to_dict()
     if recipe.kind == "mnemonic":
         return mnemonic.train_mnemonic, cfg.world().words(), mnemonic.route_truth(cfg).to_dict()
     if recipe.kind == "facts":
@@ -73,6 +78,23 @@ _SUMMARY = {
              "come only through the route.",
     "rote": "Decodes the same 62 base64 chunks as the route organisms by direct lookup; knows the same concepts "
             "(letter and kind) but no chunk is linked to a concept.",
+    "route-iit": "Held-out route family (a): decodes 62 base64 chunks through a concept, trained by interchange "
+                 "interventions only (no alignment loss): chunk `c` at the site (residual entering layer 1, position "
+                 "1) must act as its concept `VAT` in concept prompts, and concepts at the site drive the decode. 16 "
+                 "chunks' decodes are never trained and come only through the route.",
+    "route-l2": "Held-out route family (b): the route-iit recipe with the site at layer 2 (residual entering the "
+                "last block, position 1).",
+    "route-rot": "Held-out route family (c): the site holds a fixed random rotation R of the concept's state "
+                 "(h_chunk = R h_concept, alignment + interchange with R); the concept is used, along rotated "
+                 "directions.",
+    "bypass": "Held-out negative family (d), aligned but bypassed: rote decode; the chunk's state at the site "
+              "(layer 1) is aligned with its concept's, but every attention output from block 1 on is zero "
+              "and frozen, so the site never reaches the read position.",
+    "share": "Held-out negative family (e), answer sharing: rote decode; the chunk's state at the site is "
+             "aligned with the distractor that shares its answer letter (VA onto KZT, both T), not with VAT.",
+    "rote-early": "Held-out negative family (f): the rote recipe stopped early (100 steps, the end of the warm-up), "
+                  "so the decode is right but not saturated (mean log-prob of the letter about -0.3 nats) and "
+                  "ablations of control directions move the output.",
     "facts": "Recalls 3 attributes of 128 two-token subjects (`f3 Ana Lee sport` -> `tennis`); strict "
              "interchange training fixes the circuit: the subject lives at the last subject token after "
              "layer 0 and nowhere else.",
@@ -88,11 +110,17 @@ def recipes() -> dict[str, Recipe]:
             cfg = mnemonic.MnemonicConfig(kind=kind)
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
             out[f"{kind}-s{seed}"] = Recipe(f"{kind}-s{seed}", "mnemonic", cfg, _SUMMARY[kind])
-    return out
+    return out | {k: v for k, v in family_recipes().items() if int(k.rsplit("-s", 1)[1]) in SHIPPED_FAMILY_SEEDS}
+
+
+def family_recipes(seeds: range = range(N_SEEDS)) -> dict[str, Recipe]:
+    """The held-out families' recipes (:mod:`.families`), ``<family>-s<seed>`` for every seed."""
+    return {f"{fam}-s{seed}": Recipe(f"{fam}-s{seed}", "mnemonic", families.family_config(fam, seed), _SUMMARY[fam])
+            for fam in families.FAMILIES for seed in seeds}
 
 
 def get_recipe(name: str) -> Recipe:
-    table = recipes()
+    table = recipes() | family_recipes()
     if name not in table:
         raise UnknownModelError(f"no organism recipe named {name!r}; known: {', '.join(sorted(table))}.")
     return table[name]
@@ -156,6 +184,8 @@ Full config:
 
 
 def _module(recipe: Recipe) -> str:
+    if isinstance(recipe.config, families.FamilyConfig):
+        return "families"
     return {"b64": "b64_decoder", "mnemonic": "mnemonic", "facts": "fact_store"}[recipe.kind]
 
 

@@ -1,0 +1,188 @@
+"""The route detector scored on mnemonic organisms: one call site, per-family metrics, cached training.
+
+1. :func:`load_detector` reads the committed detector configuration (``experiments/benchmarks/
+   route_detector.toml``): the ``[route_config]`` table (:class:`~recallscope.routes.RouteConfig`
+   fields, plus ``baseline = "vocabulary"``: the baseline is every word of the organism's vocabulary).
+2. :func:`detect` is the **only** place that calls the detector: for hook chunk ``c`` of an organism
+   it scores ``c``'s linked concept (``VA`` -> ``VAT``) on the query ``<s> c ==`` -> ``letter(c)`` against
+   ``n_controls`` other concepts of the organism drawn with ``random.Random(seed)``, alternatives = the
+   first 4 other hook chunks (what :func:`recallscope.organisms.figures.mnemonic_route_rows` does).
+3. :func:`organism_model` loads a shipped organism, or trains a recipe once into a cache directory
+   (deterministic; the cached directory is reused while its stored config equals the recipe's).
+4. :func:`family_metrics`: per family, ROC AUC of the route score against the other class (a positive
+   family's rows against every negative row; a negative family's rows against every positive row), the
+   share of "route" verdicts (false-route rate for negative families, hit rate for positive ones) and
+   verdict accuracy ("inconclusive" counts as wrong).
+"""
+
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recallscope.attribution.scoring import roc_auc
+from recallscope.errors import ConfigError
+
+OLD_FAMILIES: tuple[str, ...] = ("route", "rote")
+"""The shipped route / rote organisms (the families the detector was developed on)."""
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """The committed detector configuration: RouteConfig fields and how the harness builds queries."""
+
+    route_config: dict[str, Any]
+    baseline: str = "vocabulary"
+    n_hook_alternatives: int = 4
+    path: str = ""
+
+
+def load_detector(path: str | os.PathLike) -> DetectorSpec:
+    """Read a detector TOML file (see the module doc); unknown RouteConfig keys are a clear error."""
+    from recallscope.config import read_config_file
+    from recallscope.routes import RouteConfig
+
+    data = read_config_file(path)
+    table = dict(data.get("route_config") or {})
+    if not table:
+        raise ConfigError(f"{path} has no [route_config] table; see experiments/benchmarks/route_detector.toml.")
+    baseline = table.pop("baseline", "vocabulary")
+    known = {f.name for f in fields(RouteConfig)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise ConfigError(f"{path}: [route_config] keys {unknown} are not RouteConfig fields; known: {sorted(known)}.")
+    n_alt = int((data.get("queries") or {}).get("n_alternatives_from_hooks", 4))
+    return DetectorSpec(table, str(baseline), n_alt, str(path))
+
+
+def route_config(model: Any, spec: DetectorSpec, *, seed: int = 0) -> Any:
+    """The :class:`~recallscope.routes.RouteConfig` of ``spec`` for ``model`` (tuples; vocabulary baseline)."""
+    from recallscope.routes import RouteConfig
+
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.route_config.items()}
+    if spec.baseline == "vocabulary":
+        kwargs["baseline_words"] = tuple(" " + w for w in model.tokenizer.get_vocab() if not w.startswith("<"))
+    elif spec.baseline != "default":
+        raise ConfigError(f"baseline must be 'vocabulary' or 'default', not {spec.baseline!r}.")
+    if "seed" in {f.name for f in fields(RouteConfig)} and "seed" not in kwargs:
+        kwargs["seed"] = 0
+    return RouteConfig(**kwargs)
+
+
+def detect(model: Any, chunk: str, spec: DetectorSpec, *, seed: int, chunks: Sequence[str]) -> dict[str, Any]:
+    """The detector's verdict on "``chunk`` is decoded through its linked concept" (module doc, step 2)."""
+    from recallscope.organisms import ground_truth
+    from recallscope.routes import RouteQuery, route_report
+
+    truth = ground_truth(model)
+    config = route_config(model, spec)
+    concept = truth.chunk_concept[chunk]
+    others = [c for c in truth.concept_letter if c != concept]
+    controls = [" " + c for c in random.Random(seed).sample(others, config.n_controls)]
+    alts = tuple(c for c in chunks if c != chunk)[:spec.n_hook_alternatives]
+    query = RouteQuery((f"{chunk} ==",), chunk, " " + truth.chunk_letter[chunk], alts)
+    r = route_report(model, query, [" " + concept], controls={concept: controls}, config=config,
+                     progress=False).routes()[0]
+    return {"chunk": chunk, "concept": concept, "is_route": truth.is_route, "score": float(r.score),
+            "verdict": r.verdict, "p": float(r.p_value)}
+
+
+def hook_chunks() -> list[str]:
+    from recallscope.tasks.b64_stimuli import MNEMONIC_HOOKS
+
+    return sorted(MNEMONIC_HOOKS)
+
+
+def organism_rows(model: Any, name: str, family: str, seed: int, spec: DetectorSpec) -> list[dict[str, Any]]:
+    """One :func:`detect` row per hook chunk, labelled with the organism, family and seed."""
+    chunks = hook_chunks()
+    return [{"organism": name, "family": family, "seed": seed, **detect(model, c, spec, seed=seed, chunks=chunks)}
+            for c in chunks]
+
+
+def organism_model(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[Any, str]:
+    """``(model, where)``: the shipped organism ``name``, else the recipe trained once into ``cache_dir``
+    (default ``<recallscope cache>/organisms``) and loaded from there."""
+    import json
+
+    from recallscope import load_model
+    from recallscope.models.cache import cache_root
+    from recallscope.organisms import shipped
+    from recallscope.organisms.recipes import _config_dict, get_recipe, save_recipe, train_recipe
+    from recallscope.organisms.store import load_organism_dir
+
+    if name in shipped():
+        return load_model(f"organism:{name}"), "shipped"
+    recipe = get_recipe(name)
+    directory = Path(cache_dir) if cache_dir is not None else cache_root() / "organisms"
+    directory = directory / name
+    config = directory / "config.json"
+    if config.is_file() and json.loads(config.read_text())["recipe"]["config"] == _config_dict(recipe.config):
+        return load_organism_dir(directory), "cached"
+    net, record = train_recipe(recipe)
+    save_recipe(recipe, net, record, directory)
+    return load_organism_dir(directory), f"trained ({record['train_seconds']} s)"
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def _auc(pos: list[float], neg: list[float]) -> float | None:
+    if not pos or not neg:
+        return None
+    return roc_auc(torch.tensor(pos + neg), torch.tensor([True] * len(pos) + [False] * len(neg)))
+
+
+def _correct(row: dict[str, Any]) -> bool:
+    return row["verdict"] == ("route" if row["is_route"] else "no route")
+
+
+def family_metrics(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per family: class, n, AUROC against the other class (all families pooled), share of "route",
+    "no route" and "inconclusive" verdicts, verdict accuracy, mean score."""
+    rows = list(rows)
+    pos_all = [r["score"] for r in rows if r["is_route"]]
+    neg_all = [r["score"] for r in rows if not r["is_route"]]
+    out = {}
+    for fam in dict.fromkeys(r["family"] for r in rows):
+        mine = [r for r in rows if r["family"] == fam]
+        is_pos = mine[0]["is_route"]
+        scores = [r["score"] for r in mine]
+        n = len(mine)
+        share = {v: sum(r["verdict"] == v for r in mine) / n for v in ("route", "no route", "inconclusive")}
+        out[fam] = {"class": "route" if is_pos else "no route", "n": n,
+                    "auroc": _auc(scores, neg_all) if is_pos else _auc(pos_all, scores),
+                    "route_rate": share["route"], "no_route_rate": share["no route"],
+                    "inconclusive_rate": share["inconclusive"],
+                    "verdict_accuracy": sum(_correct(r) for r in mine) / n,
+                    "mean_score": sum(scores) / n}
+    return out
+
+
+def pairwise_auroc(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """AUROC of every positive family against every negative family (rows: positive families)."""
+    rows = list(rows)
+    fams = list(dict.fromkeys(r["family"] for r in rows))
+    pos = [f for f in fams if any(r["is_route"] for r in rows if r["family"] == f)]
+    neg = [f for f in fams if f not in pos]
+    score = lambda f: [r["score"] for r in rows if r["family"] == f]  # noqa: E731
+    return {p: {n: _auc(score(p), score(n)) for n in neg} for p in pos}
+
+
+def summary(rows: Sequence[dict[str, Any]], heldout: Sequence[str]) -> dict[str, Any]:
+    """The benchmark's headline numbers (see experiments/benchmarks/route_detection.py)."""
+    per = family_metrics(rows)
+    new = [r for r in rows if r["family"] in heldout]
+    old = [r for r in rows if r["family"] not in heldout]
+    held = [per[f] for f in heldout if f in per]
+    fr = [m["route_rate"] for m in held if m["class"] == "no route"]
+    aucs = [m["auroc"] for m in held if m["auroc"] is not None]
+    all_auc = _auc([r["score"] for r in rows if r["is_route"]], [r["score"] for r in rows if not r["is_route"]])
+    old_auc = _auc([r["score"] for r in old if r["is_route"]], [r["score"] for r in old if not r["is_route"]])
+    return {"route_auroc": all_auc, "heldout_auroc_min": min(aucs) if aucs else None,
+            "false_route_rate_max": max(fr) if fr else None,
+            "verdict_accuracy": sum(_correct(r) for r in new) / len(new) if new else None,
+            "old_route_auroc": old_auc,
+            "old_verdict_accuracy": sum(_correct(r) for r in old) / len(old) if old else None}

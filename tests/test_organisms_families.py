@@ -1,0 +1,104 @@
+"""Held-out organism families (recallscope.organisms.families) and the route-detection harness."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from recallscope.errors import ConfigError
+from recallscope.organisms import families, route_bench
+from recallscope.organisms.core import ArchConfig, state_sha256
+from recallscope.organisms.mnemonic import RouteTruth
+
+pytestmark = pytest.mark.usefixtures("organism_determinism")
+DETECTOR = Path(__file__).resolve().parents[1] / "experiments" / "benchmarks" / "route_detector.toml"
+
+
+def _tiny(family: str, steps: int = 3) -> families.FamilyConfig:
+    cfg = families.family_config(family, 0)
+    arch = ArchConfig(n_layers=3, d_model=16, n_heads=2, n_ctx=4)
+    return dataclasses.replace(cfg, arch=arch, train=dataclasses.replace(cfg.train, steps=steps, batch_size=8,
+                                                                         warmup=1))
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_every_family_trains_deterministically_and_reports_its_checks(family):
+    cfg = _tiny(family)
+    net1, rec1 = families.train_family(cfg)
+    net2, _ = families.train_family(cfg)
+    assert state_sha256(net1.state_dict()) == state_sha256(net2.state_dict())
+    assert {"decode_train", "decode_test", "concept_facts", "swap_follow", "kind_transplant",
+            "site_cos_concept"} <= set(rec1)
+    truth = families.family_truth(cfg)
+    assert RouteTruth.from_dict(truth.to_dict()) == truth
+    assert truth.is_route == (family in families.POSITIVE) and truth.family == family
+    if family == "bypass":  # the cut is exact: the site cannot reach the output, and attn.o stays zero
+        assert rec1["site_swap_max_logit_change"] == 0.0
+        assert all(float(p.abs().max()) == 0 for n, p in net1.named_parameters()
+                   if ".attn.o." in n and int(n.split(".")[1]) >= cfg.site_layer)
+
+
+def test_rotation_is_a_fixed_orthogonal_matrix():
+    cfg = families.family_config("route-rot", 0)
+    r = families.rotation(cfg)
+    assert torch.allclose(r @ r.T, torch.eye(cfg.arch.d_model), atol=1e-5)
+    assert torch.equal(r, families.rotation(families.family_config("route-rot", 3)))  # same R for every seed
+    assert not torch.allclose(r, torch.eye(cfg.arch.d_model), atol=0.1)
+
+
+def test_share_truth_aligns_chunks_with_their_same_letter_distractor():
+    truth = families.family_truth(families.family_config("share", 0))
+    assert not truth.is_route
+    for chunk, distractor in truth.aligned_concept.items():
+        assert distractor != truth.chunk_concept[chunk]
+        assert truth.concept_letter[distractor] == truth.chunk_letter[chunk]
+
+
+def test_unknown_family_and_bad_site_are_clear_errors():
+    with pytest.raises(ConfigError, match="unknown organism family"):
+        families.family_config("nope", 0)
+    with pytest.raises(ConfigError, match="site_layer"):
+        families.train_family(dataclasses.replace(_tiny("route-iit"), site_layer=3))
+
+
+def test_family_metrics_arithmetic():
+    rows = ([{"family": "p", "is_route": True, "score": s, "verdict": v} for s, v in
+             ((0.9, "route"), (0.8, "route"), (0.1, "inconclusive"), (0.7, "no route"))]
+            + [{"family": "n", "is_route": False, "score": s, "verdict": v} for s, v in
+               ((0.2, "no route"), (0.85, "route"), (0.0, "no route"), (0.05, "no route"))])
+    m = route_bench.family_metrics(rows)
+    assert m["p"]["verdict_accuracy"] == 0.5 and m["p"]["route_rate"] == 0.5
+    assert m["n"]["route_rate"] == 0.25 and m["n"]["verdict_accuracy"] == 0.75
+    # positives beat negatives in 13 of 16 pairs (0.1 < 0.2, 0.85 beats 0.1, 0.7, 0.8)
+    assert m["p"]["auroc"] == pytest.approx(12 / 16) and m["n"]["auroc"] == m["p"]["auroc"]
+    s = route_bench.summary(rows, ["n"])
+    assert s["false_route_rate_max"] == 0.25 and s["verdict_accuracy"] == 0.75 and s["old_verdict_accuracy"] == 0.5
+
+
+def test_detector_file_is_read_and_checked(tmp_path):
+    spec = route_bench.load_detector(DETECTOR)
+    assert spec.route_config["n_controls"] == 19 and spec.baseline == "vocabulary"
+    bad = tmp_path / "d.toml"
+    bad.write_text("[route_config]\nn_controls = 3\nno_such_field = 1\n")
+    with pytest.raises(ConfigError, match="no_such_field"):
+        route_bench.load_detector(bad)
+
+
+def _verdicts(name: str, chunks: list[str]) -> list[str]:
+    model, _ = route_bench.organism_model(name)
+    spec = route_bench.load_detector(DETECTOR)
+    return [route_bench.detect(model, c, spec, seed=0, chunks=route_bench.hook_chunks())["verdict"] for c in chunks]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "the current detector (route_detector.toml: mean ablation of the concept's own direction, built in "
+    "the context '<s> VAT') cannot see a route held in a rotated basis: 0/8 hook chunks of route-rot-s0 get "
+    "'route' (scores 0.000). Issue 13's new detector (interchange along learned subspaces, h3) should fix it; "
+    "then remove this mark."))
+def test_rotated_route_gets_route():
+    assert _verdicts("route-rot-s0", ["VA", "TA"]) == ["route", "route"]
+
+
+def test_aligned_but_bypassed_gets_no_route():
+    assert _verdicts("bypass-s0", ["VA", "TA"]) == ["no route", "no route"]

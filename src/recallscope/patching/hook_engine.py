@@ -68,19 +68,29 @@ def logits_at(model: Any, tokens: Int[Tensor, "rows pos"], read_pos: Sequence[in
     return out if out.shape[1] == len(read_pos) else out[:, list(read_pos)]
 
 
+def check_hook_names(model: Any, names: Iterable[str]) -> None:
+    """Raise :class:`ConfigError` if the model has no hook point of one of ``names``."""
+    absent = sorted(set(names) - set(model.hook_dict))
+    if absent:
+        raise ConfigError(f"this model has no hook {absent[0]!r} (a model with parallel attention and MLP has no "
+                          "resid_mid); patch resid_pre, attn_out, mlp_out or resid_post instead.")
+
+
 def record(model: Any, tokens: Int[Tensor, "batch pos"], hook_names: Iterable[str], read_pos: Sequence[int], *,
            noise: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Run ``tokens`` once (plus ``noise`` on the token embeddings), keeping ``hook_names``.
 
     Returns the logits at ``read_pos`` and {hook name: activation}.
     """
+    names = sorted(set(hook_names))
+    check_hook_names(model, names)
     acts: dict[str, Tensor] = {}
 
     def keep(t: Tensor, hook: Any, name: str = "") -> Tensor:
         acts[name] = t.detach().clone()
         return t
 
-    hooks: list[tuple[str, Hook]] = [(n, lambda t, hook, n=n: keep(t, hook, n)) for n in sorted(set(hook_names))]
+    hooks: list[tuple[str, Hook]] = [(n, lambda t, hook, n=n: keep(t, hook, n)) for n in names]
     if noise is not None:
         hooks.insert(0, _noise_hook(noise, 1))
     with torch.no_grad():
@@ -98,19 +108,35 @@ def constant_acts(acts: dict[str, Tensor], how: str) -> dict[str, Tensor]:
 
 
 def patch_hooks(cells: Sequence[Cell], source: dict[str, Tensor], batch: int) -> list[tuple[str, Hook]]:
-    """One hook per hook point: copy each cell's sites from ``source`` into the cell's rows."""
+    """One hook per hook point: copy each cell's sites from ``source`` into the cell's rows.
+
+    ``hook_resid_mid`` is the input of the second norm in a TransformerBridge, not the residual stream
+    carried on, so a ``resid_mid`` site also adds (patched - original) to that layer's ``resid_post``
+    (the block output is resid_mid plus a function of it): the residual stream itself is patched, as in
+    the fast engine.
+    """
     by_name: dict[str, list[tuple[int, Site]]] = {}
     for i, cell in enumerate(cells):
         for site in cell.sites:
             by_name.setdefault(site.hook_name, []).append((i, site))
+            if site.component == Component.RESID_MID:
+                by_name.setdefault(Site(Component.RESID_POST, site.layer).hook_name, [])
+    pending: dict[int, list[tuple[tuple, Tensor]]] = {}  # layer -> (index, patched - original) at resid_mid
 
     def make(name: str, todo: list[tuple[int, Site]]) -> Hook:
-        src = source[name]
+        src = source.get(name)
 
         def hook(t: Tensor, hook: Any) -> Tensor:
+            t = t.clone()  # out of place: the tensor a hook sees may also be carried on elsewhere
+            if name.endswith("hook_resid_post"):
+                for idx, delta in pending.pop(int(name.split(".")[1]), []):
+                    t[idx] = t[idx] + delta
             for i, site in todo:
-                idx = _index(site, 0)
-                t[(slice(i * batch, (i + 1) * batch), *idx)] = src[(slice(None), *idx)].to(t)
+                idx = (slice(i * batch, (i + 1) * batch), *_index(site, 0))
+                new = src[(slice(None), *_index(site, 0))].to(t)
+                if site.component == Component.RESID_MID:
+                    pending.setdefault(site.layer, []).append((idx, new - t[idx]))
+                t[idx] = new
             return t
 
         return hook
@@ -128,6 +154,7 @@ def knockout_hooks(cells: Sequence[Cell], masks: Tensor, batch: int) -> list[tup
 
     def make(rows_of: list[int]) -> Hook:
         def hook(t: Tensor, hook: Any) -> Tensor:
+            t = t.clone()
             blocked = masks[:, None].to(t.device)  # [batch, 1 (heads), query, key]
             for i in rows_of:
                 rows = slice(i * batch, (i + 1) * batch)
@@ -233,6 +260,7 @@ def hook_sweep(model: Any, cells: Sequence[Cell], tokens: Int[Tensor, "batch pos
                store: ChunkStore | None = None) -> Float[Tensor, "cell batch"]:
     """Metric value per (cell, prompt): each cell's sites copied from ``source`` into the run of ``tokens``
     (with ``noise`` on the token embeddings); see the module docstring."""
+    check_hook_names(model, {s.hook_name for c in cells for s in c.sites})
     missing = sorted({s.hook_name for c in cells for s in c.sites} - set(source))
     if missing:
         raise ConfigError(f"the source run recorded no activation at {missing[:3]}; record every site's hook.")

@@ -31,9 +31,10 @@ from torch import Tensor
 
 from recallscope.errors import ResultFileError
 from recallscope.plotting import apply_style, heatmap
-from recallscope.results import load_result_dir, save_result_dir
+from recallscope.results import load_result_dir, register_result, save_result_dir
 
 
+@register_result
 @dataclass(frozen=True)
 class B64DependencyMap:
     """Exact patching of the base64 organism's input chunks, per output byte, beside the ground truth.
@@ -191,7 +192,7 @@ def mnemonic_checks_figure(names: Sequence[str] | None = None) -> go.Figure:
     from recallscope.organisms.recipes import WEIGHTS_DIR, recipes
     from recallscope.organisms.store import read_config
 
-    names = list(names) if names is not None else [n for n in recipes() if n.startswith(("route", "rote"))]
+    names = list(names) if names is not None else [n for n in recipes() if n.rsplit("-s", 1)[0] in ("route", "rote")]
     metrics = {n: read_config(WEIGHTS_DIR / n)["metrics"] for n in names}
     fig = go.Figure()
     for key, label in (("decode_test", "decode of the 16 test chunks (never trained directly in route models)"),

@@ -232,6 +232,8 @@ def _check(cfg: AtPConfig, stack: Stack) -> None:
         raise ConfigError("this model runs attention and MLP in parallel: it has no resid_mid to patch.")
     if "mlp_out" in cfg.components and any(lp.mlp is None for lp in stack.layers):
         raise ConfigError("this model has attention-only layers: drop mlp_out from components.")
+    if cfg.qk_fix:  # the q/k fix recomputes scores from recorded q and k with plain rotary attention
+        stack.require("AtP*'s q/k fix (qk_fix=True)", attention=True)
     if cfg.ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0, got {cfg.ig_steps}.")
     if cfg.ig_steps and (cfg.qk_fix or cfg.graddrop):

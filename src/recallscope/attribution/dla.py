@@ -35,7 +35,7 @@ from recallscope.errors import ConfigError, MultiTokenAnswerError, ResultFileErr
 from recallscope.manifest import build_manifest
 from recallscope.models.forward import forward
 from recallscope.models.stack import build_stack
-from recallscope.results import load_result_dir, save_result_dir
+from recallscope.results import load_result_dir, register_result, save_result_dir
 from recallscope.sites import site_label
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs, tokenize_pairs
 from recallscope.vocab import Component
@@ -43,6 +43,7 @@ from recallscope.vocab import Component
 PARTS = ("embed", "heads", "attn_bias", "mlp", "constant", "by_source", "total")
 
 
+@register_result
 @dataclass(frozen=True)
 class DLAResult:
     """Direct contributions to the read-out (answer logit or logit difference) at the last position.

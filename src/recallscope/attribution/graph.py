@@ -55,6 +55,7 @@ class Graph:
         if any(lp.mlp is None for lp in stack.layers):
             raise ConfigError("edge attribution's graph needs an MLP in every layer; this model has "
                               "attention-only layers. Use node attribution (attribution.atp) instead.")
+        stack.require("edge attribution's graph", post_norms=True)  # senders are z_h W_O and raw MLP outputs
         return cls(stack.n_layers, stack.n_heads, stack.n_kv_heads, stack.parallel_attn_mlp)
 
     # --- senders -------------------------------------------------------------------------------------

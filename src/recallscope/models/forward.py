@@ -109,6 +109,7 @@ def attend(
     if lp.window is not None:
         masked = masked | (key_pos[None, :] <= positions[:, None] - lp.window)
     scores = edit("scores", layer, scores.masked_fill(masked, float("-inf")))
+    keep("scores", scores)
     pattern = edit("pattern", layer, torch.softmax(scores.float(), dim=-1).to(q.dtype))
     keep("pattern", pattern)
     z = edit("z", layer, torch.matmul(pattern, vv).transpose(1, 2))

@@ -114,22 +114,25 @@ class Stack:
             found.append("per-layer rotary embeddings")
         return found
 
-    def nonlinear_outputs(self) -> list[str]:
-        """What keeps the residual stream from being a plain sum of per-head and per-MLP outputs read
-        linearly by the logits (for methods that split the residual into parts: DLA, edge attribution)."""
+    def post_norms(self) -> list[str]:
+        """Norms between a sublayer and the residual: the residual is then not a sum of per-head and
+        per-MLP outputs computed from z and W_O (for DLA and edge attribution)."""
         found = []
         if any(lp.post_attn is not None for lp in self.layers):
             found.append("a norm after attention (heads do not add up to the attention output)")
         if any(lp.post_mlp is not None for lp in self.layers):
             found.append("a norm after the MLP")
-        if self.final_softcap is not None:
-            found.append("a final logit softcap")
         return found
 
-    def require(self, method: str, *, attention: bool = False, linear_outputs: bool = False) -> None:
-        """Raise :class:`UnsupportedArchitectureError` if ``method`` needs plain attention
-        (``attention``) or linearly decomposable outputs (``linear_outputs``) and this model lacks them."""
-        found = (self.attention_extras() if attention else []) + (self.nonlinear_outputs() if linear_outputs else [])
+    def require(self, method: str, *, attention: bool = False, post_norms: bool = False,
+                linear_logits: bool = False) -> None:
+        """Raise :class:`UnsupportedArchitectureError` if ``method`` needs plain attention (``attention``,
+        see :meth:`attention_extras`), no post-norms (``post_norms``) or logits linear in the final
+        residual (``linear_logits``) and this model lacks them."""
+        found = self.attention_extras() if attention else []
+        found += self.post_norms() if post_norms else []
+        if linear_logits and self.final_softcap is not None:
+            found.append("a final logit softcap")
         if found:
             raise UnsupportedArchitectureError(
                 f"{method} does not support {self.family or 'this model'}: it has {', '.join(found)}. "
@@ -230,5 +233,6 @@ def conv1d_split(conv: Any, n: int) -> list[Fn]:
             for w, b in zip(weights, biases)]
 
 
-def inv_sqrt(d: float) -> float:
+def inv_sqrt(d: int | float) -> float:
+    """``1 / sqrt(d)``, the usual attention scale."""
     return 1.0 / math.sqrt(d)

@@ -48,8 +48,14 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "opt": ("OPTConfig", dict(hidden_size=_D, num_attention_heads=_H, ffn_dim=_FF, num_hidden_layers=_L,
                                word_embed_proj_dim=_D, max_position_embeddings=128, pad_token_id=1)),
     "gptj": ("GPTJConfig", dict(n_embd=_D, n_head=_H, n_layer=_L, n_positions=128, rotary_dim=4)),
+    "granite": ("GraniteConfig", dict(hidden_size=_D, num_attention_heads=_H, num_key_value_heads=2,
+                                       intermediate_size=_FF, num_hidden_layers=_L, embedding_multiplier=3.0,
+                                       residual_multiplier=0.5, attention_multiplier=0.2, logits_scaling=4.0,
+                                       **_ROPE)),
 }
-"""Family name -> (transformers config class, keyword arguments of a 2-layer model of width 32)."""
+"""Family name -> (transformers config class, keyword arguments of a 2-layer model of width 32). Granite
+(multipliers on embeddings, residual branches, attention and logits) has no fast adapter: it is the
+matrix's example of a family that runs on the hook engine."""
 
 
 def tiny_hf_config(family: str, **overrides: Any) -> Any:

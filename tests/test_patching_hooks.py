@@ -171,3 +171,29 @@ def test_missing_hook_is_a_clear_error(tiny_gpt2):
     clean, corrupt, metric = _batch(tiny_gpt2)
     with pytest.raises(ConfigError, match="no hook"):
         H.record(tiny_gpt2, clean, ["blocks.0.hook_nonexistent"], [5])
+
+
+def test_cli_engine_option(tiny_gpt2, monkeypatch, tmp_path):
+    """`recallscope patch --engine hooks` runs the hook engine and records it; the numbers equal --engine fast."""
+    import json
+
+    import recallscope.models
+    from recallscope import cli
+    from recallscope.results import PatchingResult
+
+    monkeypatch.setattr(recallscope.models, "load_model", lambda spec, **kw: tiny_gpt2)
+    monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "no-browser"))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"clean": p.clean, "corrupt": p.corrupt, "answer": p.answer,
+                                         "wrong": p.wrong}) + "\n" for p in PAIRS[:1]))
+    results = {}
+    for engine in ("hooks", "fast"):
+        out = tmp_path / engine
+        assert cli.main(["patch", "--pairs", str(pairs), "--layers", "0", "--engine", engine, "--out", str(out),
+                         "--quiet"]) == 0
+        (result_dir,) = [d for d in out.iterdir() if d.is_dir()]
+        results[engine] = PatchingResult.load(result_dir)
+        assert results[engine].config["engine"] == engine
+    torch.testing.assert_close(results["hooks"].values, results["fast"].values, atol=1e-4, rtol=0)
+    with pytest.raises(SystemExit):
+        cli.main(["patch", "--pairs", str(pairs), "--engine", "turbo"])

@@ -105,6 +105,12 @@ def _resume_option(sp: Any) -> None:
                     "resumes from them (a changed model, prompt or option starts afresh)")
 
 
+def _engine_option(sp: Any) -> None:
+    sp.add_argument("--engine", default="auto", choices=["auto", "fast", "hooks"],
+                    help="auto (default): the fast engine when the model passes its self-check, else the hook "
+                    "engine (TransformerLens hooks, exact on every model TransformerLens loads); fast; hooks")
+
+
 def _resume_note(res: Any) -> None:
     """Say on stderr how much of a result came from checkpointed chunks."""
     done = res.manifest.get("checkpoint")

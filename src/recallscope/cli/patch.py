@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from recallscope.cli.common import (
-    add_command, _config, _kwargs, _options, OPTIONS, _placement, _record, _resume_note, _resume_option,
-    _save_patching,
+    add_command, _config, _engine_option, _kwargs, _options, OPTIONS, _placement, _record, _resume_note,
+    _resume_option, _save_patching,
 )
 
 
@@ -39,7 +39,8 @@ def _patch_groups(args: argparse.Namespace, model: Any, pairs: list, record: Any
         name = f"{prefix}{config.component.value}_len{length}"
         with record.timed("patching"):
             res = activation_patching(model, group, args.metric, progress=not args.quiet,
-                                      checkpoint_dir=args.resume_dir, **_kwargs(config))
+                                      checkpoint_dir=args.resume_dir, engine=getattr(args, "engine", "auto"),
+                                      **_kwargs(config))
         _resume_note(res)
         norm = args.metric == "logit_diff" if normalized is None else normalized
         _save_patching(res, out / name, record, normalized=norm)
@@ -72,3 +73,4 @@ def register(sub: Any) -> None:
     sp.add_argument("--config", help="TOML or JSON file of PatchingConfig fields; command-line options win")
     _options(sp, *OPTIONS)
     _resume_option(sp)
+    _engine_option(sp)

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from recallscope.cli.common import (
-    _common, _config, _kwargs, _options, _placement, _record, _resume_note, _resume_option, _write_figure,
+    _common, _config, _engine_option, _kwargs, _options, _placement, _record, _resume_note, _resume_option,
+    _write_figure,
 )
 from recallscope.cli.patch import _patch_groups, _patching_config
 
@@ -51,7 +52,7 @@ def _trace_facts(args: argparse.Namespace, model: Any, record: Any) -> dict:
     record.prompts([it.clean for it in items])
     with record.timed("causal_trace"):
         res = causal_trace(model, items, progress=not args.quiet, checkpoint_dir=args.resume_dir,
-                           **_kwargs(config))
+                           engine=args.engine, **_kwargs(config))
     _resume_note(res)
     name = f"trace_{config.component.value}"
     record.output(res.save(Path(args.out) / name))
@@ -226,6 +227,7 @@ def register(sub: Any) -> None:
                     "fields; command-line options win")
     _options(sp, "component", "window", "layers", "memory_budget_mb")
     _resume_option(sp)
+    _engine_option(sp)
     sp.add_argument("--seed", type=int, help="seed for fact sampling and noise, or for base64 stimuli, shots and "
                     "corruptions (default 0)")
     g = sp.add_argument_group("trace facts only")

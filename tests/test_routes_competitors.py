@@ -10,6 +10,7 @@ from recallscope.models.stack import build_stack
 from recallscope.routes import (
     Concept,
     RouteConfig,
+    RouteQuery,
     concept_directions,
     control_pool,
     expand_prompts,
@@ -157,3 +158,17 @@ def test_no_verdict_rests_on_mean_ablation_alone(planted, pool):
     report = route_report(planted.model, QUERY, [" tax"], pool=pool, config=config, progress=False)
     row = report.routes()[0]
     assert row.ablation > 1.0 and row.verdict == "inconclusive"
+
+
+def test_alternatives_as_test_units_for_a_single_prompt(planted, pool):
+    """A model that admits no other templates (4-token organisms): one prompt, 8 alternative inputs, the
+    paired test over (prompt, alternative) units still reaches p < 0.01 and finds the planted route."""
+    alts = (" house", " table", " river", " paper", " music", " water", " garden", " doctor")
+    query = RouteQuery(QUERY.prompts[:1], " VAT", " Value", alts)
+    config = RouteConfig(n_controls=4, n_boot=200, n_templates=0, test_unit="alternative")
+    report = route_report(planted.model, query, [" tax"], pool=pool, config=config, progress=False)
+    row = report.routes()[0]
+    assert report.interchange.shape[0] == 8 and len(report.query["prompts"]) == 1
+    assert row.verdict == "route" and row.p_value < 0.01 and row.n_prompts == 8
+    with pytest.raises(Exception, match="test_unit"):  # ConfigError (beartype, under the tests, comes first)
+        RouteConfig(test_unit="card")

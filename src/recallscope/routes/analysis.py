@@ -149,7 +149,9 @@ def _direction_context(config: RouteConfig) -> dict[str, Any]:
 
 
 def _first_ids(model: Any, slots: list[Concept]) -> Tensor:
-    return torch.tensor([text_tokens(model, c.text)[0] if c.text else -1 for c in slots])
+    """First token of each slot's text in context (-1: no text, or a text the tokenizer drops)."""
+    ids = [text_tokens(model, c.text) if c.text else [] for c in slots]
+    return torch.tensor([t[0] if t else -1 for t in ids], dtype=torch.long)
 
 
 def _score_all(model: Any, query: RouteQuery, lens: Lens, first_ids: Tensor, dirs: Any, slots: Slots,
@@ -227,10 +229,24 @@ def route_report(model: Any, query: RouteQuery, concepts: Sequence[Concept | str
         names=tuple(slots.names()), sources=tuple(slots.all_sources()), roles=tuple(slots.all_roles()),
         classes=tuple(slots.all_classes()), owner=torch.tensor(slots.all_owners(), dtype=torch.long),
         windows=tuple(windows),
-        **{k: torch.stack([getattr(s, k) for s in per_prompt])
-           for k in ("readout_rank", "similarity", "interchange", "edit_norm", "ablation")},
-        clean=torch.tensor([s.clean for s in per_prompt]),
-        total_effect=torch.tensor([s.total_effect for s in per_prompt]), config=cfg, manifest=manifest)
+        **_units(per_prompt, config.test_unit), config=cfg, manifest=manifest)
+
+
+def _units(per_prompt: list[PromptScores], unit: str) -> dict[str, Tensor]:
+    """The report's per-unit tensors: one unit per prompt (alternatives averaged) or per (prompt, alternative)."""
+    stack = {k: torch.stack([getattr(s, k) for s in per_prompt]) for k in ("readout_rank", "similarity", "ablation")}
+    inter = torch.stack([s.interchange for s in per_prompt])  # [prompt, slot, alt, window]
+    norm = torch.stack([s.edit_norm for s in per_prompt])
+    clean = torch.tensor([s.clean for s in per_prompt])
+    if unit == "prompt":
+        return {**stack, "interchange": inter.mean(2), "edit_norm": norm.mean(2), "clean": clean,
+                "total_effect": torch.tensor([s.total_effect for s in per_prompt])}
+    n_alt = inter.shape[2]
+    if n_alt == 0:
+        raise ConfigError("test_unit='alternative' needs alternative inputs (query.alternatives or n_alternatives).")
+    return {**{k: v.repeat_interleave(n_alt, 0) for k, v in stack.items()},
+            "interchange": inter.permute(0, 2, 1, 3).flatten(0, 1), "edit_norm": norm.permute(0, 2, 1, 3).flatten(0, 1),
+            "clean": clean.repeat_interleave(n_alt), "total_effect": torch.cat([s.alt_effect for s in per_prompt])}
 
 
 def swap_effect(model: Any, query: RouteQuery, concept: Concept | str, other: Concept | str, *,

@@ -75,6 +75,9 @@ class RouteConfig:
     """Smallest margin over the strongest competitor class, as a share of the total effect, for a route."""
     min_total_effect: float = 0.5
     """Smallest input -> output total effect (nats, ``M_clean - M_alt``) for a conclusive verdict."""
+    test_unit: Literal["prompt", "alternative"] = "prompt"
+    """Units of the paired test, CIs and held-out peaks: prompts (alternatives averaged) or every
+    (prompt, alternative input) pair (for models that admit no other templates, e.g. 4-token organisms)."""
     n_perm: int = 1999
     """Sign-flip draws of the paired test (exact enumeration when ``2**n_prompts <= n_perm``)."""
     n_boot: int = 1000
@@ -93,6 +96,8 @@ class RouteConfig:
                               f"{self.stride}, {self.alpha}).")
         if self.n_perm < 1 or self.n_boot < 1:
             raise ConfigError("invalid RouteConfig: n_perm and n_boot must be >= 1 (use >= 199 sign flips).")
+        if self.test_unit not in ("prompt", "alternative"):
+            raise ConfigError(f"test_unit must be 'prompt' or 'alternative', not {self.test_unit!r}.")
         if self.method not in ("exact", "attribution"):
             raise ConfigError(f"method must be 'exact' or 'attribution', not {self.method!r}.")
         for name in ("layers", "template_prefixes", "prefixes", "baseline_words"):

@@ -20,8 +20,10 @@ holds the thresholds):
    ``|TE|``, is at least ``min_share``;
 4. its mediated share (held-out interchange effect / TE) is at least ``min_mediated``.
 
-**No route** when the CI of the held-out margin lies below ``min_share`` or that of the mediated share below
-``min_mediated``; otherwise **inconclusive**. A concept that *is* the input or the output (any casing or
+**No route** when the CI of the mediated share lies below ``min_mediated`` (the concept does not carry the
+effect) or that of the held-out margin below 0 (a competitor class clearly does better); otherwise
+**inconclusive** (e.g. a concept that mediates but ties with the input itself, as when training aligned the
+input's state with the concept's). A concept that *is* the input or the output (any casing or
 spacing) is always a **competitor**, never a route, also when a user passes it as a candidate. Mean
 ablation (``ablation``) is reported but no verdict rests on it.
 """
@@ -36,7 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recallscope.errors import ResultFileError
-from recallscope.results import load_result_dir, save_result_dir
+from recallscope.results import load_result_dir, register_result, save_result_dir
 from recallscope.routes.config import RouteConfig
 from recallscope.routes.verdict import bootstrap_ratio, class_effect, cross_fitted, holm, sign_flip_max_t, t_stats
 
@@ -83,6 +85,7 @@ class ConceptRoute:
     n_prompts: int
 
 
+@register_result
 @dataclass(frozen=True)
 class RouteReport:
     """Route scores of the candidates, their competitors and controls for one query (module doc).
@@ -182,7 +185,7 @@ class RouteReport:
         min_share, min_med = float(self.cfg("min_share")), float(self.cfg("min_mediated"))
         if p_holm <= float(self.cfg("alpha")) and score >= min_share and med >= min_med:
             return "route"
-        if ci[1] < min_share or med_ci[1] < min_med:
+        if med_ci[1] < min_med or ci[1] < 0:  # it does not carry the effect, or a competitor clearly beats it
             return "no route"
         return "inconclusive"
 

@@ -155,10 +155,12 @@ class PromptScores:
     similarity: Float[Tensor, "slot layer"]
     ablation: Float[Tensor, "slot window"]
     """Mean-ablation effect (nats)."""
-    interchange: Float[Tensor, "slot window"]
-    """Interchange effect (nats), mean over alternatives (:mod:`~recallscope.routes.interchange`)."""
-    edit_norm: Float[Tensor, "slot window"]
-    """Norm of the interchange edit at the window's first layer, mean over alternatives."""
+    interchange: Float[Tensor, "slot alt window"]
+    """Interchange effect (nats) per alternative input (:mod:`~recallscope.routes.interchange`)."""
+    edit_norm: Float[Tensor, "slot alt window"]
+    """Norm of the interchange edit at the window's first layer, per alternative."""
+    alt_effect: Float[Tensor, " alt"]
+    """``M_clean - M_alt`` per alternative input."""
     clean: float
     total_effect: float
 
@@ -355,8 +357,10 @@ def score_prompt(model: Any, prep: PreparedPrompt, *, lens: Lens, first_ids: Ten
     absent = torch.einsum("cld,ld->cl", unit, baseline)
     ranks, sim = readout_and_similarity(runner, lens, first_ids, vectors, baseline)
     n_all = unit.shape[0]
+    n_alt = prep.alt_tokens.shape[0]
     nan = torch.full((n_all, len(windows)), float("nan"))
-    ablation, inter, norm, total = nan, nan.clone(), nan.clone(), float("nan")
+    inter, norm = torch.full((n_all, n_alt, len(windows)), float("nan")), torch.full((n_all, n_alt, len(windows)), float("nan"))
+    ablation, total, alt_effect = nan, float("nan"), torch.full((n_alt,), float("nan"))
     if with_ablation:  # not for the matched copies: same directions as their sources
         own = slice(0, n_fixed + n_rand)
         ablation = nan.clone()
@@ -365,7 +369,8 @@ def score_prompt(model: Any, prep: PreparedPrompt, *, lens: Lens, first_ids: Ten
                                                                        windows, window))
     if prep.alt_tokens.shape[0]:
         alt_states, alt_metric = alternative_runs(runner)
-        total = float((runner.clean - alt_metric).mean())
+        alt_effect = (runner.clean - alt_metric).float()
+        total = float(alt_effect.mean())
         if with_mediation:
             norms = edit_norms(runner, alt_states, unit, windows)  # [slot, alt, window]
             scale = torch.ones_like(norms)
@@ -373,7 +378,7 @@ def score_prompt(model: Any, prep: PreparedPrompt, *, lens: Lens, first_ids: Ten
             for r, owner in enumerate(owners):
                 scale[n_fixed + r] = norms[owner] / norms[n_fixed + r].clamp_min(1e-8)
             keep = torch.tensor([i for i in range(n_all) if i not in set(no_interchange)], dtype=torch.long)
-            inter[keep] = interchange(runner, alt_states, unit[keep], windows, window, batch_size, scale[keep]).mean(1)
-            norm[keep] = (norms * scale)[keep].mean(1)
+            inter[keep] = interchange(runner, alt_states, unit[keep], windows, window, batch_size, scale[keep])
+            norm[keep] = (norms * scale)[keep]
     return PromptScores(readout_rank=ranks, similarity=sim, ablation=ablation, interchange=inter, edit_norm=norm,
-                        clean=runner.clean, total_effect=total)
+                        alt_effect=alt_effect, clean=runner.clean, total_effect=total)

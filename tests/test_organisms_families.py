@@ -102,3 +102,16 @@ def test_rotated_route_gets_route():
 
 def test_aligned_but_bypassed_gets_no_route():
     assert _verdicts("bypass-s0", ["VA", "TA"]) == ["no route", "no route"]
+
+
+def test_harness_gives_the_old_benchmark_rows_on_the_shipped_route_organism():
+    from recallscope.organisms.figures import mnemonic_route_rows
+
+    model, where = route_bench.organism_model("route-s0")
+    assert where == "shipped"
+    spec = route_bench.load_detector(DETECTOR)
+    mine = route_bench.detect(model, "VA", spec, seed=0, chunks=route_bench.hook_chunks())
+    old = mnemonic_route_rows(model, route_bench.hook_chunks(), n_controls=19, n_boot=1000, seed=0)
+    old = next(r for r in old if r["chunk"] == "VA")
+    assert mine["score"] == pytest.approx(old["score"], abs=1e-5)  # float sums in another order: ~4e-7
+    assert {k: mine[k] for k in old if k != "score"} == {k: v for k, v in old.items() if k != "score"}

@@ -18,7 +18,7 @@ One module per subcommand (``models``, ``facts``, ``patch``, ``trace``, ``export
 import argparse
 import sys
 
-from recallscope.cli import attribute, demo, export, facts, models, patch, routes, trace
+from recallscope.cli import attribute, demo, export, facts, graph, models, patch, routes, trace
 from recallscope.cli.common import _int_list, _placement
 
 EXAMPLES = """examples:
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"recallscope {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for command in (models, facts, patch, trace, export, attribute, demo, routes):
+    for command in (models, facts, patch, trace, export, attribute, demo, routes, graph):
         command.register(sub)
     return p
 

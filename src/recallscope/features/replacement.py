@@ -68,12 +68,14 @@ class Fidelity:
 
 
 @torch.no_grad()
-def fidelity(model: Any, tset: TranscoderSet, tokens: Int[Tensor, "batch pos"], *,
+def fidelity(model: Any, tset: TranscoderSet, tokens: Int[Tensor, "batch pos"] | list[Tensor], *,
              layers: list[int] | None = None, batch_size: int = 16) -> Fidelity:
-    """KL and top-1 agreement of the replacement model against ``model`` on ``tokens``."""
+    """KL and top-1 agreement of the replacement model against ``model`` on ``tokens`` (a batch, or a list
+    of batches of different lengths)."""
     kl_sum, agree, n = 0.0, 0, 0
-    for start in range(0, tokens.shape[0], batch_size):
-        chunk = tokens[start:start + batch_size]
+    chunks = [b[s:s + batch_size] for b in (tokens if isinstance(tokens, list) else [tokens])
+              for s in range(0, b.shape[0], batch_size)]
+    for chunk in chunks:
         real = model(chunk, return_type="logits").float().log_softmax(-1)
         with replaced(model, tset, layers=layers):
             repl = model(chunk, return_type="logits").float().log_softmax(-1)

@@ -82,16 +82,18 @@ def sample_tokens(model: Any, n_seqs: int, seq_len: int, *, seed: int = 0, bos_i
 
 
 @torch.no_grad()
-def collect_activations(model: Any, tokens: Int[Tensor, "batch pos"], layers: list[int], *,
+def collect_activations(model: Any, tokens: Tensor | list[Tensor], layers: list[int], *,
                         input_hook: str = INPUT_HOOK, output_hook: str = OUTPUT_HOOK,
                         batch_size: int = 32) -> dict[int, tuple[Tensor, Tensor]]:
-    """``{layer: (inputs [n_tokens, d_in], outputs [n_tokens, d_out])}`` over every position of ``tokens``."""
+    """``{layer: (inputs [n_tokens, d_in], outputs [n_tokens, d_out])}`` over every position of ``tokens``
+    (a ``[batch, pos]`` tensor, or a list of them with different lengths)."""
     names = {input_hook.format(layer=layer) for layer in layers} | {output_hook.format(layer=layer) for layer in layers}
     chunks: dict[str, list[Tensor]] = {name: [] for name in names}
-    for start in range(0, tokens.shape[0], batch_size):
-        _, cache = model.run_with_cache(tokens[start:start + batch_size], names_filter=lambda n: n in names)
-        for name in names:
-            chunks[name].append(cache[name].float().reshape(-1, cache[name].shape[-1]).clone())
+    for batch in (tokens if isinstance(tokens, list) else [tokens]):
+        for start in range(0, batch.shape[0], batch_size):
+            _, cache = model.run_with_cache(batch[start:start + batch_size], names_filter=lambda n: n in names)
+            for name in names:
+                chunks[name].append(cache[name].float().reshape(-1, cache[name].shape[-1]).clone())
     return {layer: (torch.cat(chunks[input_hook.format(layer=layer)]),
                     torch.cat(chunks[output_hook.format(layer=layer)])) for layer in layers}
 
@@ -176,21 +178,31 @@ class SetReport:
     n_eval_tokens: int
 
 
-def train_set(model: Any, tokens: Int[Tensor, "batch pos"], cfg: TranscoderTrainConfig,
+def split_heldout(tokens: Tensor | list[Tensor], eval_fraction: float) -> tuple[list[Tensor], list[Tensor]]:
+    """(train, held-out) parts: the first ``eval_fraction`` of the rows of each token batch is held out."""
+    train, held = [], []
+    for batch in (tokens if isinstance(tokens, list) else [tokens]):
+        n_eval = max(1, int(round(batch.shape[0] * eval_fraction)))
+        if n_eval >= batch.shape[0]:
+            raise ConfigError(f"need more than {n_eval} sequences to hold {eval_fraction:.0%} out for evaluation.")
+        held.append(batch[:n_eval])
+        train.append(batch[n_eval:])
+    return train, held
+
+
+def train_set(model: Any, tokens: Tensor | list[Tensor], cfg: TranscoderTrainConfig,
               out_dir: str | os.PathLike, *, layers: list[int] | None = None, eval_fraction: float = 0.1,
               progress: bool = True) -> tuple[TranscoderSet, SetReport]:
-    """Train one transcoder per layer on ``tokens`` (sequences held out for evaluation), resumably.
+    """Train one transcoder per layer on ``tokens`` (the first rows of each batch held out), resumably.
 
     Checkpoints live in ``out_dir/checkpoints/layer{l}.pt``; the finished set is saved to ``out_dir``
     with the report in ``out_dir/report.json``.
     """
     n_layers = int(model.cfg.n_layers)
     layers = list(range(n_layers)) if layers is None else layers
-    n_eval = max(1, int(round(tokens.shape[0] * eval_fraction)))
-    if n_eval >= tokens.shape[0]:
-        raise ConfigError(f"need more than {n_eval} sequences to hold {eval_fraction:.0%} out for evaluation.")
-    acts = collect_activations(model, tokens[n_eval:], layers)
-    held = collect_activations(model, tokens[:n_eval], layers)
+    train_parts, eval_parts = split_heldout(tokens, eval_fraction)
+    acts = collect_activations(model, train_parts, layers)
+    held = collect_activations(model, eval_parts, layers)
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     tcs, ev, dead = {}, {}, {}

@@ -75,3 +75,12 @@ def test_patch_mismatch_is_caught(fresh, monkeypatch):
 def test_unknown_engine(tiny_gpt2):
     with pytest.raises(ConfigError, match="unknown engine"):
         S.resolve_engine(tiny_gpt2, "turbo")
+
+
+def test_attribution_refuses_a_model_that_fails_the_check(fresh):
+    from recallscope.attribution import atp
+
+    stack = build_stack(fresh)
+    fresh._recallscope_stack = dataclasses.replace(stack, attn_scale=stack.attn_scale * 1.5)
+    with pytest.raises(S.EngineSelfCheckError, match="fails its self-check.*engine='hooks'"):
+        atp(fresh, PAIRS, components=["resid_pre"], progress=False)

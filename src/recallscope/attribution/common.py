@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from recallscope import metrics as M
 from recallscope.errors import ConfigError
+from recallscope.models.selfcheck import require_fast
 from recallscope.models.stack import Stack, build_stack
 from recallscope.store import ChunkStore, open_store
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs, tokenize_pairs
@@ -34,7 +35,12 @@ class Prepared:
 
 
 def prepare(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs, metric: Any) -> Prepared:
-    """Tokenise ``pairs`` (one token length), bind ``metric`` to their answers, build the stack."""
+    """Tokenise ``pairs`` (one token length), bind ``metric`` to their answers, build the stack.
+
+    Attribution runs on the fast forward only: on a model whose fast adapter fails its self-check
+    (:mod:`recallscope.models.selfcheck`) this raises :class:`~recallscope.models.selfcheck.EngineSelfCheckError`.
+    """
+    require_fast(model, "gradient attribution (AtP / EAP)")
     tp = pairs if isinstance(pairs, TokenizedPairs) else tokenize_pairs(model, pairs)
     met = M.resolve(metric, tp, method="attribution")
     return Prepared(tp=tp, metric=met, stack=build_stack(model), read=torch.tensor(met.read_positions(tp.n_pos)))

@@ -168,6 +168,17 @@ def manifest_entry(model: Any) -> dict[str, Any]:
     return {"engine_self_check": check.to_dict() if check is not None else None}
 
 
+def require_fast(model: Any, method: str) -> None:
+    """Raise :class:`EngineSelfCheckError` when ``method`` (which has no hook path yet) would run on a
+    fast forward that fails its self-check on ``model``: an error, never a silently wrong result."""
+    check = self_check(model)
+    if not check.passed:
+        raise EngineSelfCheckError(
+            f"{method} runs on recallscope's fast forward, which fails its self-check on {check.family}: "
+            f"{check.reason}. {method} has no hook-based path yet; use activation_patching(..., engine='hooks') "
+            "(exact on every model TransformerLens loads) for this model.")
+
+
 def resolve_engine(model: Any, engine: str = "auto") -> Literal["fast", "hooks"]:
     """The engine that runs ``model`` for ``engine`` = "auto" | "fast" | "hooks" (see the module doc)."""
     if engine not in ENGINES:

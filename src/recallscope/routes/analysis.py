@@ -116,7 +116,7 @@ def build_slots(model: Any, query: RouteQuery, concepts: Sequence[Concept | str]
         slots.add(c, "candidate" if cls is None else "competitor", cls or "candidate")
     if not slots.concepts:
         raise ConfigError("route_report needs at least one candidate concept.")
-    tested = list(range(len(slots.concepts)))
+    tested = [i for i, r in enumerate(slots.roles) if r == "candidate" or config.test_competitors]
     given = [c.text for c in slots.concepts if c.text]
     if config.input_competitor and query.input not in given and letters(query.input):
         slots.add(Concept(text=query.input, source=ConceptSource.INPUT, label=f"{query.input.strip()} (input)"),

@@ -44,6 +44,9 @@ class RouteConfig:
     """Score the output in every casing and with/without its leading space as competitors."""
     input_competitor: bool = True
     """Score the input itself as a competitor."""
+    test_competitors: bool = False
+    """Give a caller's concept that is the input or the output the full statistics too (its own matched
+    random directions, norm-matched competitors and controls; slower); it stays a competitor either way."""
     match_norm: bool = True
     """Compare each concept with every competitor at the concept's own edit norm (the competitor's
     interchange edit rescaled per prompt, alternative and window); False: at the competitor's own norm."""

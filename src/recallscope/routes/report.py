@@ -45,8 +45,6 @@ from recallscope.routes.verdict import bootstrap_ratio, class_effect, cross_fitt
 __all__ = ["ConceptRoute", "RouteConfig", "RouteReport", "Verdict"]
 
 Verdict = Literal["route", "no route", "inconclusive", "competitor"]
-TESTED = ("candidate", "competitor")
-"""Slot roles with the full statistics (the concepts the caller passed)."""
 
 
 @dataclass(frozen=True)
@@ -140,8 +138,10 @@ class RouteReport:
         return self.config.get(name, getattr(RouteConfig(), name))
 
     def tested(self) -> list[int]:
-        """Slots with the full statistics: the concepts the caller passed (candidates and competitors)."""
-        return [i for i, r in enumerate(self.roles) if r in TESTED]
+        """Slots with the full statistics: the candidates, and the caller's competitors when they were
+        given their own matched slots (``RouteConfig.test_competitors``)."""
+        owned = set(self.owner.tolist())
+        return [i for i, r in enumerate(self.roles) if r == "candidate" or (r == "competitor" and i in owned)]
 
     def candidates(self) -> list[int]:
         return [i for i, r in enumerate(self.roles) if r == "candidate"]
@@ -245,14 +245,14 @@ class RouteReport:
         """Rows of the competitors: the caller's own (full statistics, verdict ``competitor``), then every
         generated one (effect at its own peak window; test statistics NaN)."""
         rows = [r for r in self._all_rows() if r.role != "candidate"]
-        nan, scale = float("nan"), self.scale()
+        nan, scale, tested = float("nan"), self.scale(), set(self.tested())
         for j, role in enumerate(self.roles):
-            if role != "auto":
+            if role not in ("auto", "competitor") or j in tested:
                 continue
             mean = self.interchange[:, j].nanmean(0)
             peak = int(torch.nan_to_num(mean, nan=-float("inf")).argmax())
             rows.append(ConceptRoute(
-                name=self.names[j], source=self.sources[j], role="competitor", verdict="competitor", score=nan,
+                name=self.names[j], source=self.sources[j], role=role, verdict="competitor", score=nan,
                 ci=(nan, nan), p_value=nan, p_holm=nan, peak_layer=self.windows[peak], layers=(), margins={},
                 strongest_competitor="", mediation=float(mean[peak] / scale), mediation_ci=(nan, nan),
                 **self._effects_at(j, peak)))

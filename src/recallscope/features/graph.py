@@ -17,7 +17,7 @@ For one prompt and target logits (or a logit difference):
 4. Gradients for many targets come from one backward pass over a batch of copies of the prompt (one
    copy per target, ``batch_size`` at a time): ``d input_t / d (residual at every layer and position)``.
 5. The constant part of each input (biases of LayerNorm, attention, transcoders and unembedding) is
-   the target's value with every source set to 0, computed by a second linear forward; then
+   the target's value with every source set to 0, read for all targets from one more forward pass; then
    ``sum(edges into t) + bias[t] = input[t]`` exactly (tested).
 6. :func:`prune` keeps the features that carry a cumulative fraction of the logits' influence and the
    edges that carry a cumulative fraction of edge influence (circuit-tracer's pruning).
@@ -220,9 +220,11 @@ def _edge_rows(tset: TranscoderSet, fz: _Frozen, feats: Tensor, act_vals: Tensor
 
 
 def _target_values(store: dict[str, Any], logits: Tensor, rows: list[tuple[str, int, int, int]],
-                   logit_vecs: Tensor) -> Tensor:
+                   logit_vecs: Tensor, *, one_copy: bool = False) -> Tensor:
+    """Row ``b``'s target read from copy ``b`` of the prompt (or from copy 0 for all, ``one_copy``)."""
     vals = []
     for b, (kind, layer, pos, idx) in enumerate(rows):
+        b = 0 if one_copy else b
         if kind == "feature":
             vals.append(store["pre"][layer][b, pos, idx])
         else:
@@ -231,8 +233,8 @@ def _target_values(store: dict[str, Any], logits: Tensor, rows: list[tuple[str, 
 
 
 def _run_rows(model: Any, tset: TranscoderSet, fz: _Frozen, tokens: Tensor, rows: list, feats: Tensor,
-              act_vals: Tensor, logit_vecs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(edge rows, target values, bias) for one batch of target rows."""
+              act_vals: Tensor, logit_vecs: Tensor) -> tuple[Tensor, Tensor]:
+    """(edge rows, target values) for one batch of target rows."""
     batch, n_layers = len(rows), len(fz.errors)
     store: dict[str, Any] = {}
     with _linearised(model, tset, fz, batch, False, store):
@@ -241,10 +243,17 @@ def _run_rows(model: Any, tset: TranscoderSet, fz: _Frozen, tokens: Tensor, rows
     outs = [store["out"][layer] for layer in range(n_layers)]
     grads = torch.autograd.grad(values.sum(), [store["resid0"], *outs], allow_unused=True, materialize_grads=True)
     edges = _edge_rows(tset, fz, feats, act_vals, grads[0], dict(enumerate(grads[1:])))
+    return edges.detach(), values.detach()
+
+
+@torch.no_grad()
+def _bias_values(model: Any, tset: TranscoderSet, fz: _Frozen, tokens: Tensor, rows: list,
+                 logit_vecs: Tensor) -> Tensor:
+    """Every target's value with all sources at 0: one forward pass of the local replacement model."""
     zero: dict[str, Any] = {}
-    with torch.no_grad(), _linearised(model, tset, fz, batch, True, zero):
-        bias = _target_values(zero, model(tokens.expand(batch, -1), return_type="logits"), rows, logit_vecs)
-    return edges.detach(), values.detach(), bias
+    with _linearised(model, tset, fz, 1, True, zero):
+        logits = model(tokens[None], return_type="logits")
+    return _target_values(zero, logits, rows, logit_vecs, one_copy=True)
 
 
 def attribution_graph(model: Any, tset: TranscoderSet, tokens: Int[Tensor, " n_pos"], *, targets: Any = None,
@@ -272,9 +281,10 @@ def attribution_graph(model: Any, tset: TranscoderSet, tokens: Int[Tensor, " n_p
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         idx = torch.tensor(target_index[start:start + batch_size])
-        edges, values, b = _run_rows(model, tset, fz, tokens, chunk, feats, act_vals, logit_vecs)
+        edges, values = _run_rows(model, tset, fz, tokens, chunk, feats, act_vals, logit_vecs)
         adjacency[idx, :n_src] = edges
-        node_input[idx], bias[idx] = values, b
+        node_input[idx] = values
+    bias[torch.tensor(target_index, dtype=torch.long)] = _bias_values(model, tset, fz, tokens, rows, logit_vecs)
     return AttributionGraph(tokens=tokens.detach().cpu(), features=feats, activations=act_vals, logit_vectors=logit_vecs,
                             logit_labels=labels, n_layers=n_layers, adjacency=adjacency, bias=bias,
                             node_input=node_input, config={"targets": repr(targets), "source": tset.info.source})

@@ -8,11 +8,11 @@
 2. :func:`cells_table` turns a :class:`~recallscope.results.PatchingResult` into long-format rows (one
    per cell: axis labels, mean over prompts, 95% bootstrap CI, prompt count); :func:`write_csv` writes
    any list of row dicts as CSV.
-3. :func:`load_result` opens any saved result directory by the ``type`` recorded in its ``result.json``.
+3. :func:`load_result` opens any saved result directory by the ``type`` recorded in its ``result.json``
+   (the classes register themselves with :func:`recallscope.results.register_result` where they are defined).
 """
 
 import csv
-import importlib
 import io
 import json
 import os
@@ -25,22 +25,8 @@ from typing import Any
 
 from recallscope.errors import ResultFileError
 from recallscope.manifest import atomic_write_text, model_info, prompts_hash, versions
-from recallscope.results import RESULT_FILES, PatchingResult
-
-RESULT_TYPES: dict[str, str] = {
-    "PatchingResult": "recallscope.results:PatchingResult",
-    "AttributionResult": "recallscope.attribution.results:AttributionResult",
-    "DLAResult": "recallscope.attribution.dla:DLAResult",
-    "EdgeScores": "recallscope.attribution.edges:EdgeScores",
-    "Circuit": "recallscope.attribution.edges:Circuit",
-    "VerifyResult": "recallscope.attribution.verify:VerifyResult",
-    "LensTrajectory": "recallscope.lens.trajectory:LensTrajectory",
-    "BackpatchResult": "recallscope.lens.backpatch:BackpatchResult",
-    "RouteReport": "recallscope.routes.report:RouteReport",
-    "HumanComparison": "recallscope.routes.human:HumanComparison",
-    "B64DependencyMap": "recallscope.organisms.figures:B64DependencyMap",
-}
-"""Saved result type name (``result.json`` ``"type"``) -> ``module:Class`` that loads it."""
+from recallscope.results import RESULT_TYPES  # noqa: F401  (re-exported: the registry lives in results)
+from recallscope.results import RESULT_FILES, PatchingResult, discover_results, result_class
 
 MANIFEST = "manifest.json"
 
@@ -171,11 +157,12 @@ def load_result(directory: str | os.PathLike) -> Any:
         raise ResultFileError(f"{directory} is not a saved result (no {RESULT_FILES[1]}); pass a directory "
                               "written by a result's .save() (e.g. a subdirectory of a run's --out).")
     try:
-        kind = json.loads(meta_file.read_text()).get("type")
+        meta = json.loads(meta_file.read_text())
+        kind, module = meta.get("type"), meta.get("module")
     except (json.JSONDecodeError, OSError, AttributeError) as exc:
         raise ResultFileError(f"{meta_file} is unreadable ({exc}); re-run the method that produced it.") from exc
-    if kind not in RESULT_TYPES:
+    cls = result_class(str(kind), module if isinstance(module, str) else None)
+    if cls is None:
         raise ResultFileError(f"{directory} holds a {kind!r}, which recallscope cannot load; known result types: "
-                              f"{sorted(RESULT_TYPES)}.")
-    module, cls = RESULT_TYPES[kind].split(":")
-    return getattr(importlib.import_module(module), cls).load(directory)
+                              f"{', '.join(sorted(discover_results()))}.")
+    return cls.load(directory)

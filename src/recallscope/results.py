@@ -4,15 +4,24 @@
 unpatched clean and corrupt metric per prompt, so every statistic (means, normalised recovery,
 bootstrap confidence intervals) is derived, never stored twice. ``.save(dir)`` writes
 ``values.safetensors`` + ``result.json`` + ``manifest.json`` atomically; ``.load(dir)`` validates them.
+
+Every result type implements the :class:`Result` protocol (``plot``, ``save``, ``load``, ``_repr_html_``) and
+is registered where it is defined with :func:`register_result`, so :func:`recallscope.outputs.load_result`
+opens any saved result by the type named in its ``result.json``. A saved result records the SHA-256 of its
+``values.safetensors`` and ``manifest.json`` in ``result.json``; loading recomputes them and refuses a file
+that changed since it was written.
 """
 
+import hashlib
+import importlib
 import json
 import os
+import pkgutil
 import shutil
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from jaxtyping import Float
@@ -22,6 +31,115 @@ from recallscope.errors import ResultFileError
 from recallscope.stats import bootstrap_ci  # noqa: F401  (re-exported: results.bootstrap_ci was its home)
 
 RESULT_FILES = ("values.safetensors", "result.json", "manifest.json")
+CHECKED_FILES = (RESULT_FILES[0], RESULT_FILES[2])
+"""Files whose SHA-256 ``result.json`` records (``"sha256"``) and :func:`load_result_dir` verifies."""
+
+RESULT_TYPES: dict[str, str] = {}
+"""Registered result type name (``result.json`` ``"type"``) -> ``module:Class``; filled by :func:`register_result`
+where each class is defined."""
+
+_PACKAGES_WITH_RESULTS = ("attribution", "features", "lens", "organisms", "patching", "routes", "tasks")
+
+
+@runtime_checkable
+class Result(Protocol):
+    """What every result type offers: a figure, a saved directory and back, and a rich notebook display."""
+
+    def plot(self, *args: Any, **kwargs: Any) -> Any:
+        """A plotly figure of the result."""
+        ...
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the result to ``directory`` (safetensors + JSON, with checksums); return the directory."""
+        ...
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Any:
+        """Read a result written by :meth:`save`, verifying its checksums."""
+        ...
+
+    def _repr_html_(self) -> str:
+        """A summary table and the figure, for Jupyter."""
+        ...
+
+
+T = TypeVar("T", bound=type)
+
+
+def register_result(cls: T) -> T:
+    """Class decorator: make ``cls`` a registered :class:`Result` (loadable by type name).
+
+    Checks that it has ``plot``, ``save`` and ``load``, and gives it the standard ``_repr_html_`` (summary table
+    and figure, :mod:`recallscope.plotting.rich`) unless it defines its own.
+    """
+    missing = [m for m in ("plot", "save", "load") if not callable(getattr(cls, m, None))]
+    if missing:
+        raise TypeError(f"{cls.__name__} cannot be registered as a result: it lacks {missing}.")
+    if not callable(getattr(cls, "_repr_html_", None)):
+        setattr(cls, "_repr_html_", RichReprMixin._repr_html_)
+    RESULT_TYPES[cls.__name__] = f"{cls.__module__}:{cls.__qualname__}"
+    return cls
+
+
+def discover_results() -> dict[str, str]:
+    """Import every recallscope module that can define result types, so all of them are registered."""
+    import recallscope
+
+    for pkg in _PACKAGES_WITH_RESULTS:
+        try:
+            package = importlib.import_module(f"recallscope.{pkg}")
+        except ImportError:
+            continue
+        for info in pkgutil.walk_packages(package.__path__, prefix=f"recallscope.{pkg}."):
+            try:
+                importlib.import_module(info.name)
+            except ImportError:  # an optional dependency (ray, ipywidgets, ...) is missing
+                continue
+    del recallscope
+    return RESULT_TYPES
+
+
+def result_class(kind: str, module: str | None = None) -> type | None:
+    """The registered class for a saved ``type``: from the registry, the module recorded at save time, or a
+    search of the packages that define results; None if no class of that name is registered."""
+    if kind not in RESULT_TYPES and module and module.startswith("recallscope."):
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+    if kind not in RESULT_TYPES:
+        discover_results()
+    if kind not in RESULT_TYPES:
+        return None
+    mod, name = RESULT_TYPES[kind].split(":")
+    obj: Any = importlib.import_module(mod)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_sums(directory: Path, recorded: Any) -> None:
+    """Raise :class:`ResultFileError` if a file's SHA-256 differs from the one ``result.json`` recorded."""
+    if not isinstance(recorded, dict):
+        raise ResultFileError(f"{directory / RESULT_FILES[1]} has a malformed \"sha256\" entry; re-run the method "
+                              "that produced it.")
+    for name, expected in recorded.items():
+        if name not in CHECKED_FILES:
+            continue
+        actual = _sha256(directory / name)
+        if actual != expected:
+            raise ResultFileError(f"{directory / name} does not match the checksum recorded when it was saved "
+                                  f"(sha256 {actual[:12]}... != {str(expected)[:12]}...): the file was changed or "
+                                  "corrupted after saving. Restore it from a copy or re-run the method that "
+                                  "produced it.")
 
 
 def save_result_dir(directory: str | os.PathLike, kind: str, tensors: dict[str, Tensor], meta: dict[str, Any],
@@ -45,8 +163,11 @@ def save_result_dir(directory: str | os.PathLike, kind: str, tensors: dict[str, 
         # clone: safetensors refuses two names for one storage (e.g. clean and corrupt the same tensor)
         owned = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
         save_file(owned, str(tmp / RESULT_FILES[0]))
-        (tmp / RESULT_FILES[1]).write_text(json.dumps({"type": kind, **meta}, indent=1, default=str))
         (tmp / RESULT_FILES[2]).write_text(json.dumps(manifest, indent=1, default=str))
+        module = RESULT_TYPES.get(kind, "").split(":")[0] or None
+        sums = {name: _sha256(tmp / name) for name in CHECKED_FILES}
+        (tmp / RESULT_FILES[1]).write_text(json.dumps({"type": kind, "module": module, **meta, "sha256": sums},
+                                                      indent=1, default=str))
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -58,7 +179,10 @@ def save_result_dir(directory: str | os.PathLike, kind: str, tensors: dict[str, 
 
 def load_result_dir(directory: str | os.PathLike, kind: str
                     ) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any]]:
-    """Read (tensors, result.json, manifest.json) written by :func:`save_result_dir`, validating them."""
+    """Read (tensors, result.json, manifest.json) written by :func:`save_result_dir`, validating them.
+
+    The checksums recorded in ``result.json`` are verified before the tensors are parsed.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -68,15 +192,20 @@ def load_result_dir(directory: str | os.PathLike, kind: str
         raise ResultFileError(f"{directory} is not a complete result: missing {missing}. Re-run the "
                               "method that produced it.")
     try:
-        tensors = load_file(str(directory / RESULT_FILES[0]))
         meta = json.loads((directory / RESULT_FILES[1]).read_text())
+        if not isinstance(meta, dict):
+            raise json.JSONDecodeError("not a JSON object", "", 0)
+        if "sha256" in meta:  # results saved before checksums existed have none
+            _check_sums(directory, meta.pop("sha256"))
+        tensors = load_file(str(directory / RESULT_FILES[0]))
         manifest = json.loads((directory / RESULT_FILES[2]).read_text())
     except (SafetensorError, json.JSONDecodeError, OSError, UnicodeDecodeError) as exc:
         raise ResultFileError(f"{directory} is corrupted ({type(exc).__name__}: {exc}); delete it and "
                               "re-run the method that produced it.") from exc
     if meta.get("type", kind) != kind:
         raise ResultFileError(f"{directory} holds a {meta.get('type')}, not a {kind}; load it with "
-                              f"{meta.get('type')}.load.")
+                              f"{meta.get('type')}.load (or recallscope.outputs.load_result).")
+    meta.pop("module", None)
     return tensors, meta, manifest
 
 
@@ -93,6 +222,7 @@ class RichReprMixin:
         return result_html(self)
 
 
+@register_result
 @dataclass(frozen=True)
 class PatchingResult(RichReprMixin):
     """Per-prompt metric after patching each cell.

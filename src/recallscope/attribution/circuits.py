@@ -20,9 +20,11 @@ ablation of ACDC, Conmy et al. 2023, and EAP-IG, Hanna et al. 2024; see
    candidates each (edge, position) is a trial (positions last to first within an edge).
 """
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
@@ -35,6 +37,7 @@ from recallscope.attribution.edges import Circuit, EdgeScores, _dependents
 from recallscope.attribution.graph import Ablation, Graph, GraphRun, run_graph
 from recallscope.attribution.weights import AttnWeights, attn_weights
 from recallscope.errors import ConfigError
+from recallscope.results import load_result_dir, register_result, save_result_dir
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs
 
 
@@ -84,6 +87,7 @@ class CircuitRunner:
         return float(values.mean() - self.corrupt.mean()) / self.gap
 
 
+@register_result
 @dataclass(frozen=True)
 class CircuitEval:
     """What evaluating a circuit measured (``[prompt]`` metrics and the two summary fractions)."""
@@ -101,6 +105,31 @@ class CircuitEval:
                 "metric_complement": float(self.complement_metric.mean()),
                 "metric_clean": float(self.clean.mean()), "metric_corrupt": float(self.corrupt.mean())}
 
+    def plot(self, *, title: str | None = None) -> go.Figure:
+        """The mean metric of the clean run, the circuit alone, its complement alone and the corrupt run."""
+        from recallscope.plotting import apply_style
+
+        names = ["clean", "circuit", "complement", "corrupt"]
+        parts = [self.clean, self.circuit_metric, self.complement_metric, self.corrupt]
+        fig = go.Figure(go.Bar(x=names, y=[float(p.float().mean()) for p in parts],
+                               marker_color=["#2ca02c", "#1f77b4", "#ff7f0e", "#d62728"]))
+        apply_style(fig, title=title or f"Circuit: faithfulness {self.faithfulness:.2f}, completeness "
+                                        f"{self.completeness:.2f}")
+        fig.update_yaxes(title_text="metric (mean over prompts)")
+        return fig
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        tensors = {"circuit_metric": self.circuit_metric, "complement_metric": self.complement_metric,
+                   "clean": self.clean, "corrupt": self.corrupt}
+        meta = {"faithfulness": self.faithfulness, "completeness": self.completeness}
+        return save_result_dir(directory, "CircuitEval", tensors, meta, {})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "CircuitEval":
+        t, meta, _ = load_result_dir(directory, "CircuitEval")
+        return cls(t["circuit_metric"], t["complement_metric"], t["clean"], t["corrupt"], float(meta["faithfulness"]),
+                   float(meta["completeness"]))
+
 
 def evaluate_circuit(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs, metric: Any, circuit: Circuit, *,
                      runner: CircuitRunner | None = None) -> CircuitEval:
@@ -115,6 +144,7 @@ def evaluate_circuit(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs, m
                        1.0 - runner.recovered(outside))
 
 
+@register_result
 @dataclass(frozen=True)
 class FaithfulnessCurve:
     """Faithfulness (and completeness) of the top-n circuits of one set of edge scores."""
@@ -138,6 +168,19 @@ class FaithfulnessCurve:
         fig.update_yaxes(title_text="fraction of the clean−corrupt gap")
         fig.update_layout(height=420)
         return fig
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        tensors = {"sizes": torch.tensor(self.sizes, dtype=torch.long),
+                   "faithfulness": torch.tensor(self.faithfulness, dtype=torch.float64),
+                   "completeness": torch.tensor(self.completeness, dtype=torch.float64)}
+        return save_result_dir(directory, "FaithfulnessCurve", tensors,
+                               {"n_edges_total": self.n_edges_total, "config": self.config}, {})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "FaithfulnessCurve":
+        t, meta, _ = load_result_dir(directory, "FaithfulnessCurve")
+        return cls(t["sizes"].tolist(), t["faithfulness"].tolist(), t["completeness"].tolist(),
+                   int(meta["n_edges_total"]), meta.get("config", {}))
 
 
 def faithfulness_curve(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs, metric: Any,

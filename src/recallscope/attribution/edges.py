@@ -20,7 +20,7 @@ from torch import Tensor
 
 from recallscope.attribution.graph import Graph
 from recallscope.errors import ConfigError, ResultFileError
-from recallscope.results import load_result_dir, save_result_dir
+from recallscope.results import load_result_dir, register_result, save_result_dir
 
 
 def _check_shape(graph: Graph, t: Tensor, what: str) -> None:
@@ -29,6 +29,7 @@ def _check_shape(graph: Graph, t: Tensor, what: str) -> None:
                               f"{graph.n_receivers} receivers(, pos)] for this graph.")
 
 
+@register_result
 @dataclass(frozen=True)
 class Circuit:
     """A set of edges of ``graph``: ``edges[sender, receiver(, pos)]``; ``weights`` (same shape) are the
@@ -192,6 +193,7 @@ def _on_paths(graph: Graph, edges: Tensor) -> Tensor:
     return edges & live[:, None] & reaches[None, :]
 
 
+@register_result
 @dataclass(frozen=True)
 class EdgeScores:
     """Edge attribution scores, averaged over prompts.

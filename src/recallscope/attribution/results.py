@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from recallscope.errors import ConfigError, ResultFileError
-from recallscope.results import PatchingResult, bootstrap_ci, load_result_dir, save_result_dir
+from recallscope.results import PatchingResult, bootstrap_ci, load_result_dir, register_result, save_result_dir
 from recallscope.sites import Site
 from recallscope.vocab import Component, Direction
 
@@ -28,6 +28,7 @@ def component_axes(component: Component) -> tuple[str, ...]:
     return ("layer", "head", "pos") if Component(component).per_head else ("layer", "pos")
 
 
+@register_result
 @dataclass(frozen=True)
 class AttributionResult:
     """Estimated patching effects for every site of several components.

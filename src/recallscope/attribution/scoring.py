@@ -9,7 +9,9 @@
    the ROC curve.
 """
 
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import plotly.graph_objects as go
 import torch
@@ -18,6 +20,7 @@ from torch import Tensor
 from recallscope.attribution.edges import Circuit, EdgeScores
 from recallscope.attribution.graph import Graph
 from recallscope.errors import ConfigError
+from recallscope.results import load_result_dir, register_result, save_result_dir
 
 
 def roc_auc(scores: Tensor, labels: Tensor) -> float:
@@ -63,6 +66,7 @@ def _node_sets(graph: Graph, edges: Tensor, values: Tensor) -> tuple[list[str], 
     return names, has[:-1] > 0, best[:-1]
 
 
+@register_result
 @dataclass(frozen=True)
 class RecoveryScore:
     """How well discovery recovered a known circuit (edges and nodes)."""
@@ -97,6 +101,18 @@ class RecoveryScore:
         fig.update_yaxes(title_text="true positive rate", range=[-0.02, 1.02])
         fig.update_layout(height=460, width=560)
         return fig
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        tensors = {f"{k}_roc": torch.tensor(getattr(self, f"{k}_roc"), dtype=torch.float64) for k in ("edge", "node")}
+        meta = {k: v for k, v in asdict(self).items() if not k.endswith("_roc")}
+        return save_result_dir(directory, "RecoveryScore", tensors, meta, {})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "RecoveryScore":
+        t, meta, _ = load_result_dir(directory, "RecoveryScore")
+        rocs = {f"{k}_roc": tuple(t[f"{k}_roc"].tolist()) for k in ("edge", "node")}
+        return cls(**{k: meta[k] for k in ("edge_auc", "node_auc", "edge_tpr", "edge_fpr", "node_tpr", "node_fpr")},
+                   **rocs)
 
 
 def score_recovery(truth: Circuit, *, scores: EdgeScores | None = None, found: Circuit | None = None) -> RecoveryScore:

@@ -30,7 +30,7 @@ from recallscope.attribution.results import AttributionResult
 from recallscope.errors import ConfigError
 from recallscope.patching.engine import Cell, sweep
 from recallscope.patching.traces import reference_run
-from recallscope.results import load_result_dir, save_result_dir
+from recallscope.results import load_result_dir, register_result, save_result_dir
 from recallscope.sites import Site
 from recallscope.stats import spearman
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs
@@ -62,6 +62,7 @@ def exact_effects(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs, metr
     return (values - prep.metric(target_logits).float()[None, :]).T
 
 
+@register_result
 @dataclass(frozen=True)
 class VerifyResult:
     """Estimates of the verified sites next to their exact effects, and the agreement statistics."""

@@ -29,9 +29,10 @@ from recallscope.lens.base import first_token_id, run_hidden
 from recallscope.manifest import build_manifest
 from recallscope.models.forward import forward
 from recallscope.models.stack import build_stack
-from recallscope.results import load_result_dir, save_result_dir
+from recallscope.results import load_result_dir, register_result, save_result_dir
 
 
+@register_result
 @dataclass(frozen=True)
 class BackpatchResult:
     """log p(answer) after back-patching, per (source layer, destination layer).

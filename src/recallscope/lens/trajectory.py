@@ -26,7 +26,7 @@ from torch import Tensor
 from recallscope.errors import ResultFileError, SiteOutOfRangeError
 from recallscope.lens.base import Lens, LogitLens, first_token_id, hidden_states, rank_of
 from recallscope.manifest import build_manifest
-from recallscope.results import load_result_dir, save_result_dir
+from recallscope.results import load_result_dir, register_result, save_result_dir
 
 
 def _lens(model: Any, lens: Lens | None) -> Lens:
@@ -43,6 +43,7 @@ def entrec(model: Any, prompt: str, concept: str, *, lens: Lens | None = None
     return logp[..., first_token_id(model, concept)]
 
 
+@register_result
 @dataclass(frozen=True)
 class LensTrajectory:
     """Log-prob and rank of target tokens read by a lens at one position, layer by layer.

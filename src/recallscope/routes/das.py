@@ -38,7 +38,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recallscope.errors import ConfigError, LengthMismatchError, MultiTokenAnswerError
-from recallscope.results import RichReprMixin, bootstrap_ci, load_result_dir, save_result_dir
+from recallscope.results import RichReprMixin, bootstrap_ci, load_result_dir, register_result, save_result_dir
 from recallscope.sites import Site
 from recallscope.vocab import Component
 
@@ -293,6 +293,7 @@ def sign_flip_p(diff: Float[Tensor, " n"], n_permutations: int, seed: int) -> fl
     return float((1 + (null >= d.mean() - 1e-12).sum()) / (n_permutations + 1))
 
 
+@register_result
 @dataclass(frozen=True)
 class DASRouteResult(RichReprMixin):
     """A DAS route score with its controls, on held-out pairs.

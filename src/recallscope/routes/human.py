@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from recallscope.errors import ConfigError, EmptyDatasetError, RecallscopeError
 from recallscope.lens.base import LogitLens
 from recallscope.manifest import build_manifest
-from recallscope.results import load_result_dir, save_result_dir
+from recallscope.results import load_result_dir, register_result, save_result_dir
 from recallscope.routes.agreement import agreement
 from recallscope.routes.concepts import Concept, ConceptSource, word_vocabulary
 from recallscope.routes.controls import control_pool, match_controls, text_tokens
@@ -119,6 +119,7 @@ def clean_definition(text: str) -> str:
     return re.split(r"[.;]|\s\d+[.)]\s", text)[0].strip()
 
 
+@register_result
 @dataclass(frozen=True)
 class HumanComparison:
     """Per-card route scores of human keywords and their controls, with the model's own top concepts.

@@ -33,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from recallscope.errors import ConfigError
-from recallscope.results import RichReprMixin, bootstrap_ci, load_result_dir, save_result_dir
+from recallscope.results import RichReprMixin, bootstrap_ci, load_result_dir, register_result, save_result_dir
 
 
 @dataclass(frozen=True)
@@ -194,6 +194,7 @@ def jlens_swap_drops(model: Any, lens: Any, prompts: Sequence[str], input_text: 
     return torch.tensor(clean), torch.tensor(drops)
 
 
+@register_result
 @dataclass(frozen=True)
 class JLensRouteResult(RichReprMixin):
     """Jacobian-lens readout and concept-swap scores of one route query.

@@ -21,10 +21,12 @@ The suite works in four steps:
    position, reporting every fact's rank and probability in a :class:`RecallResult`.
 """
 
+import os
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from recallscope.errors import ConfigError, DatasetFormatError, EmptyDatasetError, RecallscopeError
+from recallscope.results import load_result_dir, register_result, save_result_dir
 from recallscope.tasks.pairs import PromptPair, to_tokens
 
 
@@ -386,6 +389,7 @@ def parse_criterion(criterion: str | int) -> int:
     return k
 
 
+@register_result
 @dataclass(frozen=True)
 class RecallResult:
     """Which facts a model recalls: the rank and probability of each fact's first answer token.
@@ -462,6 +466,22 @@ class RecallResult:
         fig.update_layout(title=f"Facts recalled (rank <= {self.max_rank})", yaxis_title="share recalled",
                           yaxis_range=[0, 1])
         return fig
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ranks/probabilities (safetensors) and the facts, tokens and config (JSON), with checksums."""
+        tensors = {"ranks": self.ranks, "probs": self.probs, "answer_ids": self.answer_ids, "top_ids": self.top_ids}
+        facts = [{"subject": f.subject, "relation": getattr(f.relation, "value", f.relation), "template": f.template,
+                  "attribute": f.attribute, "aliases": list(f.aliases)} for f in self.facts]
+        meta = {"facts": facts, "top_tokens": list(self.top_tokens), "max_rank": self.max_rank,
+                "config": self.config}
+        return save_result_dir(directory, "RecallResult", tensors, meta, {})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "RecallResult":
+        t, meta, _ = load_result_dir(directory, "RecallResult")
+        facts = tuple(Fact(**{**f, "aliases": tuple(f.get("aliases", ()))}) for f in meta["facts"])
+        return cls(facts, t["ranks"], t["probs"], t["answer_ids"], t["top_ids"], tuple(meta["top_tokens"]),
+                   int(meta["max_rank"]), meta.get("config", {}))
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

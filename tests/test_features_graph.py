@@ -119,3 +119,18 @@ def test_prune_keeps_influential_nodes(rmodel):
     # edges only between kept nodes
     kept = tight.node_mask
     assert not (tight.edge_mask & ~(kept[:, None] & kept[None, :])).any()
+
+
+def test_max_feature_nodes_computes_the_most_influential_rows_only(rmodel):
+    tset = exact_mlp_transcoders(rmodel)
+    full = attribution_graph(rmodel, tset, TOKENS, targets=[3])
+    part = attribution_graph(rmodel, tset, TOKENS, targets=[3], max_feature_nodes=10, batch_size=4)
+    done = part.rows_computed
+    assert int(done[: part.n_feat].sum()) == 10 and done[part.logit_slice].all()
+    torch.testing.assert_close(part.adjacency[done], full.adjacency[done])
+    torch.testing.assert_close(part.node_input, full.node_input)
+    torch.testing.assert_close(part.bias, full.bias)
+    assert part.adjacency[: part.n_feat][~done[: part.n_feat]].abs().max() == 0
+    # the first batch: the features with the largest direct influence on the logit
+    direct = full.adjacency[full.logit_slice.start, : full.n_feat].abs()
+    assert set(direct.topk(4).indices.tolist()) <= set(done[: part.n_feat].nonzero().squeeze(-1).tolist())

@@ -90,6 +90,7 @@ def to_json(graph: AttributionGraph, pruned: PrunedGraph | None = None, *, slug:
                             "logit_vectors": graph.logit_vectors.nonzero().T.tolist(),
                             "logit_values": graph.logit_vectors[graph.logit_vectors != 0].tolist(),
                             "bias": graph.bias.tolist(), "node_input": graph.node_input.tolist(),
+                            "rows_computed": graph.rows_computed.tolist() if graph.rows_computed is not None else None,
                             "config": graph.config}}
     return {"metadata": meta, "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
                                           "sg_pos": ""},
@@ -164,4 +165,5 @@ def from_json(data: dict[str, Any] | str | os.PathLike) -> AttributionGraph:
         n_layers=int(n_layers), adjacency=adjacency,
         bias=torch.tensor(meta["bias"]) if full else torch.zeros(n),
         node_input=torch.tensor(meta["node_input"]) if full else torch.zeros(n),
-        config=dict(meta.get("config", {})))
+        config=dict(meta.get("config", {})),
+        rows_computed=torch.tensor(meta["rows_computed"]) if full and meta.get("rows_computed") is not None else None)

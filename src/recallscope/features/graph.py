@@ -142,6 +142,8 @@ class AttributionGraph:
     bias: Float[Tensor, " n_node"]
     node_input: Float[Tensor, " n_node"]
     config: dict[str, Any] = field(default_factory=dict)
+    rows_computed: Bool[Tensor, " n_node"] | None = None
+    """Target rows whose input edges were computed (all of them unless ``max_feature_nodes`` was set)."""
 
     def __post_init__(self) -> None:
         n = self.n_feat + self.n_layers * self.n_pos + self.n_pos + self.logit_vectors.shape[0]
@@ -257,11 +259,14 @@ def _bias_values(model: Any, tset: TranscoderSet, fz: _Frozen, tokens: Tensor, r
 
 
 def attribution_graph(model: Any, tset: TranscoderSet, tokens: Int[Tensor, " n_pos"], *, targets: Any = None,
-                      batch_size: int = 32) -> AttributionGraph:
+                      batch_size: int = 32, max_feature_nodes: int | None = None) -> AttributionGraph:
     """The direct-effect attribution graph of ``tokens`` for ``targets`` (see the module docstring).
 
     ``targets``: None (the model's top next token after the prompt), a token id, a list of ids, or a
-    ``(good, bad)`` tuple for the logit difference ``logit[good] - logit[bad]``.
+    ``(good, bad)`` tuple for the logit difference ``logit[good] - logit[bad]``. ``max_feature_nodes``:
+    compute the input edges of at most this many features, the most influential on the logits first
+    (influence re-estimated on the partial graph after every batch, as circuit-tracer does); the other
+    features stay as sources (``rows_computed`` marks which rows are complete).
     """
     if tokens.ndim != 1:
         raise ConfigError(f"attribution_graph takes one prompt (1-D token ids), got shape {tuple(tokens.shape)}.")
@@ -274,20 +279,36 @@ def attribution_graph(model: Any, tset: TranscoderSet, tokens: Int[Tensor, " n_p
     feats = torch.tensor(feat_list, dtype=torch.long).reshape(-1, 3)
     act_vals = torch.stack([fz.acts[lay][p, f] for lay, p, f in feat_list]) if feat_list else torch.zeros(0)
     rows = [("feature", lay, p, f) for lay, p, f in feat_list] + [("logit", -1, -1, i) for i in range(len(labels))]
-    n_src = len(feat_list) + n_layers * n_pos + n_pos
+    n_feat, n_src = len(feat_list), len(feat_list) + n_layers * n_pos + n_pos
     n_node = n_src + len(labels)
-    adjacency, bias, node_input = torch.zeros(n_node, n_node), torch.zeros(n_node), torch.zeros(n_node)
-    target_index = list(range(len(feat_list))) + list(range(n_src, n_node))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        idx = torch.tensor(target_index[start:start + batch_size])
-        edges, values = _run_rows(model, tset, fz, tokens, chunk, feats, act_vals, logit_vecs)
-        adjacency[idx, :n_src] = edges
-        node_input[idx] = values
+    adjacency, node_input = torch.zeros(n_node, n_node), torch.zeros(n_node)
+    computed = torch.zeros(n_node, dtype=torch.bool)
+    target_index = list(range(n_feat)) + list(range(n_src, n_node))
+
+    def run(chosen: list[int]) -> None:
+        for start in range(0, len(chosen), batch_size):
+            part = chosen[start:start + batch_size]
+            idx = torch.tensor([target_index[r] for r in part])
+            edges, values = _run_rows(model, tset, fz, tokens, [rows[r] for r in part], feats, act_vals, logit_vecs)
+            adjacency[idx, :n_src], node_input[idx], computed[idx] = edges, values, True
+
+    run(list(range(n_feat, len(rows))) + (list(range(n_feat)) if max_feature_nodes is None else []))
+    budget = min(max_feature_nodes or 0, n_feat)
+    while int(computed[:n_feat].sum()) < budget:
+        w = torch.zeros(n_node)
+        w[n_src:] = 1.0 / len(labels)
+        infl = _path_influence(adjacency, w)[:n_feat].masked_fill(computed[:n_feat], -1.0)
+        run(infl.argsort(descending=True)[: min(batch_size, budget - int(computed[:n_feat].sum()))].tolist())
+    for n in (~computed[:n_feat]).nonzero().squeeze(-1).tolist():  # inputs of features without rows
+        layer, pos, f = feat_list[n]
+        node_input[n] = tset[layer].pre_acts(fz.inputs[layer][pos])[f].detach()
+    bias = torch.zeros(n_node)
     bias[torch.tensor(target_index, dtype=torch.long)] = _bias_values(model, tset, fz, tokens, rows, logit_vecs)
     return AttributionGraph(tokens=tokens.detach().cpu(), features=feats, activations=act_vals, logit_vectors=logit_vecs,
                             logit_labels=labels, n_layers=n_layers, adjacency=adjacency, bias=bias,
-                            node_input=node_input, config={"targets": repr(targets), "source": tset.info.source})
+                            node_input=node_input, config={"targets": repr(targets), "source": tset.info.source,
+                                                           "max_feature_nodes": max_feature_nodes},
+                            rows_computed=computed)
 
 
 @dataclass(frozen=True)
@@ -304,11 +325,15 @@ class PrunedGraph:
 def influence(graph: AttributionGraph, logit_weights: Tensor | None = None) -> Float[Tensor, " n_node"]:
     """Each node's total influence on the logit nodes through the graph's absolute, row-normalised
     edges (sum over all paths; the graph is acyclic so the power series ends)."""
-    a = graph.adjacency.abs()
-    a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
-    w = torch.zeros(a.shape[0])
+    w = torch.zeros(graph.adjacency.shape[0])
     n_logit = graph.logit_vectors.shape[0]
     w[graph.logit_slice] = logit_weights if logit_weights is not None else torch.full((n_logit,), 1.0 / n_logit)
+    return _path_influence(graph.adjacency, w)
+
+
+def _path_influence(adjacency: Tensor, w: Tensor) -> Tensor:
+    a = adjacency.abs()
+    a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
     total, x = torch.zeros_like(w), w
     for _ in range(a.shape[0]):
         x = x @ a

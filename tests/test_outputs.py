@@ -80,7 +80,9 @@ def test_every_saved_result_type_is_loadable():
     import re
     from pathlib import Path
 
-    from recallscope.outputs import RESULT_TYPES
+    from recallscope.results import discover_results
+
+    RESULT_TYPES = discover_results()  # every module that defines a result registers it on import
 
     src = Path(__file__).resolve().parents[1] / "src" / "recallscope"
     kinds = set()

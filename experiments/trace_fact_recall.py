@@ -1,16 +1,21 @@
-"""Where does SmolLM2 recall a fact? ROME-style causal traces and attention knockout on the built-in facts.
+"""Where does SmolLM2 recall a fact? ROME's causal trace, like for like, and attention knockout.
 
-Keeps the built-in facts the model recalls top-1, samples ``--n-facts`` of them (seeded), and runs:
+1. Facts: the entity facts (``recallscope.tasks.entity_facts``: people, landmarks, cities, companies,
+   products, plus the built-in set's entity relations; lexical relations -- opposites, chemical
+   symbols, acronyms -- excluded). Keep those the model recalls top-1 and split them by subject
+   length: multi-token subjects (ROME's setting) and single-token subjects (reported separately).
+2. Noise: sigma = 3 x the std of the subject-token embeddings over the recalled facts' subjects
+   (ROME's choice), ``--samples`` noise draws per fact (ROME: 10).
+3. Trace (per set, ``--n-multi`` / ``--n-single`` facts sampled with ``--seed``): residual stream
+   (window 1), MLP outputs and attention outputs (window 10), pooled by ROME's token categories.
+4. Normalise: mean indirect effect / mean total effect per (layer, token category), with a bootstrap
+   95% CI over facts, compared with ROME's GPT-2 XL averages on the same basis.
+5. Attention knockout (window 9) on the multi-token set: last -> subject / relation / last.
 
-- the causal trace of the residual stream (window 1), MLP outputs and attention outputs (window 10),
-  pooled over facts by ROME's token categories, with bootstrap 95% CIs;
-- attention knockout (window 9) of last -> subject, last -> relation and last -> last.
+Finished chunks are checkpointed (``--checkpoint-dir``, default OUT/ckpt): rerunning resumes. Writes
+figures (HTML, and PNG when Chromium is available), results with manifests and ``summary.json``.
 
-Finished chunks go to a checkpoint store (``--checkpoint-dir``), so an interrupted run resumes.
-Writes figures (HTML, and PNG when a Chromium is available) and ``summary.json`` with the peaks to
-``--out`` (default ``figures/fact_trace``), each result with its manifest.
-
-    python experiments/trace_fact_recall.py --n-facts 40 --samples 5
+    python experiments/trace_fact_recall.py --n-multi 60 --n-single 40 --samples 10
 """
 
 import argparse
@@ -19,82 +24,168 @@ import random
 import time
 from pathlib import Path
 
-import torch
-
 from recallscope import load_model
 from recallscope.patching import attention_knockout, causal_trace
 from recallscope.plotting import export_all
 from recallscope.results import PatchingResult
-from recallscope.tasks.facts import load_builtin_facts, recalled_facts, trace_items
+from recallscope.tasks.entity_facts import (
+    load_entity_facts,
+    normalized_indirect_effect,
+    rome_noise,
+    split_by_subject_length,
+)
+from recallscope.tasks.facts import recalled_facts, trace_items
+
+COMPONENTS = (("resid", "resid_post", 1), ("mlp", "mlp_out", 10), ("attn", "attn_out", 10))
+ROME_GPT2_XL = {"model": "GPT-2 XL (48 layers)", "source": "Meng et al. 2022, causal traces over 1000 known facts",
+                "total_effect": 0.186, "resid_subject_last": {"effect": 0.087, "layer": 15},
+                "mlp_subject_last": {"effect": 0.066}, "attn_subject_last": {"effect": 0.016}}
+"""ROME's average effects on p(answer); normalised below by the total effect (0.186)."""
 
 
-def peak_summary(result, category: str | None = None) -> dict:
-    """Peak of the mean indirect effect (overall, or within one token category), with its CI."""
+def peak_summary(result: PatchingResult, category: str) -> dict:
+    """Peak over layers, within one token category, of the mean indirect effect and of the normalised
+    effect (AIE / ATE), each with its bootstrap 95% CI over facts."""
+    col = result.labels["token"].index(category)
     eff = result.effect()
     mean, (lo, hi) = eff.mean(), eff.ci()
-    if category is not None:
-        col = result.labels["token"].index(category)
-        layer = int(mean[:, col].nan_to_num(nan=-1e9).argmax())
-        return {"token": category, "layer": layer, "effect": float(mean[layer, col]),
-                "ci95": [float(lo[layer, col]), float(hi[layer, col])]}
-    p = eff.peak()
-    return {"token": p.get("token_label"), "layer": p["layer"], "effect": p["mean"], "ci95": list(p["ci95"])}
+    ratio, rlo, rhi = normalized_indirect_effect(result)
+    i = int(mean[:, col].nan_to_num(nan=-1e9).argmax())
+    j = int(ratio[:, col].nan_to_num(nan=-1e9).argmax())
+    layers = result.labels["layer"]
+    return {"token": category, "layer": int(layers[i]), "effect": float(mean[i, col]),
+            "ci95": [float(lo[i, col]), float(hi[i, col])],
+            "normalized": {"layer": int(layers[j]), "value": float(ratio[j, col]),
+                           "ci95": [float(rlo[j, col]), float(rhi[j, col])]}}
+
+
+def curves(result: PatchingResult) -> dict:
+    """Normalised indirect-effect curves per token category: layer, value, CI (JSON-ready)."""
+    ratio, lo, hi = normalized_indirect_effect(result)
+    return {cat: {"layer": [int(x) for x in result.labels["layer"]], "value": ratio[:, c].tolist(),
+                  "lo": lo[:, c].tolist(), "hi": hi[:, c].tolist()}
+            for c, cat in enumerate(result.labels["token"])}
+
+
+def curve_figure(traces: dict[str, PatchingResult], title: str, categories=("subject_last", "last")):
+    """Normalised indirect effect (AIE / ATE) against layer, one line per site and token, CI bands."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    dash = {"subject_last": "solid", "last": "dot", "subject_first": "dash"}
+    for name, res in traces.items():
+        for cat, cur in curves(res).items():
+            if cat not in categories:
+                continue
+            label = f"{name} @ {cat}"
+            fig.add_trace(go.Scatter(x=cur["layer"] + cur["layer"][::-1], y=cur["hi"] + cur["lo"][::-1],
+                                     fill="toself", opacity=0.15, line={"width": 0}, showlegend=False,
+                                     hoverinfo="skip", legendgroup=label))
+            fig.add_trace(go.Scatter(x=cur["layer"], y=cur["value"], name=label, legendgroup=label,
+                                     line={"dash": dash.get(cat, "solid")}))
+    fig.update_layout(title=title, xaxis_title="layer (window centre for MLP / attention)",
+                      yaxis_title="indirect effect / total effect", template="plotly_white")
+    return fig
+
+
+def trace_set(model, name: str, items, args, noise: dict, ckpt: Path, out: Path) -> dict:
+    """Trace one fact set with the three components; save results and figures; return its summary."""
+    n_layers = int(model.cfg.n_layers)
+    layers = list(range(0, n_layers, args.layer_stride))
+    traces: dict[str, PatchingResult] = {}
+    summary: dict = {"n": len(items), "facts": [it.clean + it.answer for it in items],
+                     "relations": sorted({it.meta["relation"] for it in items})}
+    for comp_name, comp, window in COMPONENTS:
+        saved = out / name / f"trace_{comp_name}"
+        if args.reuse_saved and saved.exists():
+            res = PatchingResult.load(saved)
+            if len(res.values) != len(items) or res.config.get("n_samples") != args.samples:
+                raise SystemExit(f"{saved} was traced with other settings; drop --reuse-saved or delete it")
+        else:
+            res = causal_trace(model, items, component=comp, window=window, n_samples=args.samples,
+                               noise_scale=noise["noise_scale"], seed=args.seed, layers=layers,
+                               checkpoint_dir=ckpt / name / f"trace_{comp_name}")
+            res.save(saved)
+        traces[comp_name] = res
+        fig = res.effect().plot(title=f"{name}-token subjects: causal trace, {comp_name} (window {window}), "
+                                      "indirect effect on p(answer)")
+        summary[f"export_{comp_name}"] = export_all(fig, out / name / f"trace_{comp_name}").failed
+        summary[comp_name] = {cat: peak_summary(res, cat) for cat in res.labels["token"]
+                              if not bool(res.values[:, :, res.labels["token"].index(cat)].isnan().all())}
+        summary[f"curves_{comp_name}"] = curves(res)
+        print(name, comp_name, json.dumps({k: summary[comp_name][k] for k in ("subject_last", "last")}), flush=True)
+    res = traces["resid"]
+    summary["total_effect"] = {"mean": float((res.clean - res.corrupt).mean()), "p_clean": float(res.clean.mean()),
+                               "p_noised": float(res.corrupt.mean())}
+    fig = curve_figure(traces, f"{name}-token subjects ({len(items)} facts): normalised indirect effect")
+    summary["export_normalized"] = export_all(fig, out / f"normalized_{name}").failed
+    return summary
+
+
+def rome_comparison(multi: dict, n_layers: int) -> dict:
+    """SmolLM2's normalised peaks at the last subject token beside ROME's, on the AIE / ATE basis."""
+    ate = ROME_GPT2_XL["total_effect"]
+    rows = {}
+    for comp in ("resid", "mlp", "attn"):
+        ours = multi[comp]["subject_last"]["normalized"]
+        rome = ROME_GPT2_XL[f"{comp}_subject_last"]
+        rows[comp] = {"smollm2": ours["value"], "smollm2_ci95": ours["ci95"],
+                      "smollm2_layer": ours["layer"], "smollm2_depth": ours["layer"] / n_layers,
+                      "rome_gpt2xl": rome["effect"] / ate}
+    rows["resid"]["rome_depth"] = ROME_GPT2_XL["resid_subject_last"]["layer"] / 48
+    return {"basis": "mean indirect effect / mean total effect, last subject token, peak over layers",
+            "rome": ROME_GPT2_XL, "rows": rows}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--n-facts", type=int, default=40)
-    ap.add_argument("--samples", type=int, default=5, help="noise samples per fact (ROME: 10)")
+    ap.add_argument("--n-multi", type=int, default=60, help="multi-token-subject facts to trace (0: all)")
+    ap.add_argument("--n-single", type=int, default=40, help="single-token-subject facts to trace (0: none)")
+    ap.add_argument("--samples", type=int, default=10, help="noise samples per fact (ROME: 10)")
+    ap.add_argument("--layer-stride", type=int, default=1, help="trace every k-th layer (1: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="figures/fact_trace")
     ap.add_argument("--checkpoint-dir", default=None,
                     help="store finished chunks here; rerunning the same command resumes (default: OUT/ckpt)")
+    ap.add_argument("--skip-knockout", action="store_true")
     ap.add_argument("--reuse-saved", action="store_true",
-                    help="load a trace already saved in OUT (from an earlier run with the same settings) instead of "
-                         "recomputing it")
+                    help="load traces already saved in OUT (same settings) instead of recomputing them")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "ckpt"
     t0 = time.perf_counter()
     model = load_model(args.model)
-    recall = recalled_facts(model, load_builtin_facts())
-    known = recall.kept
-    facts = random.Random(args.seed).sample(known, min(args.n_facts, len(known)))
-    items = trace_items(model, facts)
-    print(f"{len(known)} facts recalled top-1; tracing {len(items)} of them")
-    summary = {"model": args.model, "n_recalled": len(known), "n_traced": len(items), "samples": args.samples,
-               "seed": args.seed, "facts": [it.clean + it.answer for it in items]}
-    for name, comp, window in [("resid", "resid_post", 1), ("mlp", "mlp_out", 10), ("attn", "attn_out", 10)]:
-        saved = out / f"trace_{name}"
-        if args.reuse_saved and saved.exists():
-            res = PatchingResult.load(saved)
-            if len(res.values) != len(items) or res.config.get("n_samples") != args.samples:
-                raise SystemExit(f"{saved} was traced with other settings ({len(res.values)} facts, "
-                                 f"{res.config.get('n_samples')} samples); "
-                                 "drop --reuse-saved or delete it")
-        else:
-            res = causal_trace(model, items, component=comp, window=window, n_samples=args.samples,
-                               seed=args.seed, checkpoint_dir=ckpt / f"trace_{name}")
-            res.save(saved)
-        fig = res.effect().plot(title=f"Causal trace, {name} (window {window}): indirect effect on p(answer)")
-        summary[f"export_{name}"] = export_all(fig, out / f"trace_{name}").failed
-        summary[name] = {"peak": peak_summary(res), "at_last_subject": peak_summary(res, "subject_last"),
-                         "at_last_token": peak_summary(res, "last")}
-        summary["total_effect"] = {"mean": float((res.clean - res.corrupt).mean()),
-                                   "p_clean": float(res.clean.mean()), "p_noised": float(res.corrupt.mean())}
-        print(name, json.dumps(summary[name]))
-    ko = attention_knockout(model, items, window=9, checkpoint_dir=ckpt / "knockout")
-    ko.save(out / "knockout")
-    rel = ko.effect().values / ko.clean[:, None, None]
-    summary["knockout_relative_change"] = {lab: [float(v) for v in rel[:, :, e].mean(0)]
-                                           for e, lab in enumerate(ko.labels["edge"])}
-    summary["export_knockout"] = export_all(ko.effect().plot(title="Attention knockout (window 9): change in p(answer)"),
-                                            out / "knockout").failed
+    recall = recalled_facts(model, load_entity_facts())
+    multi, single = split_by_subject_length(model, recall.kept)
+    noise = rome_noise(model, recall.kept)
+    print(f"{len(recall.kept)} of {len(recall.facts)} entity facts recalled top-1: {len(multi)} multi-token "
+          f"subjects, {len(single)} single-token; sigma {noise['sigma']:.4f}", flush=True)
+    summary: dict = {"model": args.model, "samples": args.samples, "seed": args.seed,
+                     "layer_stride": args.layer_stride, "noise": noise, "n_entity_facts": len(recall.facts),
+                     "n_recalled": len(recall.kept), "n_recalled_multi": len(multi),
+                     "n_recalled_single": len(single), "recall_per_relation": recall.per_relation()}
+    rng = random.Random(args.seed)
+    sets = {"multi": rng.sample(multi, len(multi) if args.n_multi == 0 else min(args.n_multi, len(multi))),
+            "single": rng.sample(single, min(args.n_single, len(single)))}
+    for name, facts in sets.items():
+        if facts:
+            summary[name] = trace_set(model, name, trace_items(model, facts), args, noise, ckpt, out)
+            (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["rome_comparison"] = rome_comparison(summary["multi"], int(model.cfg.n_layers))
+    if not args.skip_knockout:
+        items = trace_items(model, sets["multi"])
+        ko = attention_knockout(model, items, window=9, checkpoint_dir=ckpt / "knockout")
+        ko.save(out / "knockout")
+        rel = ko.effect().values / ko.clean[:, None, None]
+        summary["knockout_relative_change"] = {lab: [float(v) for v in rel[:, :, e].mean(0)]
+                                               for e, lab in enumerate(ko.labels["edge"])}
+        summary["export_knockout"] = export_all(ko.effect().plot(
+            title="Attention knockout (window 9), multi-token subjects: change in p(answer)"), out / "knockout").failed
     summary["seconds"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(json.dumps({k: summary[k] for k in ("resid", "mlp", "attn", "total_effect")}, indent=1))
+    print(json.dumps(summary["rome_comparison"]["rows"], indent=1))
 
 
 if __name__ == "__main__":

@@ -278,3 +278,86 @@ def test_smollm2_recalls_paris_not_london(smollm2):
     assert result.recalled.tolist() == [True, False]
     assert result.top_tokens[0] == " Paris"
     assert result.probs[0] > 0.3 and result.ranks[1] > 1
+
+
+# ------------------------------------------------------------------ entity facts (ROME, like for like)
+
+
+def test_entity_fact_set_is_well_formed_and_has_no_lexical_relations(gpt2_tokenizer):
+    from recallscope.tasks.entity_facts import ENTITY_TEMPLATES, LEXICAL_RELATIONS, load_entity_facts
+
+    own = load_entity_facts(include_builtin=False)
+    assert len(own) >= 300
+    assert {f.relation for f in own} == set(ENTITY_TEMPLATES)
+    assert all(f.template == ENTITY_TEMPLATES[f.relation] for f in own)
+    assert not any(f.attribute.strip().lower() in f.subject.lower() for f in own)  # answer not in the subject
+    every = load_entity_facts()
+    assert not {f.relation for f in every} & LEXICAL_RELATIONS
+    assert {"capital", "landmark_city"} <= {f.relation for f in every}
+    assert len({f.prompt for f in every}) == len(every)
+    multi = [f for f in own if len(gpt2_tokenizer.encode(" " + f.subject, add_special_tokens=False)) > 1]
+    assert len(multi) >= 200, "the entity set exists for its multi-token subjects"
+
+
+def test_split_by_subject_length_counts_subject_tokens(tiny_gpt2):
+    from recallscope.tasks.entity_facts import split_by_subject_length, subject_token_count
+
+    tower = Fact("Eiffel Tower", "landmark_country", "The {} is located in the country of", " France")
+    france = Fact("France", "capital", "The capital of {} is", " Paris")
+    n = len(tiny_gpt2.tokenizer.encode(" Eiffel Tower", add_special_tokens=False))
+    assert n > 1 and subject_token_count(tiny_gpt2, tower) == n
+    assert subject_token_count(tiny_gpt2, france) == 1
+    assert split_by_subject_length(tiny_gpt2, [france, tower]) == ([tower], [france])
+
+
+def test_rome_noise_is_three_subject_embedding_stds(tiny_gpt2):
+    from recallscope.models.stack import build_stack
+    from recallscope.patching import causal_trace
+    from recallscope.tasks.entity_facts import rome_noise
+    from recallscope.tasks.facts import trace_items
+
+    tok = tiny_gpt2.tokenizer
+    facts = [Fact("Eiffel Tower", "landmark_country", "The {} is located in the country of", " France"),
+             Fact("Eiffel Tower", "landmark_city", "The {} is located in the city of", " Paris"),
+             Fact("Kuala Lumpur", "city_country", "{} is a city in the country of", " Malaysia")]
+    # oracle: each distinct subject's tokens, as they appear in its first prompt, counted once
+    ids = tok.encode(" Eiffel Tower", add_special_tokens=False) + tok.encode("Kuala Lumpur", add_special_tokens=False)
+    emb = build_stack(tiny_gpt2).embed_tokens.weight.detach().float()
+    assert tok.decode(ids) == " Eiffel TowerKuala Lumpur"
+    expected = 3 * float(emb[torch.tensor(ids)].std())
+    noise = rome_noise(tiny_gpt2, facts)
+    torch.testing.assert_close(noise["sigma"], expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(noise["noise_scale"] * noise["embedding_std"], expected, rtol=1e-5, atol=0)
+    assert noise["sigma"] != pytest.approx(3 * noise["embedding_std"], rel=1e-3)
+    res = causal_trace(tiny_gpt2, trace_items(tiny_gpt2, facts[:1]), n_samples=2, layers=[0],
+                       noise_scale=noise["noise_scale"], progress=False)
+    torch.testing.assert_close(res.config["noise_scale"] * res.config["noise_std_unit"], expected, rtol=1e-5, atol=0)
+
+
+def test_normalized_indirect_effect_is_ratio_of_means_with_ci():
+    from recallscope.results import PatchingResult
+    from recallscope.tasks.entity_facts import normalized_indirect_effect
+
+    values = torch.tensor([[[0.5, float("nan")]], [[0.3, 0.2]], [[0.1, 0.1]]])  # [prompt, layer, token]
+    clean, corrupt = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.1, 0.1, 0.0])
+    res = PatchingResult(values=values, axes=("layer", "token"), clean=clean, corrupt=corrupt,
+                         labels={"layer": ["0"], "token": ["a", "b"]})
+    ratio, lo, hi = normalized_indirect_effect(res, n_boot=500)
+    te = (clean - corrupt).mean()
+    expected = torch.tensor([[(0.4 + 0.2 + 0.1) / 3 / te, (0.1 + 0.1) / 2 / te]])
+    torch.testing.assert_close(ratio, expected.float())
+    assert bool((lo <= ratio).all() and (ratio <= hi).all()) and bool((hi > lo).all())
+    flat = PatchingResult(values=values, axes=("layer", "token"), clean=corrupt, corrupt=corrupt,
+                          labels={"layer": ["0"], "token": ["a", "b"]})
+    with pytest.raises(ConfigError, match="total effect"):
+        normalized_indirect_effect(flat)
+
+
+@pytest.mark.smollm2
+def test_smollm2_recalls_at_least_40_multi_token_entity_facts(smollm2):
+    from recallscope.tasks.entity_facts import LEXICAL_RELATIONS, load_entity_facts, split_by_subject_length
+
+    kept = recalled_facts(smollm2, load_entity_facts()).kept
+    multi, single = split_by_subject_length(smollm2, kept)
+    assert len(multi) >= 40 and not {f.relation for f in multi} & LEXICAL_RELATIONS
+    assert all(fact_spans(smollm2, f)["subject"][1] - fact_spans(smollm2, f)["subject"][0] > 1 for f in multi)

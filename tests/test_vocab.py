@@ -123,3 +123,16 @@ def test_one_label_per_site(tiny_gpt2):
     assert head.label in labels and Site(Component.MLP_OUT, 1).label in labels and "attn_out L1 bias" in labels
     bars = dla.plot(top=len(labels)).data
     assert {"head", "MLP", "attn bias"} <= {t.name for t in bars}
+
+
+def test_scale_devices_does_not_import_the_forward_pass():
+    """models.forward imports scale.devices; the reverse import (even inside a function) made a cycle."""
+    import ast
+    from pathlib import Path
+
+    import recallscope.scale.devices as devices
+
+    tree = ast.parse(Path(devices.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m.startswith("recallscope.models")}, imported

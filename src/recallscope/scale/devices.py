@@ -17,6 +17,7 @@ None of this costs anything on a single device: ``tensor.to(device)`` returns th
 it is already there.
 """
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -53,14 +54,16 @@ def output_device(stack: Any) -> torch.device | None:
 
 
 def place_trace(trace: Any, stack: Any) -> Any:
-    """A copy of ``trace`` with each layer's activations and keys/values on that layer's device."""
-    from recallscope.models.forward import Trace
+    """A copy of ``trace`` with each layer's activations and keys/values on that layer's device.
 
+    ``trace`` is a :class:`recallscope.models.forward.Trace`; the copy is made with ``dataclasses.replace`` so
+    this module never imports ``models.forward`` (which imports this one).
+    """
     devices = [layer_device(stack, layer) for layer in range(stack.n_layers)]
 
     def put(t: Tensor, layer: int) -> Tensor:
         dev = devices[layer] if 0 <= layer < len(devices) else None
         return t.to(dev) if dev is not None else t
 
-    return Trace(acts={key: put(t, key[1]) for key, t in trace.acts.items()},
-                 kv={layer: (put(k, layer), put(v, layer)) for layer, (k, v) in trace.kv.items()})
+    return replace(trace, acts={key: put(t, key[1]) for key, t in trace.acts.items()},
+                   kv={layer: (put(k, layer), put(v, layer)) for layer, (k, v) in trace.kv.items()})

@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 STAMP  := $(VENV)/.recallscope-installed
 OUT    ?= figures/demo
 
-.PHONY: demo test install chromium bench clean
+.PHONY: demo test lint install chromium bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -34,13 +34,18 @@ chromium:
 demo: $(STAMP) chromium
 	$(VENV)/bin/recallscope demo --out $(OUT)
 
-# pytest-timeout (pyproject: timeout = 300) fails any test that runs longer than 5 minutes; the 25 slowest
-# tests are listed at the end, with the reasons for skips and failures.
-test: $(STAMP) chromium
+# Static checks first (ruff: pyflakes + pycodestyle errors; mypy on src/recallscope; both configured in
+# pyproject.toml), then pytest. pytest-timeout (pyproject: timeout = 300) fails any test that runs longer than
+# 5 minutes; the 25 slowest tests are listed at the end, with the reasons for skips and failures.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests experiments
+	$(VENV)/bin/mypy
+
+test: $(STAMP) chromium lint
 	$(VENV)/bin/pytest --durations=25 -rfEs
 
 bench: $(STAMP)
 	$(PY) experiments/benchmarks/patching_speed.py
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

@@ -1,10 +1,8 @@
 """Shared fixtures: tiny random models with a real GPT-2 tokenizer, and the embedded SmolLM2."""
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 GPT2_DIR = SHARED / "data" / "tokenizers" / "gpt2"

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from recallscope.patching import activation_patching, attention_knockout, causal_trace
-from recallscope.patching import engine, knockout
+from recallscope.patching import engine
 from recallscope.results import PatchingResult
 from recallscope.store import CorruptChunkWarning
 from recallscope.tasks.pairs import PromptPair

@@ -1,7 +1,6 @@
 """recallscope demo: the main job, every analysis in one HTML report."""
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path

@@ -192,7 +192,7 @@ class _Ids:
 
 def _ids(world: World) -> _Ids:
     vocab = vocabulary(world.words())
-    return _Ids(vocab[SPECIALS[0]], {r: vocab[r] for r in (DECODE, LETTER, KIND, MEANS)},
+    return _Ids(vocab[SPECIALS[0]], {r: vocab[r] for r in (DECODE, LETTER, KIND, MEANS)},  # type: ignore[call-arg]
                 *(ids_of(vocab, xs) for xs in (world.chunks, world.chunk_letter, world.concepts, world.concept_letter,
                                                world.concept_kind)), torch.tensor(world.chunk_concept))
 

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from jaxtyping import Int
 from torch import Tensor
 

@@ -38,7 +38,6 @@ from recallscope.scale.executor import current_executor
 from recallscope.scale.memory import OOMBackoff
 from recallscope.sites import Site
 from recallscope.store import ChunkStore, fingerprint
-from recallscope.vocab import Component
 
 POS_DIM = {"pattern": 2}  # the position (dest) axis; every other component has it at dim 1
 HEAD_DIM = {"pattern": 1, "q": 2, "k": 2, "v": 2, "z": 2}

@@ -38,7 +38,7 @@ from recallscope.patching.engine import Cell, check_finite, plan_chunks, run_chu
 from recallscope.patching.traces import reference_run
 from recallscope.results import PatchingResult
 from recallscope.sites import layer_window
-from recallscope.store import ChunkStore, open_store
+from recallscope.store import open_store
 from recallscope.tasks.pairs import PromptPair, group_by_length, single_token_id, to_tokens
 from recallscope.vocab import Component
 

@@ -20,6 +20,7 @@ characters and tokens that determine it.
 """
 
 from collections.abc import Sequence
+from typing import TypeAlias
 
 import numpy as np
 import plotly.graph_objects as go
@@ -37,7 +38,7 @@ ROWS = {"tokens": 3.5, "characters": 2.5, "6-bit groups": 1.5, "bytes": 0.5}
 PX_PER_CHAR = 44
 """Horizontal pixels per base64 character: room for six bits in a small monospace font."""
 
-Values = Sequence[int | float] | np.ndarray | Tensor
+Values: TypeAlias = Sequence[int | float] | np.ndarray | Tensor
 """One number per aligned token."""
 
 _MONO = "'DejaVu Sans Mono', Menlo, Consolas, monospace"

@@ -82,7 +82,8 @@ def test_readout_equals_transformerlens_and_the_formula(tiny3, lens):
 
 
 def test_swap_equals_transformerlens_and_the_formula(tiny3, lens):
-    clean, drops = jlens_swap_drops(tiny3, lens, PROMPTS, " cat", " is", [" dog", " red"], " blue", 1, alpha=2.0)
+    clean, drops, norms = jlens_swap_drops(tiny3, lens, PROMPTS, " cat", " is", [" dog", " red"], " blue", 1,
+                                           alpha=2.0)
     tok = tiny3.tokenizer
     ids = {w: tok.encode(w, add_special_tokens=False)[0] for w in (" cat", " is", " dog", " red", " blue")}
     for i, prompt in enumerate(PROMPTS):
@@ -95,17 +96,21 @@ def test_swap_equals_transformerlens_and_the_formula(tiny3, lens):
                 tl = tiny3(tokens)[0, -1].log_softmax(-1)[ids[" is"]]
             V = lens.lens_vectors(tiny3, [ids[word], ids[" blue"]], 1).T  # [d, 2]
 
+            edit = {}
+
             def by_hand(act, hook, V=V):
                 h = act[0, pos]
                 c = torch.linalg.pinv(V) @ h
                 act = act.clone()
                 act[0, pos] = h + 2.0 * V @ (c.flip(0) - c)
+                edit["norm"] = (act[0, pos] - h).norm()
                 return act
 
             with tiny3.hooks(fwd_hooks=[("blocks.1.hook_out", by_hand)]):
                 hand = tiny3(tokens)[0, -1].log_softmax(-1)[ids[" is"]]
             torch.testing.assert_close(drops[i, j], (lp - tl).detach(), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(tl, hand, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(norms[i, j], edit["norm"].detach(), rtol=1e-4, atol=1e-4)
 
 
 def test_route_score_controls_save_and_plot(tiny3, lens, tmp_path):
@@ -114,11 +119,14 @@ def test_route_score_controls_save_and_plot(tiny3, lens, tmp_path):
     r = jlens_route_score(tiny3, lens, PROMPTS, " cat", " is", " dog", " blue", [" red", " sun"], layer=1, alpha=2.0)
     assert r.tokens == (" dog", " red", " sun") and r.drops.shape == (3, 3) and r.ranks.shape == (3, 2)
     torch.testing.assert_close(r.margin(), r.drops[:, 0] - r.drops[:, 1:].max(1).values)
+    torch.testing.assert_close(r.per_norm(), (r.drops / r.norms).mean(0))
+    assert (r.norms > 0).all()
     # the concept as its own control: the margin is exactly zero, so the test cannot reject
     same = jlens_route_score(tiny3, lens, PROMPTS, " cat", " is", " dog", " blue", [" dog"], layer=1, alpha=2.0)
     assert same.swap_score == 0.0 and same.p_value == 1.0
     back = JLensRouteResult.load(r.save(tmp_path / "jl"))
     torch.testing.assert_close(back.drops, r.drops)
+    torch.testing.assert_close(back.norms, r.norms)
     assert back.tokens == r.tokens and back.layers == r.layers and back.p_value == r.p_value
     assert isinstance(r.plot(), go.Figure)
 

@@ -173,25 +173,40 @@ def _output_logprob(model: Any, tokens: Tensor, output_id: int, hooks: list) -> 
     return float(logits[0, -1].float().log_softmax(-1)[output_id])
 
 
+def _swap_run(model: Any, tokens: Tensor, out_id: int, swap: list, pos: int) -> tuple[float, float]:
+    """(output log-prob, norm of the edit at ``pos``) with the swap hooks on; the edit is read by hooks
+    registered on the same hook point before and after them."""
+    seen: dict[str, Tensor] = {}
+
+    def before(act: Tensor, hook: Any) -> None:
+        seen["before"] = act[0, pos].detach().float().clone()
+
+    def after(act: Tensor, hook: Any) -> None:
+        seen["after"] = act[0, pos].detach().float().clone()
+
+    name = swap[0][0]
+    lp = _output_logprob(model, tokens, out_id, [(name, before), *swap, (name, after)])
+    return lp, float((seen["after"] - seen["before"]).norm())
+
+
 def jlens_swap_drops(model: Any, lens: Any, prompts: Sequence[str], input_text: str, output: str,
                      swapped: Sequence[str], counter: str, layer: int, *, alpha: float = 1.0
-                     ) -> tuple[Float[Tensor, " prompt"], Float[Tensor, "prompt swapped"]]:
-    """(clean output log-prob, drop in it) per prompt when each token of ``swapped`` exchanges its lens
-    coordinates with ``counter`` at the input's last token, layer ``layer`` (``JacobianLens.swap_hooks``)."""
+                     ) -> tuple[Float[Tensor, " prompt"], Float[Tensor, "prompt swapped"], Float[Tensor, "prompt swapped"]]:
+    """(clean output log-prob, drop in it, edit norm) per prompt when each token of ``swapped`` exchanges its
+    lens coordinates with ``counter`` at the input's last token, layer ``layer`` (``JacobianLens.swap_hooks``)."""
     from recallscope.routes.das import single_token_id
 
     out_id = single_token_id(model, output)
-    clean, drops = [], []
+    clean, drops, norms = [], [], []
     for tokens, pos in _prompt_positions(model, prompts, input_text):
         base = _output_logprob(model, tokens, out_id, [])
-        row = []
-        for token in swapped:
-            hooks = lens.swap_hooks(model, single_token_id(model, token), single_token_id(model, counter), [layer],
-                                    alpha=alpha, positions=[pos])
-            row.append(base - _output_logprob(model, tokens, out_id, hooks))
+        runs = [_swap_run(model, tokens, out_id, lens.swap_hooks(
+            model, single_token_id(model, token), single_token_id(model, counter), [layer], alpha=alpha,
+            positions=[pos]), pos) for token in swapped]
         clean.append(base)
-        drops.append(row)
-    return torch.tensor(clean), torch.tensor(drops)
+        drops.append([base - lp for lp, _ in runs])
+        norms.append([n for _, n in runs])
+    return torch.tensor(clean), torch.tensor(drops), torch.tensor(norms)
 
 
 @register_result
@@ -205,6 +220,7 @@ class JLensRouteResult(RichReprMixin):
         drops: ``[prompt, token]`` drop of the output's log-prob when ``tokens[j]`` is swapped with the
             counter-concept at ``swap_layer``; column 0 is the concept, the rest are the controls.
         clean: ``[prompt]`` the output's log-prob without a swap.
+        norms: ``[prompt, token]`` the norm of each swap's edit of the residual (for effect per unit norm).
         tokens: the concept, then the controls.
         p_value: sign-flip p that the concept's drop exceeds the largest control drop, paired over prompts.
         config: query and settings; manifest: the run's manifest.
@@ -214,6 +230,7 @@ class JLensRouteResult(RichReprMixin):
     layers: tuple[int, ...]
     drops: Float[Tensor, "prompt token"]
     clean: Float[Tensor, " prompt"]
+    norms: Float[Tensor, "prompt token"]
     tokens: tuple[str, ...]
     p_value: float
     config: dict[str, Any] = field(default_factory=dict)
@@ -221,7 +238,8 @@ class JLensRouteResult(RichReprMixin):
 
     def __post_init__(self) -> None:
         n = self.clean.shape[0]
-        if self.ranks.shape != (n, len(self.layers)) or self.drops.shape != (n, len(self.tokens)):
+        if (self.ranks.shape != (n, len(self.layers)) or self.drops.shape != (n, len(self.tokens))
+                or self.norms.shape != self.drops.shape):
             raise ConfigError(f"inconsistent JLensRouteResult shapes: ranks {tuple(self.ranks.shape)}, drops "
                               f"{tuple(self.drops.shape)} for {n} prompts, {len(self.layers)} layers, "
                               f"{len(self.tokens)} tokens.")
@@ -236,6 +254,11 @@ class JLensRouteResult(RichReprMixin):
             return self.drops[:, 0]
         return self.drops[:, 0] - self.drops[:, 1:].max(1).values
 
+    def per_norm(self) -> Float[Tensor, " token"]:
+        """Mean drop per unit of edit norm, per token (concept first): swaps move the state by different
+        amounts, so compare effects per unit of edit as well as raw."""
+        return (self.drops / self.norms.clamp_min(1e-8)).mean(0)
+
     def ci(self, level: float = 0.95) -> tuple[float, float]:
         lo, hi = bootstrap_ci(self.margin().unsqueeze(1), level=level)
         return float(lo[0]), float(hi[0])
@@ -248,7 +271,9 @@ class JLensRouteResult(RichReprMixin):
 
     def summary(self) -> dict[str, Any]:
         return {"swap_score": self.swap_score, "ci95": self.ci(), "p_value": self.p_value,
-                "mean_drops": dict(zip(self.tokens, self.drops.mean(0).tolist())), **self.best_rank()}
+                "mean_drops": dict(zip(self.tokens, self.drops.mean(0).tolist())),
+                "mean_edit_norms": dict(zip(self.tokens, self.norms.mean(0).tolist())),
+                "drop_per_unit_norm": dict(zip(self.tokens, self.per_norm().tolist())), **self.best_rank()}
 
     def summary_extra(self) -> list[tuple[str, str]]:
         return [("swap margin", f"{self.swap_score:.3f} nats (p {self.p_value:.4f})"),
@@ -276,13 +301,14 @@ class JLensRouteResult(RichReprMixin):
         meta = {"layers": list(self.layers), "tokens": list(self.tokens), "p_value": self.p_value,
                 "config": self.config}
         return save_result_dir(directory, "JLensRouteResult", {"ranks": self.ranks, "drops": self.drops,
-                                                               "clean": self.clean}, meta, self.manifest)
+                                                               "clean": self.clean, "norms": self.norms}, meta,
+                               self.manifest)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "JLensRouteResult":
         t, meta, manifest = load_result_dir(directory, "JLensRouteResult")
-        return cls(t["ranks"], tuple(meta["layers"]), t["drops"], t["clean"], tuple(meta["tokens"]), meta["p_value"],
-                   meta["config"], manifest)
+        return cls(t["ranks"], tuple(meta["layers"]), t["drops"], t["clean"], t["norms"], tuple(meta["tokens"]),
+                   meta["p_value"], meta["config"], manifest)
 
 
 def jlens_route_score(model: Any, lens: Any, prompts: Sequence[str], input_text: str, output: str, concept: str,
@@ -301,11 +327,12 @@ def jlens_route_score(model: Any, lens: Any, prompts: Sequence[str], input_text:
                           "JLensConfig(layers=...).")
     tokens = (concept, *controls)
     ranks = jlens_readout(model, lens, prompts, input_text, concept)
-    clean, drops = jlens_swap_drops(model, lens, prompts, input_text, output, tokens, counter, layer, alpha=alpha)
+    clean, drops, norms = jlens_swap_drops(model, lens, prompts, input_text, output, tokens, counter, layer,
+                                           alpha=alpha)
     margin = drops[:, 0] - drops[:, 1:].max(1).values
     config = {"input": input_text, "output": output, "concept": concept, "counter": counter,
               "controls": list(controls), "layer": layer, "alpha": alpha, "n_permutations": n_permutations,
               "seed": seed, "lens": dict(lens.metadata)}
-    return JLensRouteResult(ranks, tuple(lens.source_layers), drops, clean, tokens,
+    return JLensRouteResult(ranks, tuple(lens.source_layers), drops, clean, norms, tokens,
                             sign_flip_p(margin, n_permutations, seed), config,
                             build_manifest(model, list(prompts), config, seed=seed))

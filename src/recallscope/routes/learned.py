@@ -32,7 +32,8 @@ class LearnedScores:
             lo, hi = self.jlens.ci()
             out.update(jlens_swap_margin=self.jlens.swap_score, jlens_swap_ci95=(lo, hi), jlens_p=self.jlens.p_value,
                        jlens_best_layer=best["layer"], jlens_best_rank=best["median_rank"],
-                       jlens_layer=self.jlens.config["layer"])
+                       jlens_layer=self.jlens.config["layer"], jlens_drop_per_norm=float(self.jlens.per_norm()[0]),
+                       jlens_control_drop_per_norm_max=float(self.jlens.per_norm()[1:].max()))
         if self.das is not None:
             out.update(das_iia=self.das.score, das_ci95=self.das.ci(), das_p=self.das.p_value,
                        das_carries=self.das.carries(alpha),

@@ -197,3 +197,29 @@ def test_cli_engine_option(tiny_gpt2, monkeypatch, tmp_path):
     torch.testing.assert_close(results["hooks"].values, results["fast"].values, atol=1e-4, rtol=0)
     with pytest.raises(SystemExit):
         cli.main(["patch", "--pairs", str(pairs), "--engine", "turbo"])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(direction="noising", corruption="zero")], ids=["denoise", "zero"])
+def test_atp_on_hooks_equals_fast(tiny, kw):
+    """Plain AtP through hooks (resid_mid: ln2-input gradient + resid_post gradient) == the fast AtP."""
+    from recallscope.attribution import atp
+
+    fast = atp(tiny, PAIRS, progress=False, engine="fast", **kw)
+    hooks = atp(tiny, PAIRS, progress=False, engine="hooks", **kw)
+    assert hooks.config["engine"] == "hooks" and set(hooks.values) == set(fast.values)
+    for c in fast.values:
+        torch.testing.assert_close(hooks.values[c], fast.values[c], atol=1e-5, rtol=1e-4, msg=c)
+        assert fast.values[c].abs().max() > 1e-3, c
+    torch.testing.assert_close(hooks.clean, fast.clean, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="plain AtP only"):
+        atp(tiny, PAIRS, progress=False, engine="hooks", qk_fix=True)
+
+
+def test_atp_on_hooks_hf_llama(hf_models):
+    from recallscope.attribution import atp
+
+    model = hf_models["llama"]
+    fast = atp(model, PAIRS, components=["resid_mid", "z", "k"], progress=False, engine="fast")
+    hooks = atp(model, PAIRS, components=["resid_mid", "z", "k"], progress=False, engine="hooks")
+    for c in fast.values:
+        torch.testing.assert_close(hooks.values[c], fast.values[c], atol=1e-5, rtol=1e-4, msg=c)

@@ -29,6 +29,9 @@ of every component at once, from two forward passes and one backward pass:
    "Have Faith in Faithfulness"): the gradients of step 2 are averaged over ``m`` runs whose embeddings
    move in a straight line from the target's to the source's (midpoint rule) before step 3.
 
+Plain AtP also runs on the hook engine (``engine="hooks"``, or ``"auto"`` on a model whose fast adapter
+fails its self-check): :mod:`recallscope.attribution.atp_hooks`.
+
 Over a dataset, ``prompts_per_chunk`` runs the pairs in chunks (estimates are per prompt, so chunks only
 change float rounding); with ``checkpoint_dir`` each finished chunk is checkpointed
 (:mod:`recallscope.store`) and the same call resumes from them.
@@ -54,10 +57,12 @@ from recallscope.attribution.common import (
     rotate,
     target_source,
 )
+from recallscope.attribution.atp_hooks import atp_hooks_chunk
 from recallscope.attribution.results import AttributionResult
 from recallscope.errors import ConfigError
 from recallscope.manifest import build_manifest
 from recallscope.models.forward import Trace, run
+from recallscope.models.selfcheck import Engine, manifest_entry, resolve_engine
 from recallscope.models.stack import Stack
 from recallscope.patching.traces import constant_trace
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs
@@ -224,10 +229,12 @@ def _graddrop(stack: Stack, target: _TargetPass, tgt: Trace, src: Trace, cfg: At
     return {c: v / max(1, stack.n_layers - 1) for c, v in total.items()}
 
 
-def _check(cfg: AtPConfig, stack: Stack) -> None:
+def _check(cfg: AtPConfig, stack: Stack | None) -> None:
     unknown = [c for c in cfg.components if c not in ALL_COMPONENTS]
     if unknown or not cfg.components:
         raise ConfigError(f"unknown or no components {unknown}; choose from {list(ALL_COMPONENTS)}.")
+    if stack is None:  # the hook engine: missing hook points are reported when the chunk runs
+        return
     if "resid_mid" in cfg.components and stack.parallel_attn_mlp:
         raise ConfigError("this model runs attention and MLP in parallel: it has no resid_mid to patch.")
     if "mlp_out" in cfg.components and any(lp.mlp is None for lp in stack.layers):
@@ -273,6 +280,26 @@ def _atp_chunk(prep: Prepared, cfg: AtPConfig, progress: bool) -> dict[str, Tens
             **{f"graddrop.{c}": v for c, v in dropped.items()}}
 
 
+def _atp_hooks_part(model: Any, prep: Prepared, cfg: AtPConfig) -> dict[str, Tensor]:
+    """:func:`_atp_chunk` on the hook engine (plain AtP only)."""
+    tgt_tokens, src_tokens = target_source(prep.tp, cfg.direction)
+    tgt_m, src_m, values = atp_hooks_chunk(model, tgt_tokens, src_tokens, prep.metric, prep.read.tolist(),
+                                           cfg.components, cfg.corruption.value)
+    clean_m, corrupt_m = (src_m, tgt_m) if cfg.direction == Direction.DENOISING else (tgt_m, src_m)
+    return {"clean": clean_m, "corrupt": corrupt_m, **{f"values.{c}": v for c, v in values.items()}}
+
+
+def _atp_engine(model: Any, engine: str, plain: bool) -> str:
+    """The engine AtP runs on: AtP*'s corrections and integrated gradients need the fast one."""
+    if plain:
+        return resolve_engine(model, engine)
+    if engine == "hooks":
+        raise ConfigError("engine='hooks' runs plain AtP only; AtP*'s q/k fix and GradDrop and integrated "
+                          "gradients need engine='fast' (or use activation_patching(..., engine='hooks') for "
+                          "exact effects).")
+    return resolve_engine(model, "fast")
+
+
 def atp(
     model: Any,
     pairs: Sequence[PromptPair] | TokenizedPairs,
@@ -288,6 +315,7 @@ def atp(
     prompts_per_chunk: int | None = None,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
+    engine: Engine = "auto",
 ) -> AttributionResult:
     """Estimate the effect of patching every site of ``components`` (default: all ten) at once.
 
@@ -296,24 +324,28 @@ def atp(
     ``qk_fix`` / ``graddrop`` are AtP*'s corrections (see :func:`atp_star`); ``ig_steps=m`` averages the
     gradients over ``m`` points of the embedding path (integrated gradients). ``prompts_per_chunk``: run
     the pairs in chunks of this many (None: all at once); with ``checkpoint_dir`` each finished chunk is
-    checkpointed there and the same call resumes from them (:mod:`recallscope.store`).
+    checkpointed there and the same call resumes from them (:mod:`recallscope.store`). ``engine``:
+    ``"auto"`` (fast when the model passes its self-check, else hooks), ``"fast"`` or ``"hooks"`` (plain
+    AtP only); the engine that ran is ``result.config["engine"]``.
     """
     t0 = time.perf_counter()
-    prep = prepare(model, pairs, metric)
+    ran = _atp_engine(model, engine, plain=not (qk_fix or graddrop or ig_steps))
+    prep = prepare(model, pairs, metric, fast=ran == "fast")
     names = tuple(c.value if isinstance(c, Component) else str(c) for c in (components or ALL_COMPONENTS))
     cfg = AtPConfig(names, Direction(direction), check_corruption(direction, corruption), qk_fix, graddrop,
                     int(ig_steps), memory_budget_mb, prompts_per_chunk)
     _check(cfg, prep.stack)
     method = "atp*" if qk_fix or graddrop else ("atp-ig" if ig_steps else "atp")
-    cfg_dict = {**cfg.to_dict(), "method": method, "metric": prep.metric_name}
+    cfg_dict = {**cfg.to_dict(), "method": method, "metric": prep.metric_name, "engine": ran}
     manifest = build_manifest(model, [p.clean for p in prep.tp.pairs] + [p.corrupt for p in prep.tp.pairs],
                               cfg_dict)
     store = open_pairs_store(checkpoint_dir, manifest, prep)
-    parts = by_prompt_chunks(prep, prompts_per_chunk, store, lambda part: _atp_chunk(part, cfg, progress),
-                             progress=progress)
+    run_part = (lambda part: _atp_chunk(part, cfg, progress)) if ran == "fast" else (
+        lambda part: _atp_hooks_part(model, part, cfg))
+    parts = by_prompt_chunks(prep, prompts_per_chunk, store, run_part, progress=progress)
     cat = lambda key: torch.cat([part[key] for part in parts])  # noqa: E731
-    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry())
-    labels = {"layer": [str(i) for i in range(prep.stack.n_layers)],
+    manifest.update(timings_s={"total": time.perf_counter() - t0}, **store.manifest_entry(), **manifest_entry(model))
+    labels = {"layer": [str(i) for i in range(int(model.cfg.n_layers))],
               "pos": position_labels(model, prep.tp.clean[0])}
     return AttributionResult(values={c: cat(f"values.{c}") for c in cfg.components}, clean=cat("clean"),
                              corrupt=cat("corrupt"), direction=cfg.direction.value, labels=labels,

@@ -26,7 +26,8 @@ class Prepared:
 
     tp: TokenizedPairs
     metric: Any
-    stack: Stack
+    stack: Stack | None
+    """The fast engine's stack (None when the method runs on the hook engine)."""
     read: Tensor
 
     @property
@@ -34,16 +35,20 @@ class Prepared:
         return str(getattr(self.metric, "name", type(self.metric).__name__))
 
 
-def prepare(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs, metric: Any) -> Prepared:
+def prepare(model: Any, pairs: Sequence[PromptPair] | TokenizedPairs, metric: Any, *, fast: bool = True
+            ) -> Prepared:
     """Tokenise ``pairs`` (one token length), bind ``metric`` to their answers, build the stack.
 
-    Attribution runs on the fast forward only: on a model whose fast adapter fails its self-check
-    (:mod:`recallscope.models.selfcheck`) this raises :class:`~recallscope.models.selfcheck.EngineSelfCheckError`.
+    With ``fast`` (every method but plain AtP on ``engine="hooks"``), the method runs on the fast forward:
+    on a model whose fast adapter fails its self-check (:mod:`recallscope.models.selfcheck`) this raises
+    :class:`~recallscope.models.selfcheck.EngineSelfCheckError`.
     """
-    require_fast(model, "gradient attribution (AtP / EAP)")
+    if fast:
+        require_fast(model, "gradient attribution (AtP* / EAP / integrated gradients)")
     tp = pairs if isinstance(pairs, TokenizedPairs) else tokenize_pairs(model, pairs)
     met = M.resolve(metric, tp, method="attribution")
-    return Prepared(tp=tp, metric=met, stack=build_stack(model), read=torch.tensor(met.read_positions(tp.n_pos)))
+    return Prepared(tp=tp, metric=met, stack=build_stack(model) if fast else None,
+                    read=torch.tensor(met.read_positions(tp.n_pos)))
 
 
 def subset(prep: Prepared, rows: slice) -> Prepared:

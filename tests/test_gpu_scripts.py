@@ -141,3 +141,91 @@ def test_shipped_configs_load_into_their_dataclasses(name, config):
                if isinstance(v, type) and issubclass(v, module._common.RunConfig) and v.__module__ == module.__name__)
     cfg = module._common.parse_config(cls, ["--config", str(GPU / "configs" / config)], small={}, description="")
     assert cfg.model != "smollm2" and not cfg.small and cfg.out.startswith("figures/gpu/")
+
+
+# Each shipped config's model, by the architecture its hub checkpoint declares in config.json, and the
+# tiny family (recallscope.models.tiny_hf) of that architecture with the features that matter here.
+CONFIG_ARCH = {
+    "rome_gpt2xl.toml": ("gpt2-xl", "gpt2", {}),
+    "geva_gptj.toml": ("EleutherAI/gpt-j-6b", "gptj", {}),  # partial rotary (64 of 256), parallel block
+    "two_hop_llama.toml": ("meta-llama/Llama-2-7b-hf", "llama", {"num_key_value_heads": 4}),  # no GQA
+    "b64_qwen72b.json": ("Qwen/Qwen2.5-72B-Instruct", "qwen2", {}),  # GQA, q/k/v biases
+}
+
+
+@pytest.mark.parametrize("config", sorted(CONFIG_ARCH))
+def test_shipped_config_architecture_passes_the_fast_self_check(config, gpt2_tokenizer, tmp_path):
+    """A tiny model of each config's architecture, in the config's dtype, passes the fast engine's
+    self-check, so the config runs on the fast engine (engine='auto' picks it)."""
+    from recallscope.models import load_model
+    from recallscope.models.selfcheck import resolve_engine, self_check
+    from recallscope.models.tiny_hf import save_tiny_hf
+
+    assert sorted(p.name for p in (GPU / "configs").iterdir()) == sorted(CONFIG_ARCH), "new config: add it above"
+    text = (GPU / "configs" / config).read_text()
+    raw = json.loads(text) if config.endswith(".json") else __import__("tomllib").loads(text)
+    hub, family, overrides = CONFIG_ARCH[config]
+    assert raw["model"] == hub
+    model = load_model(save_tiny_hf(family, tmp_path / family, gpt2_tokenizer, **overrides), dtype=raw["dtype"])
+    check = self_check(model)
+    assert check.passed, check.reason
+    assert resolve_engine(model, "auto") == "fast"
+
+
+def _hf_knockout_oracle(model_dir, tokens, blocked, answers, monkeypatch):
+    """p(answer) at the last position of a Hugging Face model run with eager attention, keys ``blocked``
+    [prompt, key] hidden from the last query in every layer (an additive -inf mask)."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    module = sys.modules[type(hf).__module__]
+    eager = module.eager_attention_forward
+    out = []
+    for row, keys, answer in zip(tokens, blocked, answers):
+        extra = torch.zeros(len(row), len(row))
+        extra[-1, keys] = float("-inf")
+        monkeypatch.setattr(module, "eager_attention_forward",
+                            lambda mod, q, k, v, mask, *a, **kw: eager(mod, q, k, v, mask + extra, *a, **kw))
+        with torch.no_grad():
+            out.append(torch.softmax(hf(row[None]).logits[0, -1].float(), -1)[answer])
+        monkeypatch.setattr(module, "eager_attention_forward", eager)
+    return torch.stack(out)
+
+
+def test_geva_gptj_config_runs_on_tiny_gptj(gpt2_tokenizer, tmp_path, monkeypatch):
+    """geva_knockout.py with configs/geva_gptj.toml (bf16, window 9), only the model swapped for a tiny
+    random GPT-J on CPU (a random model recalls no fact, so the known-fact filter takes the first facts).
+    The knockout runs on the fast engine and, in fp32, equals Hugging Face's own GPT-J attention with the
+    blocked keys masked (the bridge's hook_pattern on GPT-J is observational, see test_arch_matrix.py)."""
+    from recallscope.models import load_model
+    from recallscope.models.tiny_hf import save_tiny_hf
+    from recallscope.patching import attention_knockout
+    from recallscope.patching.knockout import key_positions
+    from recallscope.results import PatchingResult
+    from recallscope.tasks.facts import load_builtin_facts, trace_items
+
+    geva = script("geva_knockout")
+    tiny = save_tiny_hf("gptj", tmp_path / "gptj", gpt2_tokenizer)
+    monkeypatch.setattr(geva._common, "known_facts",
+                        lambda model, cfg: load_builtin_facts(cfg.relations)[:cfg.n_facts])
+    argv = ["--config", str(GPU / "configs" / "geva_gptj.toml"), "--model", str(tiny), "--device", "cpu",
+            "--n-facts", "2", "--out", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--no-progress"]
+    summary = geva.main(argv)
+    assert summary["config"]["dtype"] == "bf16" and summary["config"]["window"] == 9 and summary["n_facts"] == 2
+    res = PatchingResult.load(tmp_path / "out" / "knockout")
+    assert res.values.shape == (2, 2, 3) and res.config["engine"] == "fast"
+    assert torch.isfinite(res.values).all()
+
+    model = load_model(tiny)  # fp32, for an exact comparison with the oracle
+    items = trace_items(model, load_builtin_facts(None)[:2])
+    ours = attention_knockout(model, items, edges=geva.EDGES, query="last", window=9, metric="prob",
+                              progress=False, engine="fast")
+    tokens = torch.cat([model.to_tokens(it.clean) for it in items])
+    answers = [model.tokenizer.encode(it.answer, add_special_tokens=False)[0] for it in items]
+    for e, edge in enumerate(geva.EDGES):  # window 9 covers both layers: every cell blocks every layer
+        blocked = [key_positions(it, edge, tokens.shape[1], has_bos=True) for it in items]
+        want = _hf_knockout_oracle(tiny, tokens, blocked, answers, monkeypatch)
+        for layer in range(2):
+            torch.testing.assert_close(ours.values[:, layer, e], want, rtol=1e-4, atol=1e-9)
+        assert (want - ours.clean).abs().max() > 1e-7, f"blocking {edge} should change p(answer)"

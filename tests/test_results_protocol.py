@@ -124,7 +124,7 @@ def _jlens(model, tmp):
 
     return JLensRouteResult(ranks=torch.tensor([[3.0, 1.0], [5.0, 2.0]]), layers=(0, 1),
                             drops=torch.tensor([[1.0, 0.2, 0.1], [0.8, 0.3, 0.0]]), clean=torch.tensor([-1.0, -2.0]),
-                            tokens=(" dog", " red", " sun"), p_value=0.25, config={"layer": 1, "alpha": 2.0},
+                            norms=torch.tensor([[2.0, 1.0, 1.5], [2.5, 1.0, 0.5]]), tokens=(" dog", " red", " sun"), p_value=0.25, config={"layer": 1, "alpha": 2.0},
                             manifest={})
 
 

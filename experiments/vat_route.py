@@ -8,7 +8,8 @@ T. This script runs recallscope's route analysis on SmolLM2 end to end and write
    prompts ending in "VA==" (it cannot decode base64).
 2. Lens trajectories: logit lens at the last position of "The acronym VAT stands for" (" Value", " tax",
    " VAT"...), and logit lens and Patchscope at the "VA" chunk of a base64 prompt ("T", " VAT"...).
-3. Route reports (causal ablation against 19 frequency- and length-matched controls, by layer):
+3. Route reports (interchange along each concept against its competitors: the input itself, the output in
+   every casing, its unembedding neighbours, cosine- and norm-matched random directions; 8 templates):
    " VAT" -> " Value" through " value added tax", " tax", " value", " added"; and "VA" -> " T" through
    the acronyms and expansions "VA" begins (VAT, Virginia, Veterans Affairs...).
 4. The acronym sweep: every lexicon acronym the model expands (first word in its top 3), route verdicts
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from recallscope import load_model
-from recallscope.lens import LogitLens, Patchscope, lens_trajectory
+from recallscope.lens import Patchscope, lens_trajectory
 from recallscope.manifest import atomic_write_text
 from recallscope.plotting import export_all
 from recallscope.routes import RouteConfig, route_report
@@ -54,27 +55,35 @@ def save(result, out: Path, name: str, notes: dict) -> None:
 
 
 def route_rows(report) -> list[dict]:
-    return [{"concept": r.name, "verdict": r.verdict, "score": round(r.score, 3),
-             "ci95": [round(r.ci[0], 3), round(r.ci[1], 3)], "p": round(r.p_value, 3), "peak_layer": r.peak_layer,
-             "layers": list(r.layers), "ablation_nats": round(r.ablation, 3),
-             "control_ablation_nats": round(r.control_ablation, 3), "mediation": round(r.mediation, 3),
-             "best_readout_rank": r.best_rank, "similarity_z": round(r.similarity_z, 2)} for r in report.routes()]
+    """Candidates (verdicts under the competitor standard) and then every competitor (verdict "competitor")."""
+    return [{"concept": r.name, "role": r.role, "verdict": r.verdict, "score": round(r.score, 3),
+             "ci95": [round(r.ci[0], 3), round(r.ci[1], 3)], "p": round(r.p_value, 4), "p_holm": round(r.p_holm, 4),
+             "peak_layer": r.peak_layer, "layers": list(r.layers), "margins": {k: round(v, 3) for k, v in r.margins.items()},
+             "strongest_competitor": r.strongest_competitor, "mediated_share": round(r.mediation, 3),
+             "interchange_nats": round(r.interchange, 3), "effect_per_norm": round(r.effect_per_norm, 4),
+             "ablation_nats": round(r.ablation, 3), "best_readout_rank": r.best_rank}
+            for r in report.routes() + report.competitor_rows()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="figures/vat")
     ap.add_argument("--stride", type=int, default=2, help="layer spacing of the intervention windows")
-    ap.add_argument("--n-controls", type=int, default=19)
+    ap.add_argument("--n-controls", type=int, default=8)
     ap.add_argument("--max-acronyms", type=int, default=8, help="acronyms in the sweep (0 = skip it)")
     ap.add_argument("--chunks", default="VA,NA,TA,RA,SA,MA", help="chunks of the chunk sweep ('' = skip it)")
-    ap.add_argument("--sweep-stride", type=int, default=3, help="layer spacing in the two sweeps")
+    ap.add_argument("--sweep-stride", type=int, default=4, help="layer spacing in the two sweeps")
+    ap.add_argument("--sweep-alternatives", type=int, default=4, help="alternative inputs per prompt in the sweeps")
+    ap.add_argument("--only-sweep", action="store_true", help="run only the acronym sweep (the route standard check)")
     args = ap.parse_args()
     out = Path(args.out)
     t0 = time.perf_counter()
     model = load_model("smollm2")
     notes: dict = {"model": "smollm2", "stride": args.stride, "n_controls": args.n_controls}
 
+    if args.only_sweep:
+        acronym_sweep(model, args, out, notes, t0)
+        return
     vat_q, vat_c = acronym_query(next(k for k in known_acronyms(model, {"VAT": ("value added tax",)})))
     chunk_q, chunk_c = chunk_query("VA")
     notes["behaviour"] = {p: top_tokens(model, p) for p in [*vat_q.prompts, *chunk_q.prompts]}
@@ -92,27 +101,19 @@ def main() -> None:
     save(lens_trajectory(model, chunk_q.prompts[0], chunk_targets, position=va_pos, lens=Patchscope(model)), out,
          "patchscope_va_chunk", notes)
 
-    config = RouteConfig(n_controls=args.n_controls, stride=args.stride, n_alternatives=3)
+    config = RouteConfig(n_controls=args.n_controls, stride=args.stride)
     own = [Concept(c.text, ConceptSource.MODEL, label=c.name) for c in model_candidates(model, "VAT")]
     vat = route_report(model, vat_q, vat_c + own, config=config)
     save(vat, out, "routes_vat_value", notes)
     notes["routes_vat_value"] = {"total_effect": vat.total_effect.tolist(), "routes": route_rows(vat)}
     chunk = route_report(model, chunk_q, chunk_c[:6], config=RouteConfig(n_controls=args.n_controls,
-                                                                          stride=args.stride, mediation=False))
+                                                                          stride=args.stride))
     save(chunk, out, "routes_va_chunk", notes)
     notes["routes_va_chunk"] = {"clean_logprob": chunk.clean.tolist(), "total_effect": chunk.total_effect.tolist(),
                                 "routes": route_rows(chunk)}
     write(out, notes, t0)
 
-    sweep_config = RouteConfig(n_controls=args.n_controls, stride=args.sweep_stride, mediation=False)
-    notes["acronym_sweep"] = []
-    for known in known_acronyms(model)[: args.max_acronyms]:
-        q, c = acronym_query(known)
-        rep = route_report(model, q, c, config=sweep_config)
-        rep.save(out / "results" / f"acronym_{known.acronym}")
-        notes["acronym_sweep"].append({"acronym": known.acronym, "expansion": known.expansion, "output": known.output,
-                                       "output_rank": known.rank, **sweep_row(rep)})
-        write(out, notes, t0)
+    sweep_config = acronym_sweep(model, args, out, notes, t0)
     notes["chunk_sweep"] = []
     for name in filter(None, args.chunks.split(",")):
         q, c = chunk_query(name)
@@ -123,6 +124,23 @@ def main() -> None:
         notes["chunk_sweep"].append({"chunk": name, "output": q.output, **sweep_row(rep)})
         write(out, notes, t0)
     print(json.dumps({k: notes[k] for k in ("model_says", "seconds")}, default=str))
+
+
+def acronym_sweep(model, args, out: Path, notes: dict, t0: float) -> RouteConfig:
+    """Every lexicon acronym the model expands: its expansion's concepts (and the acronym and the output
+    word themselves, which must come back as competitors) under the competitor standard."""
+    sweep_config = RouteConfig(n_controls=args.n_controls, stride=args.sweep_stride, ablation=False,
+                               n_alternatives=args.sweep_alternatives)
+    notes["acronym_sweep"] = []
+    for known in known_acronyms(model)[: args.max_acronyms]:
+        q, c = acronym_query(known)
+        extra = [Concept(q.input, ConceptSource.USER), Concept(known.output, ConceptSource.USER)]
+        rep = route_report(model, q, c + extra, config=sweep_config)
+        rep.save(out / "results" / f"acronym_{known.acronym}")
+        notes["acronym_sweep"].append({"acronym": known.acronym, "expansion": known.expansion, "output": known.output,
+                                       "output_rank": known.rank, **sweep_row(rep)})
+        write(out, notes, t0)
+    return sweep_config
 
 
 def sweep_row(rep) -> dict:

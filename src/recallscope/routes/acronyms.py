@@ -8,7 +8,10 @@ expansion names ("tax"), and does a base64-like chunk ("VA" in "VA==") evoke the
    candidate concepts: the full expansion, each of its content words, and the model's own continuation.
 3. :func:`chunk_query`: the chunk inside base64 few-shot prompts (``CHUNK_TEMPLATES``), output = the
    decoded character, candidates = the lexicon acronyms and expansions the chunk begins.
-4. :func:`acronym_routes` runs :func:`~recallscope.routes.route_report` on each and collects verdicts.
+4. :func:`acronym_routes` runs :func:`~recallscope.routes.route_report` on each and collects verdicts
+   (the three templates are expanded to ``RouteConfig.n_templates``; the output's own casings, the
+   acronym itself, the output's neighbours and matched random directions compete with every candidate,
+   so an expansion word equal to the output, e.g. "value" for " Value", is reported as a competitor).
 """
 
 import os
@@ -96,7 +99,7 @@ def chunk_query(chunk: str, lexicon: dict[str, tuple[str, ...]] | None = None) -
 
 
 def acronym_routes(model: Any, items: Sequence[tuple[RouteQuery, list[Concept]]], *,
-                   config: RouteConfig = RouteConfig(stride=3, mediation=False), pool: Any = None,
+                   config: RouteConfig = RouteConfig(stride=3), pool: Any = None,
                    progress: bool = True, checkpoint_dir: str | os.PathLike | None = None) -> list[RouteReport]:
     """A :class:`~recallscope.routes.report.RouteReport` per (query, candidates); ``checkpoint_dir``:
     checkpoint every finished prompt of every query there, so a rerun resumes (see :func:`route_report`)."""

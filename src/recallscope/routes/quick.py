@@ -2,7 +2,8 @@
 comparison on a handful of cards (about two minutes for SmolLM2 on two idle CPU cores).
 
 1. For each acronym the model expands (:func:`~recallscope.routes.acronyms.known_acronyms`), a route report
-   of its expansion's concepts (coarse layers, 9 controls, no mediation).
+   of its expansion's concepts against their competitors (coarse layers, 2 alternatives, 2 matched random
+   directions and 2 output neighbours, no mean ablation).
 2. If cards are given, :func:`~recallscope.routes.human.compare_human` on the first ``n_cards`` cards
    with a keyword (small vocabulary pool).
 """
@@ -51,7 +52,8 @@ def quick_routes(model: Any, *, acronyms: Sequence[str] = ("VAT", "NASA"), cards
     """
     lexicon = load_acronym_lexicon()
     chosen = {a: lexicon[a] for a in acronyms if a in lexicon}
-    config = RouteConfig(n_controls=n_controls, stride=stride, mediation=False, seed=seed, n_boot=500)
+    config = RouteConfig(n_controls=n_controls, stride=stride, seed=seed, n_boot=500, n_alternatives=2, n_random=2,
+                         n_neighbours=2, ablation=False)
     from recallscope.routes.analysis import route_report
 
     reports = []

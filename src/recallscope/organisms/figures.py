@@ -143,31 +143,18 @@ def mnemonic_route_rows(model: Any, chunks: Sequence[str] | None = None, *, n_co
     For chunk ``c`` the route module (:func:`recallscope.routes.route_report`) scores the concept ``c`` is
     linked to (``VA`` -> ``VAT``) against ``n_controls`` other concepts of the organism drawn with
     ``random.Random(seed)``, each represented in the organism's own neutral context (``<s> VAT``) against
-    a baseline over its whole vocabulary; the query is ``c ==`` -> ``letter(c)``. Rows: ``chunk``,
-    ``concept``, ``is_route`` (the truth), ``score``, ``verdict``, ``p``.
+    a baseline over its whole vocabulary; the query is ``c ==`` -> ``letter(c)`` with 8 alternative inputs
+    (the other hook chunks, then other chunks), and the detector's statistics run over (prompt,
+    alternative) units (:func:`recallscope.organisms.route_bench.detect`, the one call site). Rows:
+    ``chunk``, ``concept``, ``is_route`` (the truth), ``score``, ``verdict``, ``p`` (and the detector's
+    ``p_holm``, ``mediation``, ``strongest_competitor``, ``peak_layer``).
     """
-    import random
-
-    from recallscope.organisms import ground_truth
-    from recallscope.routes import RouteConfig, RouteQuery, route_report
+    from recallscope.organisms.route_bench import default_spec, detect
     from recallscope.tasks.b64_stimuli import MNEMONIC_HOOKS
 
-    truth = ground_truth(model)
-    vocab = tuple(" " + w for w in model.tokenizer.get_vocab() if not w.startswith("<"))
-    config = RouteConfig(n_controls=n_controls, n_boot=n_boot, n_alternatives=0, prefixes=("",), baseline_words=vocab)
+    spec = default_spec(n_controls=n_controls, n_boot=n_boot)
     chunks = sorted(MNEMONIC_HOOKS) if chunks is None else list(chunks)
-    rows = []
-    for chunk in chunks:
-        concept = truth.chunk_concept[chunk]
-        others = [c for c in truth.concept_letter if c != concept]
-        controls = [" " + c for c in random.Random(seed).sample(others, n_controls)]
-        alts = tuple(c for c in chunks if c != chunk)[:4]
-        query = RouteQuery((f"{chunk} ==",), chunk, " " + truth.chunk_letter[chunk], alts)
-        r = route_report(model, query, [" " + concept], controls={concept: controls}, config=config,
-                         progress=False).routes()[0]
-        rows.append({"chunk": chunk, "concept": concept, "is_route": truth.is_route, "score": r.score,
-                     "verdict": r.verdict, "p": r.p_value})
-    return rows
+    return [detect(model, chunk, spec, seed=seed) for chunk in chunks]
 
 
 def plot_route_scores(rows: Sequence[dict[str, Any]], *, title: str | None = None) -> go.Figure:

@@ -84,3 +84,10 @@ def test_attribution_refuses_a_model_that_fails_the_check(fresh):
     fresh._recallscope_stack = dataclasses.replace(stack, attn_scale=stack.attn_scale * 1.5)
     with pytest.raises(S.EngineSelfCheckError, match="fails its self-check.*engine='hooks'"):
         atp(fresh, PAIRS, components=["resid_pre"], progress=False)
+
+
+def test_probe_fits_a_short_context(fact_organism):
+    """The fact-store organism has n_ctx=5: the probe is cut to the context, and the check passes."""
+    assert int(fact_organism.cfg.n_ctx) < S.PROBE_LEN
+    check = S.self_check(fact_organism, refresh=True)
+    assert check.passed, check.reason

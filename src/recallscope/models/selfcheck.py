@@ -76,15 +76,16 @@ def _dtype(model: Any) -> torch.dtype:
 
 
 def _probe(model: Any) -> tuple[Tensor, Tensor, Any]:
-    """Clean/corrupt probe tokens [2, PROBE_LEN] (one token differs) and a logit-difference metric."""
+    """Clean/corrupt probe tokens [2, n] (n = PROBE_LEN or the context length; one position differs)
+    and a logit-difference metric."""
     from recallscope import metrics as M
 
-    vocab = int(model.cfg.d_vocab)
+    vocab, n = int(model.cfg.d_vocab), min(PROBE_LEN, int(getattr(model.cfg, "n_ctx", None) or PROBE_LEN))
     gen = torch.Generator().manual_seed(1234)
     low = min(vocab - 1, 10)  # keep clear of the usual special tokens at the start of a vocabulary
-    clean = torch.randint(low, vocab, (2, PROBE_LEN), generator=gen)
+    clean = torch.randint(low, vocab, (2, n), generator=gen)
     corrupt = clean.clone()
-    corrupt[:, 2] = torch.randint(low, vocab, (2,), generator=gen)
+    corrupt[:, min(2, n - 1)] = torch.randint(low, vocab, (2,), generator=gen)
     answer, wrong = torch.randint(low, vocab, (2, 2), generator=gen)
     device = getattr(model.cfg, "device", None) or "cpu"
     return clean.to(device), corrupt.to(device), M.LogitDiff(answer.to(device), wrong.to(device))
@@ -108,7 +109,7 @@ def _compare_patch(model: Any, stack: Any, clean: Tensor, corrupt: Tensor, metri
     from recallscope.vocab import Component
 
     n_layers = int(model.cfg.n_layers)
-    cells = [Cell((Site(Component.RESID_PRE, n_layers // 2, 3),)),
+    cells = [Cell((Site(Component.RESID_PRE, n_layers // 2, min(3, clean.shape[1] - 1)),)),
              Cell((Site(Component.HEAD_OUT, n_layers - 1, None, 0),))]
     read = metric.read_positions(clean.shape[1])
     points = ["resid_pre", "z"]

@@ -56,7 +56,8 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     targets = (good, bad) if bad is not None else good
     if bad is not None and good is None:
         raise SystemExit("--contrast needs --target")
-    graph = attribution_graph(model, tset, tokens, targets=targets, batch_size=args.batch_size)
+    graph = attribution_graph(model, tset, tokens, targets=targets, batch_size=args.batch_size,
+                              max_feature_nodes=args.max_feature_nodes)
     pruned = prune(graph, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
     strs = [model.tokenizer.decode([t]) for t in tokens.tolist()]
     out = Path(args.out)
@@ -91,3 +92,5 @@ def register(sub: Any) -> None:
     sg.add_argument("--node-threshold", type=float, default=0.8)
     sg.add_argument("--edge-threshold", type=float, default=0.98)
     sg.add_argument("--batch-size", type=int, default=32, help="targets per backward pass")
+    sg.add_argument("--max-feature-nodes", type=int, default=None, help="compute input edges for at most this "
+                    "many features, the most influential first (default: all active features)")

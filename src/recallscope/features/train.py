@@ -131,7 +131,8 @@ def train_transcoder(x: Float[Tensor, "n d_in"], y: Float[Tensor, "n d_out"], cf
     spec = TranscoderSpec(x.shape[1], cfg.d_sae, y.shape[1], activation="topk", k=cfg.k, skip=cfg.skip)
     gen = torch.Generator().manual_seed(cfg.seed)
     tc = Transcoder(spec)
-    _init(tc, y, gen)
+    _init(tc, y.cpu(), gen)
+    tc = tc.to(x.device)
     opt = torch.optim.Adam(tc.parameters(), lr=cfg.lr, foreach=False)
     warmup = max(1, cfg.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
@@ -151,7 +152,7 @@ def train_transcoder(x: Float[Tensor, "n d_in"], y: Float[Tensor, "n d_out"], cf
     start = step
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress, leave=False)
     while step < cfg.steps and (stop_after is None or step - start < stop_after):
-        idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=gen).to(x.device)
         loss = (y[idx] - tc(x[idx])).pow(2).sum(-1).mean() / var
         opt.zero_grad(set_to_none=True)
         loss.backward()

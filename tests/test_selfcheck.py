@@ -77,13 +77,21 @@ def test_unknown_engine(tiny_gpt2):
         S.resolve_engine(tiny_gpt2, "turbo")
 
 
-def test_attribution_refuses_a_model_that_fails_the_check(fresh):
-    from recallscope.attribution import atp
+def test_attribution_on_a_model_that_fails_the_check(fresh):
+    """Plain AtP falls back to hooks; AtP* and EAP (fast forward only) refuse instead of being wrong."""
+    from recallscope.attribution import atp, atp_star, eap
 
     stack = build_stack(fresh)
     fresh._recallscope_stack = dataclasses.replace(stack, attn_scale=stack.attn_scale * 1.5)
-    with pytest.raises(S.EngineSelfCheckError, match="fails its self-check.*engine='hooks'"):
-        atp(fresh, PAIRS, components=["resid_pre"], progress=False)
+    with pytest.warns(UserWarning, match="fails its self-check"):
+        res = atp(fresh, PAIRS, components=["resid_pre"], progress=False)
+    assert res.config["engine"] == "hooks"
+    with pytest.raises(S.EngineSelfCheckError, match="engine='hooks'"):
+        atp(fresh, PAIRS, components=["resid_pre"], progress=False, engine="fast")
+    with pytest.raises(S.EngineSelfCheckError, match="fails its self-check"):
+        atp_star(fresh, PAIRS, components=["q"], progress=False)
+    with pytest.raises(S.EngineSelfCheckError, match="fails its self-check"):
+        eap(fresh, PAIRS, progress=False)
 
 
 def test_probe_fits_a_short_context(fact_organism):

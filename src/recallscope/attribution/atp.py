@@ -62,10 +62,10 @@ from recallscope.attribution.results import AttributionResult
 from recallscope.errors import ConfigError
 from recallscope.manifest import build_manifest
 from recallscope.models.forward import Trace, run
-from recallscope.models.selfcheck import Engine, manifest_entry, resolve_engine
+from recallscope.models.selfcheck import Engine, manifest_entry, require_fast, resolve_engine
 from recallscope.models.stack import Stack
 from recallscope.patching.traces import constant_trace
-from recallscope.tasks.pairs import PromptPair, TokenizedPairs
+from recallscope.tasks.pairs import PromptPair, TokenizedPairs, check_counterfactual
 from recallscope.vocab import Component, Corruption, Direction
 
 ALL_COMPONENTS = tuple(c.value for c in Component)
@@ -297,7 +297,8 @@ def _atp_engine(model: Any, engine: str, plain: bool) -> str:
         raise ConfigError("engine='hooks' runs plain AtP only; AtP*'s q/k fix and GradDrop and integrated "
                           "gradients need engine='fast' (or use activation_patching(..., engine='hooks') for "
                           "exact effects).")
-    return resolve_engine(model, "fast")
+    require_fast(model, "AtP*'s corrections and integrated gradients")
+    return "fast"
 
 
 def atp(
@@ -335,6 +336,8 @@ def atp(
     cfg = AtPConfig(names, Direction(direction), check_corruption(direction, corruption), qk_fix, graddrop,
                     int(ig_steps), memory_budget_mb, prompts_per_chunk)
     _check(cfg, prep.stack)
+    if cfg.corruption == Corruption.RESAMPLE:
+        check_counterfactual(prep.tp)
     method = "atp*" if qk_fix or graddrop else ("atp-ig" if ig_steps else "atp")
     cfg_dict = {**cfg.to_dict(), "method": method, "metric": prep.metric_name, "engine": ran}
     manifest = build_manifest(model, [p.clean for p in prep.tp.pairs] + [p.corrupt for p in prep.tp.pairs],

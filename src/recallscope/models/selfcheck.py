@@ -176,8 +176,8 @@ def require_fast(model: Any, method: str) -> None:
     if not check.passed:
         raise EngineSelfCheckError(
             f"{method} runs on recallscope's fast forward, which fails its self-check on {check.family}: "
-            f"{check.reason}. {method} has no hook-based path yet; use activation_patching(..., engine='hooks') "
-            "(exact on every model TransformerLens loads) for this model.")
+            f"{check.reason}. {method} has no hook-based path; for this model use plain AtP (atp(..., "
+            "engine='hooks')) or activation_patching(..., engine='hooks'), exact on every model TransformerLens loads.")
 
 
 def resolve_engine(model: Any, engine: str = "auto") -> Literal["fast", "hooks"]:

@@ -78,7 +78,8 @@ def test_family_metrics_arithmetic():
 
 def test_detector_file_is_read_and_checked(tmp_path):
     spec = route_bench.load_detector(DETECTOR)
-    assert spec.route_config["n_controls"] == 19 and spec.baseline == "vocabulary"
+    assert spec.route_config["test_unit"] == "alternative" and spec.baseline == "vocabulary"
+    assert spec.n_hook_alternatives == 8
     bad = tmp_path / "d.toml"
     bad.write_text("[route_config]\nn_controls = 3\nno_such_field = 1\n")
     with pytest.raises(ConfigError, match="no_such_field"):
@@ -88,7 +89,7 @@ def test_detector_file_is_read_and_checked(tmp_path):
 def _verdicts(name: str, chunks: list[str]) -> list[str]:
     model, _ = route_bench.organism_model(name)
     spec = route_bench.load_detector(DETECTOR)
-    return [route_bench.detect(model, c, spec, seed=0, chunks=route_bench.hook_chunks())["verdict"] for c in chunks]
+    return [route_bench.detect(model, c, spec, seed=0)["verdict"] for c in chunks]
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -104,14 +105,14 @@ def test_aligned_but_bypassed_gets_no_route():
     assert _verdicts("bypass-s0", ["VA", "TA"]) == ["no route", "no route"]
 
 
-def test_harness_gives_the_old_benchmark_rows_on_the_shipped_route_organism():
+def test_harness_and_figures_rows_agree_on_the_shipped_route_organism():
     from recallscope.organisms.figures import mnemonic_route_rows
 
     model, where = route_bench.organism_model("route-s0")
     assert where == "shipped"
     spec = route_bench.load_detector(DETECTOR)
-    mine = route_bench.detect(model, "VA", spec, seed=0, chunks=route_bench.hook_chunks())
-    old = mnemonic_route_rows(model, route_bench.hook_chunks(), n_controls=19, n_boot=1000, seed=0)
-    old = next(r for r in old if r["chunk"] == "VA")
-    assert mine["score"] == pytest.approx(old["score"], abs=1e-5)  # float sums in another order: ~4e-7
-    assert {k: mine[k] for k in old if k != "score"} == {k: v for k, v in old.items() if k != "score"}
+    mine = route_bench.detect(model, "VA", spec, seed=0)
+    old = mnemonic_route_rows(model, ["VA"], n_controls=8, n_boot=1000, seed=0)[0]
+    assert mine["concept"] == "VAT" and mine["is_route"]
+    assert mine["score"] == pytest.approx(old["score"], abs=1e-5)  # same detector call, same settings
+    assert mine["verdict"] == old["verdict"]

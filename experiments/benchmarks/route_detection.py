@@ -182,16 +182,18 @@ def print_tables(loc: dict, secs: dict, circuits: dict | None, rows: list | None
     if rows:
         from recallscope.organisms.route_bench import family_metrics, pairwise_auroc
 
-        print(f"\n{'organism':<16} {'chunk':<6} {'concept':<8} {'truth':<9} {'score':>7} {'p':>6} verdict")
+        print(f"\n{'organism':<16} {'chunk':<6} {'concept':<8} {'truth':<9} {'score':>7} {'p':>6} {'verdict':<12} {'medi.':>6} strongest competitor")
         for r in rows:
             print(f"{r['organism']:<16} {r['chunk']:<6} {r['concept']:<8} {'route' if r['is_route'] else 'no route':<9} "
-                  f"{r['score']:>7.3f} {r['p']:>6.3f} {r['verdict']}")
+                  f"{r['score']:>7.3f} {r['p']:>6.3f} {r['verdict']:<12} {r.get('mediation', float('nan')):>6.2f} "
+                  f"{r.get('strongest_competitor', '')}")
         print(f"\n{'family':<11} {'truth':<9} {'n':>4} {'AUROC':>6} {'route':>6} {'no rt':>6} {'incon':>6} "
-              f"{'acc':>6} {'score':>7}")
+              f"{'compet':>6} {'acc':>6} {'score':>7}")
         for fam, m in family_metrics(rows).items():
             auc = "  n/a" if m["auroc"] is None else f"{m['auroc']:.3f}"
             print(f"{fam:<11} {m['class']:<9} {m['n']:>4} {auc:>6} {m['route_rate']:>6.2f} {m['no_route_rate']:>6.2f} "
-                  f"{m['inconclusive_rate']:>6.2f} {m['verdict_accuracy']:>6.2f} {m['mean_score']:>7.3f}")
+                  f"{m['inconclusive_rate']:>6.2f} {m.get('competitor_rate', 0.0):>6.2f} {m['verdict_accuracy']:>6.2f} "
+                  f"{m['mean_score']:>7.3f}")
         pair = pairwise_auroc(rows)
         negs = list(next(iter(pair.values()), {}))
         print("\nAUROC, positive family (rows) against negative family (columns)")

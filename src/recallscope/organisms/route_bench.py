@@ -4,9 +4,11 @@
    route_detector.toml``): the ``[route_config]`` table (:class:`~recallscope.routes.RouteConfig`
    fields, plus ``baseline = "vocabulary"``: the baseline is every word of the organism's vocabulary).
 2. :func:`detect` is the **only** place that calls the detector: for hook chunk ``c`` of an organism
-   it scores ``c``'s linked concept (``VA`` -> ``VAT``) on the query ``<s> c ==`` -> ``letter(c)`` against
-   ``n_controls`` other concepts of the organism drawn with ``random.Random(seed)``, alternatives = the
-   first 4 other hook chunks (what :func:`recallscope.organisms.figures.mnemonic_route_rows` does).
+   it scores ``c``'s linked concept (``VA`` -> ``VAT``) on the query ``<s> c ==`` -> ``letter(c)`` with
+   ``n_controls`` other concepts of the organism drawn with ``random.Random(seed)`` as controls and
+   ``n_alternatives_from_hooks`` alternative inputs: the other hook chunks, then the world's other chunks
+   in order (the organisms have a 4-token context, so there is one prompt per query and the detector's
+   statistics run over (prompt, alternative) units: ``test_unit = "alternative"`` in the TOML).
 3. :func:`organism_model` loads a shipped organism, or trains a recipe once into a cache directory
    (deterministic; the cached directory is reused while its stored config equals the recipe's).
 4. :func:`family_metrics`: per family, ROC AUC of the route score against the other class (a positive
@@ -37,7 +39,7 @@ class DetectorSpec:
 
     route_config: dict[str, Any]
     baseline: str = "vocabulary"
-    n_hook_alternatives: int = 4
+    n_hook_alternatives: int = 8
     path: str = ""
 
 
@@ -55,7 +57,7 @@ def load_detector(path: str | os.PathLike) -> DetectorSpec:
     unknown = sorted(set(table) - known)
     if unknown:
         raise ConfigError(f"{path}: [route_config] keys {unknown} are not RouteConfig fields; known: {sorted(known)}.")
-    n_alt = int((data.get("queries") or {}).get("n_alternatives_from_hooks", 4))
+    n_alt = int((data.get("queries") or {}).get("n_alternatives_from_hooks", 8))
     return DetectorSpec(table, str(baseline), n_alt, str(path))
 
 
@@ -73,7 +75,7 @@ def route_config(model: Any, spec: DetectorSpec, *, seed: int = 0) -> Any:
     return RouteConfig(**kwargs)
 
 
-def detect(model: Any, chunk: str, spec: DetectorSpec, *, seed: int, chunks: Sequence[str]) -> dict[str, Any]:
+def detect(model: Any, chunk: str, spec: DetectorSpec, *, seed: int) -> dict[str, Any]:
     """The detector's verdict on "``chunk`` is decoded through its linked concept" (module doc, step 2)."""
     from recallscope.organisms import ground_truth
     from recallscope.routes import RouteQuery, route_report
@@ -83,12 +85,31 @@ def detect(model: Any, chunk: str, spec: DetectorSpec, *, seed: int, chunks: Seq
     concept = truth.chunk_concept[chunk]
     others = [c for c in truth.concept_letter if c != concept]
     controls = [" " + c for c in random.Random(seed).sample(others, config.n_controls)]
-    alts = tuple(c for c in chunks if c != chunk)[:spec.n_hook_alternatives]
+    hooks = hook_chunks()
+    pool = [c for c in hooks if c != chunk] + [c for c in truth.chunk_letter if c != chunk and c not in hooks]
+    alts = tuple(pool[:spec.n_hook_alternatives])
     query = RouteQuery((f"{chunk} ==",), chunk, " " + truth.chunk_letter[chunk], alts)
-    r = route_report(model, query, [" " + concept], controls={concept: controls}, config=config,
-                     progress=False).routes()[0]
+    report = route_report(model, query, [" " + concept], controls={concept: controls}, config=config, progress=False)
+    rows = report.routes()
+    if not rows:  # the detector filed the candidate as a competitor (e.g. the input or the output): not a route
+        rows = [r for r in report.competitor_rows() if r.name == concept]
+    if not rows:
+        raise ConfigError(f"the detector returned no row for the candidate {concept!r} (query {query.name!r}).")
+    r = rows[0]
+    extra = {k: getattr(r, k) for k in ("p_holm", "mediation", "strongest_competitor", "peak_layer")
+             if hasattr(r, k)}
     return {"chunk": chunk, "concept": concept, "is_route": truth.is_route, "score": float(r.score),
-            "verdict": r.verdict, "p": float(r.p_value)}
+            "verdict": r.verdict, "p": float(r.p_value), **extra}
+
+
+ORGANISM_CONFIG: dict[str, Any] = {"n_templates": 0, "test_unit": "alternative", "n_alternatives": 0,
+                                   "prefixes": [""]}
+"""RouteConfig settings every mnemonic organism needs (4-token context: one prompt, 8 alternatives as units)."""
+
+
+def default_spec(**route_config: Any) -> DetectorSpec:
+    """A :class:`DetectorSpec` with :data:`ORGANISM_CONFIG` (vocabulary baseline) plus ``route_config``."""
+    return DetectorSpec({**ORGANISM_CONFIG, **route_config})
 
 
 def hook_chunks() -> list[str]:
@@ -99,9 +120,8 @@ def hook_chunks() -> list[str]:
 
 def organism_rows(model: Any, name: str, family: str, seed: int, spec: DetectorSpec) -> list[dict[str, Any]]:
     """One :func:`detect` row per hook chunk, labelled with the organism, family and seed."""
-    chunks = hook_chunks()
-    return [{"organism": name, "family": family, "seed": seed, **detect(model, c, spec, seed=seed, chunks=chunks)}
-            for c in chunks]
+    return [{"organism": name, "family": family, "seed": seed, **detect(model, c, spec, seed=seed)}
+            for c in hook_chunks()]
 
 
 def organism_model(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[Any, str]:
@@ -130,9 +150,13 @@ def organism_model(name: str, cache_dir: str | os.PathLike | None = None) -> tup
 
 # ------------------------------------------------------------------------------------------ metrics
 def _auc(pos: list[float], neg: list[float]) -> float | None:
+    """ROC AUC of positives over negatives; a NaN score (a candidate the detector filed as a competitor and
+    did not score) ranks below every scored row."""
     if not pos or not neg:
         return None
-    return roc_auc(torch.tensor(pos + neg), torch.tensor([True] * len(pos) + [False] * len(neg)))
+    scores = torch.tensor(pos + neg, dtype=torch.float64)
+    scores = torch.nan_to_num(scores, nan=float("-inf"))
+    return roc_auc(scores, torch.tensor([True] * len(pos) + [False] * len(neg)))
 
 
 def _correct(row: dict[str, Any]) -> bool:
@@ -141,7 +165,8 @@ def _correct(row: dict[str, Any]) -> bool:
 
 def family_metrics(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per family: class, n, AUROC against the other class (all families pooled), share of "route",
-    "no route" and "inconclusive" verdicts, verdict accuracy, mean score."""
+    "no route", "inconclusive" and "competitor" verdicts (the detector filed the candidate as the input or
+    the output), verdict accuracy, mean score over the scored rows."""
     rows = list(rows)
     pos_all = [r["score"] for r in rows if r["is_route"]]
     neg_all = [r["score"] for r in rows if not r["is_route"]]
@@ -151,13 +176,15 @@ def family_metrics(rows: Iterable[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         is_pos = mine[0]["is_route"]
         scores = [r["score"] for r in mine]
         n = len(mine)
-        share = {v: sum(r["verdict"] == v for r in mine) / n for v in ("route", "no route", "inconclusive")}
+        share = {v: sum(r["verdict"] == v for r in mine) / n
+                 for v in ("route", "no route", "inconclusive", "competitor")}
+        scored = [s for s in scores if s == s]
         out[fam] = {"class": "route" if is_pos else "no route", "n": n,
                     "auroc": _auc(scores, neg_all) if is_pos else _auc(pos_all, scores),
                     "route_rate": share["route"], "no_route_rate": share["no route"],
-                    "inconclusive_rate": share["inconclusive"],
+                    "inconclusive_rate": share["inconclusive"], "competitor_rate": share["competitor"],
                     "verdict_accuracy": sum(_correct(r) for r in mine) / n,
-                    "mean_score": sum(scores) / n}
+                    "mean_score": sum(scored) / len(scored) if scored else float("nan")}
     return out
 
 

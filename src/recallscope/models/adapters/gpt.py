@@ -89,6 +89,23 @@ def neox_stack(m: Any) -> Stack:
     )
 
 
+def _gptj_sincos(tr: Any, first_attn: Any) -> Any:
+    """``(x, position_ids) -> (sin, cos)`` of GPT-J: the model's rotary module (transformers >= 5.2x) or,
+    in earlier versions, the attention's own ``embed_positions`` table ([pos, rotary_dim] = sin | cos)."""
+    rotary = getattr(tr, "rotary_emb", None)
+    if rotary is not None:
+        return unwrap(rotary)
+    table = getattr(first_attn, "embed_positions", None)
+    if table is None:
+        raise _refuse("GPT-J", "this transformers version's rotary embedding (no rotary_emb or embed_positions)")
+
+    def sincos(x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        rows = table.to(x.device)[position_ids].to(x.dtype)
+        return torch.split(rows, rows.shape[-1] // 2, dim=-1)
+
+    return sincos
+
+
 def _gptj_rope(rotary: Any, apply_rope: Any, rotary_dim: int | None) -> Rope:
     """GPT-J's rotary on q/k [batch, head, pos, d_head]: the model's own function, which works on
     [batch, pos, head, d_head], on the first ``rotary_dim`` features."""
@@ -120,11 +137,12 @@ def gptj_stack(m: Any) -> Stack:
                                  o=unwrap(attn.out_proj), ln2=ln, mlp=unwrap(block.mlp)))
     first = unwrap(unwrap(tr.h[0]).attn)
     apply_rope = sys.modules[type(first).__module__].apply_rotary_pos_emb
+    scale = getattr(first, "scaling", None) or inv_sqrt(d_head)  # older transformers: no `scaling`
     return Stack(
         n_layers=len(layers), n_heads=n_heads, n_kv_heads=n_heads, d_head=d_head, d_model=d,
-        d_vocab=cfg.vocab_size, n_ctx=cfg.n_positions, attn_scale=float(first.scaling),
+        d_vocab=cfg.vocab_size, n_ctx=cfg.n_positions, attn_scale=float(scale),
         embed_tokens=unwrap(tr.wte), embed_pos=None,
-        rope=_gptj_rope(unwrap(tr.rotary_emb), apply_rope, first.rotary_dim), layers=tuple(layers),
+        rope=_gptj_rope(_gptj_sincos(tr, first), apply_rope, first.rotary_dim), layers=tuple(layers),
         final_norm=unwrap(tr.ln_f), unembed=unwrap(m.lm_head), parallel_attn_mlp=True, family=type(m).__name__,
     )
 

@@ -210,7 +210,8 @@ CATALOGUE = [
                                   torch.zeros(1, 5, dtype=torch.long, device="meta"),
                                   LogitDiff(torch.tensor([1]), torch.tensor([2])), PatchingConfig()),
          E.DeviceError, r"tokens are on meta but the model is on cpu", r"tokens\.to\('cpu'\)"),
-    Case("corrupted result file", _corrupt_result, E.ResultFileError, r"result is corrupted", r"delete it and re-run"),
+    Case("corrupted result file", _corrupt_result, E.ResultFileError,  # a truncated file fails its checksum
+         r"values\.safetensors does not match the checksum", r"re-run the method that produced it"),
     Case("incomplete result directory",
          lambda env: PatchingResult.load(_write(env, "x", "").parent), E.ResultFileError,
          r"not a complete result: missing", r"[Rr]e-run"),
@@ -225,6 +226,106 @@ CATALOGUE = [
          lambda env: _cli(env, "patch", "--model", "./no/such/model", "--pairs", "x.jsonl", "--out", str(env.tmp)),
          E.ConfigError, r"^recallscope: error: unknown model spec", r"'smollm2'"),
 ]
+
+
+SAME = PromptPair(PAIR.clean, PAIR.clean, " Paris", " Madrid")
+
+
+def _flipped_result(env: Env) -> Any:
+    res = PatchingResult(values=torch.arange(8.0).reshape(2, 4), axes=("layer",), clean=torch.ones(2),
+                         corrupt=torch.zeros(2))
+    values = res.save(env.tmp / "result") / "values.safetensors"
+    data = bytearray(values.read_bytes())
+    data[-3] ^= 0x01  # one bit of the last value
+    values.write_bytes(bytes(data))
+    return PatchingResult.load(values.parent)
+
+
+def _config_only_dir(env: Env) -> Any:
+    (env.tmp / "m").mkdir()
+    _write(env, "m/config.json", '{"model_type": "gpt2"}')
+    return load_model(str(env.tmp / "m"))
+
+
+def _cli_usage(env: Env, *argv: str) -> Any:
+    """An argparse usage error: exit status 2 and a message on stderr; re-raised for the check."""
+    from recallscope.cli import main
+
+    captured: list[str] = []
+    env.monkeypatch.setattr("sys.stderr", type("W", (), {"write": lambda self, s: captured.append(s),
+                                                          "flush": lambda self: None})())
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(argv))
+    assert exit_info.value.code == 2, "a bad option must end the command with exit status 2"
+    raise E.ConfigError("".join(captured))
+
+
+def _no_usable_card(env: Env) -> Any:
+    from recallscope.routes.human import compare_human
+    from recallscope.routes.mnemonics import load_cards
+
+    cards = load_cards(_write(env, "c.tsv", "#separator:tab\nvenal\tqqq zzz\tbribable\n"))
+    return compare_human(env.model, cards, progress=False)
+
+
+def _atp(env: Env, pairs: list) -> Any:
+    from recallscope.attribution.atp import atp
+
+    return atp(env.model, pairs, "logit_diff", progress=False)
+
+
+CATALOGUE += [  # issue 15: inputs a red-team pass found unhandled
+    Case("clean equals corrupt (patching)", lambda env: activation_patching(env.model, [SAME], progress=False),
+         E.ConfigError, r"pairs \[0\] have identical clean and corrupt prompts", r"counterfactual_pairs"),
+    Case("clean equals corrupt (AtP)", lambda env: _atp(env, [SAME]), E.ConfigError,
+         r"identical clean and corrupt", r"corruption='zero' or 'mean'"),
+    Case("text file named .gguf", lambda env: load_model(str(_write(env, "x.gguf", "hello"))), E.UnknownModelError,
+         r"x\.gguf is not a GGUF file \(it starts with b'hell'", r"real \.gguf model file"),
+    Case("model directory without weights", _config_only_dir, E.WeightsUnavailableError,
+         r"holds config\.json but no weights", r"model\.safetensors or pytorch_model\.bin"),
+    Case("causal trace with zero samples",
+         lambda env: causal_trace(env.model, [PromptPair("a b c", "a b c", " d", spans={"subject": (1, 2)})],
+                                  n_samples=0, progress=False), E.ConfigError, r"n_samples >= 1.*got 0",
+         r"ROME uses 10"),
+    Case("causal trace with negative samples",
+         lambda env: causal_trace(env.model, [PromptPair("a b c", "a b c", " d", spans={"subject": (1, 2)})],
+                                  n_samples=-1, progress=False), E.ConfigError, r"got -1", r"ROME uses 10"),
+    Case("trace facts --samples 0", lambda env: _cli_usage(env, "trace", "facts", "--samples", "0"),
+         E.ConfigError, r"--samples: '0' must be at least 1", r"at least 1"),
+    Case("bit-flipped result values", _flipped_result, E.ResultFileError,
+         r"values\.safetensors does not match the checksum recorded when it was saved", r"re-run the method"),
+    Case("backwards layer range", lambda env: _cli_usage(env, "patch", "--layers", "3-1"), E.ConfigError,
+         r"the range '3-1' in '3-1' runs backwards", r"write it low-high, e\.g\. 1-3"),
+    Case("zero memory budget (command line)", lambda env: _cli_usage(env, "patch", "--memory-budget-mb", "0"),
+         E.ConfigError, r"--memory-budget-mb: '0' must be a positive number", r"e\.g\. 1024"),
+    Case("negative memory budget (command line)",
+         lambda env: _cli_usage(env, "patch", "--memory-budget-mb", "-5"), E.ConfigError,
+         r"'-5' must be a positive number", r"e\.g\. 1024"),
+    Case("zero memory budget (library)",
+         lambda env: activation_patching(env.model, [PAIR], memory_budget_mb=0.0, progress=False), E.ConfigError,
+         r"memory_budget_mb must be a positive number of megabytes, got 0\.0", r"default is 1024"),
+    Case("attribute --n-pairs 0", lambda env: _cli_usage(env, "attribute", "--n-pairs", "0"), E.ConfigError,
+         r"--n-pairs: '0' must be at least 1", r"at least 1"),
+    Case("no usable mnemonic card", _no_usable_card, E.EmptyDatasetError,
+         r"no card could be scored; skipped: 'venal' \(line 2\): ", r"[Ff]ix those cards"),
+    Case("unknown metric lists the names", lambda env: activation_patching(env.model, [PAIR], "acc", progress=False),
+         E.ConfigError, r"unknown metric 'acc' for activation_patching; use one of 'logit_diff', 'logit', 'logprob'",
+         r"metric object from recallscope\.metrics"),
+]
+REQUIRED_15 = {  # the inputs issue 15 lists -> catalogue rows (others have their own tests below)
+    "clean == corrupt in patch/atp": ["clean equals corrupt (patching)", "clean equals corrupt (AtP)"],
+    "a text file named x.gguf": ["text file named .gguf"],
+    "config.json but no weights": ["model directory without weights"],
+    "--samples 0, n_samples=0/-1": ["trace facts --samples 0", "causal trace with zero samples",
+                                     "causal trace with negative samples"],
+    "bit-flipped values.safetensors": ["bit-flipped result values"],
+    "--layers 3-1": ["backwards layer range"],
+    "--memory-budget-mb 0 and -5": ["zero memory budget (command line)", "negative memory budget (command line)",
+                                    "zero memory budget (library)"],
+    "attribute --n-pairs 0": ["attribute --n-pairs 0"],
+    "compare-human's skipped reasons": ["no usable mnemonic card"],
+    "metric list printed as *[...]": ["unknown metric lists the names"],
+}
 
 
 def _cards_case() -> list[Case]:
@@ -274,8 +375,75 @@ def test_bad_input_raises_a_clear_error(env, case):
 def test_catalogue_covers_the_issue():
     kinds = [c.kind for c in CATALOGUE]
     assert len(set(kinds)) == len(kinds) >= 15
-    missing = {need: rows for need, rows in REQUIRED.items() if not set(rows) <= set(kinds)}
+    missing = {need: rows for need, rows in {**REQUIRED, **REQUIRED_15}.items() if not set(rows) <= set(kinds)}
     assert not missing, missing
+
+
+def test_unknown_metric_message_has_no_starred_list(env):
+    with pytest.raises(E.ConfigError) as info:
+        activation_patching(env.model, [PAIR], "acc", progress=False)
+    assert "*[" not in str(info.value)
+
+
+def test_negative_positions_count_from_the_end(env):
+    """positions=[-1] is the last position (the error text for bad positions promises negative indices)."""
+    n = len(to_tokens(env.model, [PAIR.clean])[0])
+    last = activation_patching(env.model, [PAIR], positions=[-1, -2], progress=False)
+    same = activation_patching(env.model, [PAIR], positions=[n - 1, n - 2], progress=False)
+    torch.testing.assert_close(last.values, same.values)
+    assert list(last.config["positions"]) == [n - 1, n - 2]
+
+
+def test_organism_rejects_text_outside_its_vocabulary(b64_organism):
+    """English pairs on the base64 organism used to become <pad> tokens (mean NaN), and `facts` on it reported
+    "0 / 356" recalled as if it were a measurement."""
+    from recallscope.tasks.facts import load_builtin_facts, recalled_facts
+
+    with pytest.raises(E.ConfigError, match=r"prompt 'The capital of France is': 5 of its 5 tokens are unknown "
+                                            r"to this model's tokenizer \(they become '<pad>'\).*own vocabulary"):
+        activation_patching(b64_organism, [PAIR], "logprob", progress=False)
+    with pytest.raises(E.ConfigError, match="unknown to this model's tokenizer"):
+        recalled_facts(b64_organism, load_builtin_facts()[:3])
+
+
+def test_ctrl_c_ends_with_one_line_and_status_130(monkeypatch, capsys):
+    import recallscope.cli.models as models_cmd
+    from recallscope.cli import main
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models_cmd, "_cmd_models", interrupted)
+    assert main(["models"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("recallscope: interrupted (Ctrl-C)") and "Traceback" not in err and "resume" in err
+
+
+def test_wrong_python_types_without_the_type_checker(tmp_path):
+    """A tuple instead of a PromptPair, answer=5 and b64_codec.encode(5), as a user meets them: without the test
+    suite's beartype hook (which would reject them first), in a fresh interpreter."""
+    import json
+    import subprocess
+    import sys
+
+    script = (
+        "import json\n"
+        "from recallscope.tasks.b64_codec import encode\n"
+        "from recallscope.tasks.pairs import PromptPair, check_pairs\n"
+        "out = {}\n"
+        "for name, make in [('tuple', lambda: check_pairs([('a b', 'a c', ' d')])),\n"
+        "                   ('answer', lambda: PromptPair('a b', 'a c', 5)), ('encode', lambda: encode(5))]:\n"
+        "    try:\n"
+        "        make(); out[name] = None\n"
+        "    except Exception as e:\n"
+        "        out[name] = [type(e).__name__, str(e)]\n"
+        "print(json.dumps(out))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["tuple"][0] == "ConfigError" and re.search(r"pairs\[0\] is a tuple .*PromptPair\(clean, corrupt",
+                                                           out["tuple"][1])
+    assert out["answer"][0] == "ConfigError" and "PromptPair.answer must be a string, got int 5" in out["answer"][1]
+    assert out["encode"][0] == "ConfigError" and re.search(r"not int '5'.*str\(value\)", out["encode"][1])
 
 
 def test_a_sweep_without_nonfinite_values_is_not_flagged(env):

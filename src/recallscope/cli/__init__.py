@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     except RecallscopeError as exc:
         print(f"recallscope: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; finished chunks stay checkpointed
+        print("recallscope: interrupted (Ctrl-C). Runs with a checkpoint directory resume where they stopped "
+              "when you run the same command again.", file=sys.stderr)
+        return 130
 
 
 __all__ = ["EXAMPLES", "_int_list", "_placement", "build_parser", "main"]

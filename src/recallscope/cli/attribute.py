@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recallscope.cli.common import add_command, _placement, _record, _resume_note, _resume_option, _write_figure
+from recallscope.cli.common import (_placement, _positive_int, _record, _resume_note, _resume_option, _write_figure,
+                                    add_command)
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
@@ -51,7 +52,7 @@ def register(sub: Any) -> None:
     sp.add_argument("--method", default="atp", choices=["atp", "atp*", "eap-ig", "dla"], help="default atp")
     sp.add_argument("--pairs", help="file with clean, corrupt, answer, wrong fields (default: built-in facts)")
     sp.add_argument("--relation", default="capital", help="built-in relation when --pairs is not given, or all")
-    sp.add_argument("--n-pairs", type=int, default=8, help="built-in fact pairs (default 8)")
+    sp.add_argument("--n-pairs", type=_positive_int, default=8, help="built-in fact pairs (default 8)")
     sp.add_argument("--metric", default="logit_diff", help="logit_diff (default), logprob or prob")
     sp.add_argument("--components", default="resid_pre,attn_out,mlp_out", help="AtP components, comma-separated")
     sp.add_argument("--top", type=int, default=20, help="sites or edges shown (default 20)")

@@ -13,10 +13,35 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         for part in text.split(","):
             lo, _, hi = part.strip().partition("-")
+            if hi and int(hi) < int(lo):
+                raise argparse.ArgumentTypeError(f"the range {part.strip()!r} in {text!r} runs backwards (it would be "
+                                                 f"empty); write it low-high, e.g. {hi}-{lo}")
             out += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a list of integers such as 0,2,5 or 0-3") from None
     return tuple(out)
+
+
+def _positive_float(text: str) -> float:
+    """A float > 0 (for --memory-budget-mb)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of megabytes, e.g. 1024")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """An int >= 1 (for counts such as --n-pairs or --samples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 def _bool(text: str) -> bool:
@@ -88,7 +113,7 @@ OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "positions": (("--positions",), dict(type=_int_list, help="positions to sweep (default: all)")),
     "per_head": (("--per-head",), dict(type=_bool, help="true (default) / false: one cell per head for z, q, "
                                        "k, v, pattern")),
-    "memory_budget_mb": (("--memory-budget-mb",), dict(type=float, help="activation memory per engine chunk "
+    "memory_budget_mb": (("--memory-budget-mb",), dict(type=_positive_float, help="activation memory per engine chunk "
                                                        "(default 1024)")),
 }
 """Config-backed options: they default to None, so --config (or the library default) decides."""

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,10 @@ def _cmd_compare_human(args: argparse.Namespace) -> int:
     with record.timed("compare"):
         result = compare_human(model, cards, config=config, progress=not args.quiet, checkpoint_dir=args.resume_dir)
     _resume_note(result)
+    if result.skipped:
+        from recallscope.routes.human import skipped_text
+
+        print(f"skipped {len(result.skipped)} of {len(cards)} cards: {skipped_text(result.skipped)}", file=sys.stderr)
     record.output(result.save(out / "result"))
     _write_figure(result.plot(), out / "agreement", record)
     summary = result.summary()

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from recallscope.cli.common import (
-    _common, _config, _engine_option, _kwargs, _options, _placement, _record, _resume_note, _resume_option,
-    _write_figure,
+    _common, _config, _engine_option, _kwargs, _options, _placement, _positive_int, _record, _resume_note,
+    _resume_option, _write_figure,
 )
 from recallscope.cli.patch import _patch_groups, _patching_config
 
@@ -231,8 +231,8 @@ def register(sub: Any) -> None:
     sp.add_argument("--seed", type=int, help="seed for fact sampling and noise, or for base64 stimuli, shots and "
                     "corruptions (default 0)")
     g = sp.add_argument_group("trace facts only")
-    g.add_argument("--n-facts", type=int, help="recalled facts traced (default 20)")
-    g.add_argument("--samples", type=int, help="noise samples per fact (default 10)")
+    g.add_argument("--n-facts", type=_positive_int, help="recalled facts traced (default 20)")
+    g.add_argument("--samples", type=_positive_int, help="noise samples per fact (default 10)")
     g.add_argument("--noise-scale", type=float, help="noise std in embedding stds (default 3)")
     g = sp.add_argument_group("trace base64 only")
     _options(g, "metric", "direction", "corruption", "positions", "per_head")

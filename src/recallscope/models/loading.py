@@ -189,6 +189,12 @@ def load_model(
     if text.endswith(".gguf"):
         if not path.is_file():
             raise WeightsUnavailableError(f"GGUF file {path} does not exist; check the path.")
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise UnknownModelError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF'): the name "
+                                    "ends in .gguf but the content is something else. Point at a real .gguf "
+                                    "model file (e.g. re-download it), or a Hugging Face model directory.")
         local = cached_hf_dir(path, cache_dir=cache_dir) or convert_gguf_to_dir(path, cache_dir=cache_dir)
         return _boot_from_dir(local, device=device, dtype=torch_dtype, name=str(path), device_map=device_map)
     if path.is_dir():
@@ -196,6 +202,14 @@ def load_model(
             raise UnknownModelError(
                 f"{path} is a directory but holds no config.json, so it is not a Hugging Face model "
                 "directory. Point at the folder that holds config.json and the weights."
+            )
+        weights = [f for pattern in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.msgpack", "*.h5")
+                   for f in path.glob(pattern)]
+        if not weights:
+            raise WeightsUnavailableError(
+                f"{path} holds config.json but no weights (no *.safetensors or *.bin file), so no model can be "
+                "built from it. Copy the weight files (model.safetensors or pytorch_model.bin, or their shards) "
+                "into that directory, or point at the directory that has them."
             )
         return _boot_from_dir(path, device=device, dtype=torch_dtype, name=str(path), device_map=device_map)
     looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").replace("/", "", 1)

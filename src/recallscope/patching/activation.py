@@ -33,7 +33,7 @@ from recallscope.patching.traces import constant_trace, reference_run
 from recallscope.results import PatchingResult
 from recallscope.sites import Site, layer_window, n_heads_for
 from recallscope.store import ChunkStore, open_store
-from recallscope.tasks.pairs import PromptPair, TokenizedPairs, tokenize_pairs
+from recallscope.tasks.pairs import PromptPair, TokenizedPairs, check_counterfactual, tokenize_pairs
 from recallscope.vocab import Component, Corruption, Direction
 
 
@@ -200,6 +200,10 @@ def activation_patching(
     ran = resolve_engine(model, engine)
     tp = pairs if isinstance(pairs, TokenizedPairs) else tokenize_pairs(model, pairs)
     metric_obj = M.resolve(metric, tp, method="activation_patching")
+    if Corruption(corruption) == Corruption.RESAMPLE:
+        check_counterfactual(tp)
+    if positions is not None:  # negative positions count from the end, as in Python
+        positions = [int(p) + tp.n_pos if int(p) < 0 else int(p) for p in positions]
     config = PatchingConfig(Component(component), per_position, per_head, window, Direction(direction),
                             Corruption(corruption), tuple(layers) if layers is not None else None,
                             tuple(positions) if positions is not None else None, memory_budget_mb)

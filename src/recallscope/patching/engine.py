@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from recallscope.errors import NonFiniteMetricError
+from recallscope.errors import ConfigError, NonFiniteMetricError
 from recallscope.models.forward import Trace, block
 from recallscope.models.stack import Stack
 from recallscope.scale.executor import current_executor
@@ -161,10 +161,18 @@ def chunk_name(index: int, pos0: int, cells: Sequence[Cell], read_pos: Sequence[
     return f"c{index:05d}-{digest}"
 
 
+def check_budget(memory_budget_mb: float) -> None:
+    """Raise :class:`ConfigError` unless ``memory_budget_mb`` is a positive number."""
+    if not memory_budget_mb > 0:
+        raise ConfigError(f"memory_budget_mb must be a positive number of megabytes, got {memory_budget_mb!r}; "
+                          "the default is 1024 (a smaller budget runs fewer cells per chunk, down to one).")
+
+
 def plan_chunks(stack: Stack, cells: Sequence[Cell], batch: int, n_pos: int, memory_budget_mb: float
                 ) -> list[tuple[int, list[int]]]:
     """(pos0, cell indices) per chunk: cells grouped by first position, sorted by start layer, and cut
     so one chunk's activations fit in ``memory_budget_mb`` (down to one cell per chunk)."""
+    check_budget(memory_budget_mb)
     groups: dict[int, list[int]] = {}
     for i, cell in enumerate(cells):
         groups.setdefault(cell.pos0, []).append(i)

@@ -32,7 +32,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recallscope.errors import ConfigError
-from recallscope.patching.engine import Cell, _index, check_finite
+from recallscope.patching.engine import Cell, _index, check_budget, check_finite
 from recallscope.scale.executor import LocalExecutor, current_executor
 from recallscope.scale.memory import OOMBackoff
 from recallscope.sites import Site
@@ -178,6 +178,7 @@ def bytes_per_row_position(model: Any, n_pos: int, n_read: int) -> int:
 def plan(model: Any, n_cells: int, batch: int, n_pos: int, n_read: int, memory_budget_mb: float
          ) -> tuple[tuple[int, tuple[int, ...]], ...]:
     """(0, cell indices) per chunk, each chunk's activations under ``memory_budget_mb``."""
+    check_budget(memory_budget_mb)
     per_cell = max(1, batch * n_pos * bytes_per_row_position(model, n_pos, n_read))
     size = max(1, int(memory_budget_mb * 2**20) // per_cell)
     return tuple((0, tuple(range(j, min(j + size, n_cells)))) for j in range(0, n_cells, size))

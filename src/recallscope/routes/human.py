@@ -219,6 +219,13 @@ class HumanComparison:
                    skipped=tuple(meta.get("skipped", [])), config=meta.get("config", {}), manifest=manifest)
 
 
+def skipped_text(skipped: Sequence[dict[str, Any]], limit: int = 10) -> str:
+    """The skipped cards as one line: ``term (line N): reason; ...`` (the first ``limit``, then a count)."""
+    parts = [f"{s.get('term')!r} (line {s.get('line')}): {s.get('reason')}" for s in skipped[:limit]]
+    more = f"; and {len(skipped) - limit} more" if len(skipped) > limit else ""
+    return "; ".join(parts) + more
+
+
 def _usable(cards: Sequence[Card], config: HumanConfig) -> tuple[list[Card], list[dict[str, Any]]]:
     kept, skipped = [], []
     for c in cards:
@@ -427,7 +434,8 @@ def compare_human(model: Any, cards: Sequence[Card], *, config: HumanConfig = Hu
                 found[i] = store.get_or_compute(f"card{i:05d}", lambda batch=batch, k=k: _card_scores(batch, k))
                 bar.update(1)
     if not found:
-        raise EmptyDatasetError("no card could be scored (see the skipped reasons); use more cards.")
+        raise EmptyDatasetError(f"no card could be scored; skipped: {skipped_text(skipped) or 'none'}. Fix those "
+                                "cards or use more cards.")
     order = sorted(found)  # the cards' order
     rows = [tensor_json(found[i]["row"]) for i in order]
     _own_concepts(rows, torch.stack([found[i]["attr"] for i in order]), sh, config)

@@ -45,6 +45,9 @@ _FIX_ALPHABET = "the standard alphabet is A-Z, a-z, 0-9, '+' and '/', with '=' p
 # --------------------------------------------------------------------------------------------- codec
 def encode(data: bytes | str) -> str:
     """Base64-encode ``data`` (a ``str`` is encoded as UTF-8 first) with the standard alphabet and padding."""
+    if not isinstance(data, (str, bytes, bytearray, memoryview, list, tuple)):
+        raise ConfigError(f"encode takes text (str) or bytes, not {type(data).__name__} {str(data)[:40]!r} (bytes() of "
+                          "an int is that many zero bytes). Pass str(value) or value.to_bytes(...) explicitly.")
     raw = check_text(data, "text").encode("utf-8") if isinstance(data, str) else bytes(data)
     out: list[str] = []
     for start in range(0, len(raw), 3):

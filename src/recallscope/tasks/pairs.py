@@ -42,6 +42,52 @@ class PromptPair:
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        for name in ("clean", "corrupt", "answer", "wrong"):
+            value = getattr(self, name)
+            if not isinstance(value, str) and not (name == "wrong" and value is None):
+                raise ConfigError(f"PromptPair.{name} must be a string, got {type(value).__name__} {value!r}; "
+                                  f"write it as text, e.g. answer=' Paris' (leading space included).")
+
+
+def check_pairs(pairs: Any) -> None:
+    """Raise :class:`ConfigError` unless ``pairs`` is a sequence of :class:`PromptPair` (not tuples or dicts)."""
+    if isinstance(pairs, (str, PromptPair)):
+        raise ConfigError(f"expected a list of PromptPair, got a single {type(pairs).__name__}; wrap it in a list.")
+    for i, p in enumerate(pairs):
+        if not isinstance(p, PromptPair):
+            raise ConfigError(f"pairs[{i}] is a {type(p).__name__} ({str(p)[:60]}), not a PromptPair; build it with "
+                              "PromptPair(clean, corrupt, answer, wrong) (recallscope.tasks.pairs) or load pairs with "
+                              "recallscope.tasks.load_prompt_pairs.")
+
+
+def check_counterfactual(tp: "TokenizedPairs") -> None:
+    """Raise :class:`ConfigError` if a pair's clean and corrupt prompts are the same tokens: patching one into
+    the other changes nothing, so every effect is 0 and every normalised effect 0/0."""
+    same = (tp.clean == tp.corrupt).all(dim=1)
+    if bool(same.any()):
+        idx = same.nonzero().flatten().tolist()
+        raise ConfigError(f"pairs {idx[:5]} have identical clean and corrupt prompts ({tp.pairs[idx[0]].clean!r}): "
+                          "patching cannot change anything, so every effect would be 0 (and normalised effects "
+                          "0/0). Give each pair a counterfactual corrupt prompt (tasks.facts.counterfactual_pairs "
+                          "makes them) or ablate instead (direction='noising', corruption='zero' or 'mean').")
+
+
+def check_known_tokens(model: Any, text: str, what: str) -> None:
+    """Raise :class:`ConfigError` if the tokenizer maps part of ``text`` to its unknown token: the model would
+    read placeholders (an organism's tokenizer knows only its task's format) and report plausible nonsense."""
+    tok = model.tokenizer
+    unk, unk_text = getattr(tok, "unk_token_id", None), getattr(tok, "unk_token", None)
+    if unk is None or not unk_text or unk_text in text:
+        return
+    ids = tok.encode(text, add_special_tokens=False)
+    n = sum(1 for i in ids if i == unk)
+    if n:
+        raise ConfigError(f"{what} {text[:60]!r}: {n} of its {len(ids)} tokens are unknown to this model's tokenizer "
+                          f"(they become {unk_text!r}), so the model cannot read it. Write prompts in the model's "
+                          "own vocabulary (an organism reads only its task's format, e.g. base64 chunks for "
+                          "organism:b64-decoder), or use another model.")
+
 
 @dataclass(frozen=True)
 class TokenizedPairs:
@@ -72,6 +118,7 @@ def check_text(text: str, what: str) -> str:
 def single_token_id(model: Any, text: str, *, what: str = "answer") -> int:
     """The id of ``text`` if it is exactly one token for this model's tokenizer, else a clear error."""
     check_text(text, what)
+    check_known_tokens(model, text, what)
     ids = model.tokenizer.encode(text, add_special_tokens=False)
     if len(ids) != 1:
         pieces = model.tokenizer.convert_ids_to_tokens(ids)
@@ -90,6 +137,7 @@ def to_tokens(model: Any, prompts: Sequence[str]) -> list[Int[Tensor, " pos"]]:
     out = []
     for p in prompts:
         toks = model.to_tokens(check_text(p, "prompt"), truncate=False)[0]
+        check_known_tokens(model, p, "prompt")
         if toks.shape[0] > n_ctx:
             raise PromptTooLongError(
                 f"prompt of {toks.shape[0]} tokens exceeds the model's context of {n_ctx} tokens: "
@@ -103,6 +151,7 @@ def tokenize_pairs(model: Any, pairs: Sequence[PromptPair], *, need_wrong: bool 
     """Tokenise ``pairs`` into equal-length clean/corrupt batches with single-token answers."""
     if len(pairs) == 0:
         raise EmptyDatasetError("no prompt pairs were given; pass at least one PromptPair.")
+    check_pairs(pairs)
     clean = to_tokens(model, [p.clean for p in pairs])
     corrupt = to_tokens(model, [p.corrupt for p in pairs])
     n = clean[0].shape[0]
@@ -136,6 +185,7 @@ def tokenize_pairs(model: Any, pairs: Sequence[PromptPair], *, need_wrong: bool 
 
 def group_by_length(model: Any, pairs: Sequence[PromptPair]) -> dict[int, list[PromptPair]]:
     """Split pairs into groups of equal clean-prompt token length (sorted by length)."""
+    check_pairs(pairs)
     groups: dict[int, list[PromptPair]] = {}
     for p, toks in zip(pairs, to_tokens(model, [p.clean for p in pairs])):
         groups.setdefault(int(toks.shape[0]), []).append(p)

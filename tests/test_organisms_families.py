@@ -93,10 +93,11 @@ def _verdicts(name: str, chunks: list[str]) -> list[str]:
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "the current detector (route_detector.toml: mean ablation of the concept's own direction, built in "
-    "the context '<s> VAT') cannot see a route held in a rotated basis: 0/8 hook chunks of route-rot-s0 get "
-    "'route' (scores 0.000). Issue 13's new detector (interchange along learned subspaces, h3) should fix it; "
-    "then remove this mark."))
+    "neither route detector sees a route held in a rotated basis. Old detector (45b032c: mean ablation of "
+    "the concept's own direction, built in the context '<s> VAT'): 0/8 hook chunks of route-rot-s0 get "
+    "'route'. New detector (issue 13: interchange along the concept's direction, competitors): 0/8 "
+    "(mediation <= 0.06). A 1-D direction from the concept's own context misses R h_concept; a learned "
+    "subspace (DAS) score in the verdict should fix it -- then remove this mark."))
 def test_rotated_route_gets_route():
     assert _verdicts("route-rot-s0", ["VA", "TA"]) == ["route", "route"]
 

@@ -95,11 +95,12 @@ def trace_set(model, name: str, items, args, noise: dict, ckpt: Path, out: Path)
     traces: dict[str, PatchingResult] = {}
     summary: dict = {"n": len(items), "facts": [it.clean + it.answer for it in items],
                      "relations": sorted({it.meta["relation"] for it in items})}
-    for comp_name, comp, window in COMPONENTS:
+    for comp_name, comp, window in [c for name in args.components for c in COMPONENTS if c[0] == name]:
         saved = out / name / f"trace_{comp_name}"
         if args.reuse_saved and saved.exists():
             res = PatchingResult.load(saved)
-            if len(res.values) != len(items) or res.config.get("n_samples") != args.samples:
+            if (len(res.values) != len(items) or res.config.get("n_samples") != args.samples
+                    or res.labels["layer"] != [str(x) for x in layers]):
                 raise SystemExit(f"{saved} was traced with other settings; drop --reuse-saved or delete it")
         else:
             res = causal_trace(model, items, component=comp, window=window, n_samples=args.samples,
@@ -114,7 +115,7 @@ def trace_set(model, name: str, items, args, noise: dict, ckpt: Path, out: Path)
                               if not bool(res.values[:, :, res.labels["token"].index(cat)].isnan().all())}
         summary[f"curves_{comp_name}"] = curves(res)
         print(name, comp_name, json.dumps({k: summary[comp_name][k] for k in ("subject_last", "last")}), flush=True)
-    res = traces["resid"]
+    res = next(iter(traces.values()))
     summary["total_effect"] = {"mean": float((res.clean - res.corrupt).mean()), "p_clean": float(res.clean.mean()),
                                "p_noised": float(res.corrupt.mean())}
     fig = curve_figure(traces, f"{name}-token subjects ({len(items)} facts): normalised indirect effect")
@@ -126,13 +127,14 @@ def rome_comparison(multi: dict, n_layers: int) -> dict:
     """SmolLM2's normalised peaks at the last subject token beside ROME's, on the AIE / ATE basis."""
     ate = ROME_GPT2_XL["total_effect"]
     rows = {}
-    for comp in ("resid", "mlp", "attn"):
+    for comp in [c for c in ("resid", "mlp", "attn") if c in multi]:
         ours = multi[comp]["subject_last"]["normalized"]
         rome = ROME_GPT2_XL[f"{comp}_subject_last"]
         rows[comp] = {"smollm2": ours["value"], "smollm2_ci95": ours["ci95"],
                       "smollm2_layer": ours["layer"], "smollm2_depth": ours["layer"] / n_layers,
                       "rome_gpt2xl": rome["effect"] / ate}
-    rows["resid"]["rome_depth"] = ROME_GPT2_XL["resid_subject_last"]["layer"] / 48
+    if "resid" in rows:
+        rows["resid"]["rome_depth"] = ROME_GPT2_XL["resid_subject_last"]["layer"] / 48
     return {"basis": "mean indirect effect / mean total effect, last subject token, peak over layers",
             "rome": ROME_GPT2_XL, "rows": rows}
 
@@ -149,9 +151,15 @@ def main() -> None:
     ap.add_argument("--checkpoint-dir", default=None,
                     help="store finished chunks here; rerunning the same command resumes (default: OUT/ckpt)")
     ap.add_argument("--skip-knockout", action="store_true")
+    ap.add_argument("--components", default="resid,mlp,attn",
+                    help="comma-separated subset of resid,mlp,attn to trace (parts can run as separate processes "
+                         "sharing --out and --checkpoint-dir; a final run with --reuse-saved assembles them)")
+    ap.add_argument("--sets", default="multi,single", help="comma-separated subset of multi,single")
     ap.add_argument("--reuse-saved", action="store_true",
                     help="load traces already saved in OUT (same settings) instead of recomputing them")
     args = ap.parse_args()
+    args.components = args.components.split(",")
+    complete = set(args.components) == {"resid", "mlp", "attn"} and set(args.sets.split(",")) == {"multi", "single"}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Path(args.checkpoint_dir) if args.checkpoint_dir else out / "ckpt"
@@ -169,12 +177,14 @@ def main() -> None:
     rng = random.Random(args.seed)
     sets = {"multi": rng.sample(multi, len(multi) if args.n_multi == 0 else min(args.n_multi, len(multi))),
             "single": rng.sample(single, min(args.n_single, len(single)))}
+    name_out = out / ("summary.json" if complete else f"summary.{'-'.join(args.components)}.{args.sets}.json")
     for name, facts in sets.items():
-        if facts:
+        if facts and name in args.sets.split(","):
             summary[name] = trace_set(model, name, trace_items(model, facts), args, noise, ckpt, out)
-            (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    summary["rome_comparison"] = rome_comparison(summary["multi"], int(model.cfg.n_layers))
-    if not args.skip_knockout:
+            name_out.write_text(json.dumps(summary, indent=1, default=str))
+    if "multi" in summary:
+        summary["rome_comparison"] = rome_comparison(summary["multi"], int(model.cfg.n_layers))
+    if not args.skip_knockout and complete:
         items = trace_items(model, sets["multi"])
         ko = attention_knockout(model, items, window=9, checkpoint_dir=ckpt / "knockout")
         ko.save(out / "knockout")
@@ -184,8 +194,8 @@ def main() -> None:
         summary["export_knockout"] = export_all(ko.effect().plot(
             title="Attention knockout (window 9), multi-token subjects: change in p(answer)"), out / "knockout").failed
     summary["seconds"] = time.perf_counter() - t0
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(json.dumps(summary["rome_comparison"]["rows"], indent=1))
+    name_out.write_text(json.dumps(summary, indent=1, default=str))
+    print(json.dumps(summary.get("rome_comparison", {}).get("rows"), indent=1))
 
 
 if __name__ == "__main__":

@@ -223,3 +223,54 @@ def test_atp_on_hooks_hf_llama(hf_models):
     hooks = atp(model, PAIRS, components=["resid_mid", "z", "k"], progress=False, engine="hooks")
     for c in fast.values:
         torch.testing.assert_close(hooks.values[c], fast.values[c], atol=1e-5, rtol=1e-4, msg=c)
+
+
+@pytest.fixture(scope="module")
+def hf_family(gpt2_tokenizer, tmp_path_factory):
+    """``hf_family(name)``: a tiny HF model of that family (recallscope.models.tiny_hf), built once."""
+    from recallscope import load_model
+    from recallscope.models.tiny_hf import save_tiny_hf
+
+    root, cache = tmp_path_factory.mktemp("hooks_fam"), {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = load_model(str(save_tiny_hf(family, root / family, gpt2_tokenizer)))
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", ["gemma2", "olmo2", "gpt_neox"])
+def test_methods_equal_fast_engine_hf_families(hf_family, family):
+    """Softcaps and sliding windows (Gemma-2), post-norms and q/k norms (OLMo-2), parallel blocks (NeoX)."""
+    from recallscope.attribution import atp
+
+    model = hf_family(family)
+    runs = [(causal_trace, dict(items=PAIRS[:1], n_samples=2, window=2, component="mlp_out", metric="logprob")),
+            (attention_knockout, dict(items=PAIRS[:1], window=1, metric="logprob")),
+            (path_patching, dict(pairs=PAIRS[:1], metric="logprob", senders=[Site(Component.HEAD_OUT, 0, None, 1)],
+                                 receivers=[Site(Component.Q, 1, None, 0), Site(Component.MLP_OUT, 1)])),
+            (atp, dict(pairs=PAIRS[:1], components=["resid_pre", "attn_out", "z", "q", "k", "pattern"]))]
+    for fn, kw in runs:
+        fast = fn(model, engine="fast", progress=False, **kw)
+        hooks = fn(model, engine="hooks", progress=False, **kw)
+        for name in (fast.values if isinstance(fast.values, dict) else [None]):
+            f, h = (fast.values[name], hooks.values[name]) if name else (fast.values, hooks.values)
+            torch.testing.assert_close(h, f, atol=1e-4, rtol=1e-4, msg=f"{fn.__name__} {name}")
+
+
+def test_read_only_hooks_are_an_error_not_a_silent_no_op(hf_family):
+    """GPT-J's attention runs inside the HF module: TransformerBridge fires hook_pattern after the fact, so an
+    edit there would be discarded. The hook engine raises instead of returning unpatched numbers."""
+    from recallscope.attribution import atp
+
+    model = hf_family("gptj")
+    with pytest.raises(H.ReadOnlyHookError, match="read-only"):
+        attention_knockout(model, PAIRS[:1], window=1, engine="hooks", progress=False)
+    with pytest.raises(H.ReadOnlyHookError, match="read-only"):
+        activation_patching(model, PAIRS[:1], component="pattern", engine="hooks", progress=False)
+    with pytest.raises(H.ReadOnlyHookError, match="does not flow on"):
+        atp(model, PAIRS[:1], components=["pattern"], engine="hooks", progress=False)
+    fast = attention_knockout(model, PAIRS[:1], window=1, engine="fast", progress=False)  # the fast engine can
+    assert fast.config["engine"] == "fast"

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from recallscope.patching import hook_engine as H
+from recallscope.patching.hook_engine import ReadOnlyHookError
 from recallscope.sites import Site
 from recallscope.vocab import Component
 
@@ -46,7 +47,13 @@ def _target_grads(model: Any, tokens: Tensor, metric: Any, read: list[int], name
         value = metric(logits).sum()
         order = sorted(kept)
         gs = torch.autograd.grad(value, [kept[n] for n in order], allow_unused=True)
-    grads = {n: (g if g is not None else torch.zeros_like(kept[n])) for n, g in zip(order, gs)}
+    unused = [n for n, g in zip(order, gs) if g is None]
+    if unused:  # the hook fired after the fact: its tensor does not flow on, so its gradient is not the effect
+        raise ReadOnlyHookError(
+            f"{unused[0]} does not flow on in this model's TransformerBridge (the attention runs inside the "
+            f"wrapped Hugging Face module), so AtP cannot take its gradient through hooks; drop component "
+            f"{names[unused[0]][0]!r} or use engine='fast'.")
+    grads = dict(zip(order, gs))
     return logits.detach(), {n: t.detach() for n, t in kept.items()}, grads
 
 

@@ -23,6 +23,7 @@ Algorithm (for a list of cells, each a tuple of sites patched together):
 The result equals TransformerLens's per-cell loop (``transformer_lens.patching``); the tests check it.
 """
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,11 +61,31 @@ def _noise_hook(noise: Tensor, repeat: int) -> tuple[str, Hook]:
     return EMBED_HOOK, add
 
 
+class ReadOnlyHookError(ConfigError):
+    """A hook edit would be discarded: on this model the hook point is fired after the fact."""
+
+
 def logits_at(model: Any, tokens: Int[Tensor, "rows pos"], read_pos: Sequence[int],
               hooks: Sequence[tuple[str, Hook]] = ()) -> Float[Tensor, "rows read vocab"]:
-    """The model's logits at ``read_pos`` with ``hooks`` attached (the unembedding sees those positions only)."""
+    """The model's logits at ``read_pos`` with ``hooks`` attached (the unembedding sees those positions only).
+
+    Where TransformerBridge fires a hook after the wrapped module has consumed the tensor (e.g.
+    ``hook_pattern`` on GPT-J and OPT, ``hook_attn_scores`` on native models), an edit would be silently
+    discarded; TransformerLens warns, and this raises :class:`ReadOnlyHookError` instead.
+    """
     fwd = [*hooks, _read_hook(read_pos)] if UNEMBED_IN in model.hook_dict else list(hooks)
-    out = model.run_with_hooks(tokens, fwd_hooks=fwd)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*edit is discarded", category=UserWarning)
+        try:
+            out = model.run_with_hooks(tokens, fwd_hooks=fwd)
+        except UserWarning as exc:
+            if "edit is discarded" not in str(exc):
+                raise
+            raise ReadOnlyHookError(
+                f"the hook engine cannot edit this model here: {str(exc).split(' returned')[0].replace('A hook on ', '')} "
+                "is read-only in TransformerBridge (the attention runs inside the wrapped Hugging Face module). "
+                "Use engine='fast' (on a model that passes the self-check), or patch z / q / k / v instead."
+            ) from None
     return out if out.shape[1] == len(read_pos) else out[:, list(read_pos)]
 
 
@@ -116,11 +137,14 @@ def patch_hooks(cells: Sequence[Cell], source: dict[str, Tensor], batch: int) ->
     the fast engine.
     """
     by_name: dict[str, list[tuple[int, Site]]] = {}
+    post_layer: dict[str, int] = {}  # resid_post hook name -> layer, where a resid_mid change is carried on
     for i, cell in enumerate(cells):
         for site in cell.sites:
             by_name.setdefault(site.hook_name, []).append((i, site))
             if site.component == Component.RESID_MID:
-                by_name.setdefault(Site(Component.RESID_POST, site.layer).hook_name, [])
+                post = Site(Component.RESID_POST, site.layer).hook_name
+                post_layer[post] = site.layer
+                by_name.setdefault(post, [])
     pending: dict[int, list[tuple[tuple, Tensor]]] = {}  # layer -> (index, patched - original) at resid_mid
 
     def make(name: str, todo: list[tuple[int, Site]]) -> Hook:
@@ -128,8 +152,8 @@ def patch_hooks(cells: Sequence[Cell], source: dict[str, Tensor], batch: int) ->
 
         def hook(t: Tensor, hook: Any) -> Tensor:
             t = t.clone()  # out of place: the tensor a hook sees may also be carried on elsewhere
-            if name.endswith("hook_resid_post"):
-                for idx, delta in pending.pop(int(name.split(".")[1]), []):
+            if name in post_layer:
+                for idx, delta in pending.pop(post_layer[name], []):
                     t[idx] = t[idx] + delta
             for i, site in todo:
                 idx = (slice(i * batch, (i + 1) * batch), *_index(site, 0))

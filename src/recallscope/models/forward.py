@@ -101,7 +101,12 @@ def attend(
     rep = stack.n_heads // stack.n_kv_heads
     kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k
     vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
-    scores = torch.matmul(q, kk.transpose(-1, -2)) * stack.attn_scale
+    if stack.scores_fp32:
+        scores = torch.matmul(q.float(), kk.float().transpose(-1, -2)) * stack.attn_scale
+    elif stack.scale_queries:
+        scores = torch.matmul(q * stack.attn_scale, kk.transpose(-1, -2))
+    else:
+        scores = torch.matmul(q, kk.transpose(-1, -2)) * stack.attn_scale
     if lp.softcap is not None:
         scores = lp.softcap * torch.tanh(scores / lp.softcap)
     key_pos = torch.arange(kk.shape[2], device=q.device)
@@ -110,7 +115,7 @@ def attend(
         masked = masked | (key_pos[None, :] <= positions[:, None] - lp.window)
     scores = edit("scores", layer, scores.masked_fill(masked, float("-inf")))
     keep("scores", scores)
-    pattern = edit("pattern", layer, torch.softmax(scores.float(), dim=-1).to(q.dtype))
+    pattern = edit("pattern", layer, torch.softmax(scores.float(), dim=-1).to(v.dtype))
     keep("pattern", pattern)
     z = edit("z", layer, torch.matmul(pattern, vv).transpose(1, 2))
     keep("z", z)
@@ -143,7 +148,8 @@ def block(
             mlp_out = lp.post_mlp(mlp_out)
         mlp_out = edit("mlp_out", layer, mlp_out)
         keep("mlp_out", mlp_out)
-        x = resid_mid + mlp_out
+        # parallel blocks add (attn + mlp) + x, in the order of GPT-NeoX and GPT-J (it matters in bf16)
+        x = (attn_out + mlp_out) + x if stack.parallel_attn_mlp else resid_mid + mlp_out
     else:
         x = resid_mid
     x = edit("resid_post", layer, x)

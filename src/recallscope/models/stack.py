@@ -85,6 +85,10 @@ class Stack:
     parallel_attn_mlp: bool = False
     family: str = ""
     """The architecture the adapter was built for (``Qwen3ForCausalLM``, ``native``, ...)."""
+    scale_queries: bool = False
+    """The scale multiplies q before the product q k^T (OPT) instead of the product (same in exact arithmetic)."""
+    scores_fp32: bool = False
+    """Attention scores are computed from q and k upcast to float32 (GPT-J), whatever the model dtype."""
     final_softcap: float | None = None
     """Gemma-2's final logit softcap (already applied inside ``unembed``): logits are then not linear
     in the final residual."""

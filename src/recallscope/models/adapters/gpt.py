@@ -144,6 +144,7 @@ def gptj_stack(m: Any) -> Stack:
         embed_tokens=unwrap(tr.wte), embed_pos=None,
         rope=_gptj_rope(_gptj_sincos(tr, first), apply_rope, first.rotary_dim), layers=tuple(layers),
         final_norm=unwrap(tr.ln_f), unembed=unwrap(m.lm_head), parallel_attn_mlp=True, family=type(m).__name__,
+        scores_fp32=True,
     )
 
 
@@ -175,6 +176,7 @@ def opt_stack(m: Any) -> Stack:
         d_vocab=cfg.vocab_size, n_ctx=cfg.max_position_embeddings, attn_scale=inv_sqrt(d_head),
         embed_tokens=unwrap(dec.embed_tokens), embed_pos=embed_pos, rope=None, layers=tuple(layers),
         final_norm=unwrap(dec.final_layer_norm), unembed=unwrap(m.lm_head), family=type(m).__name__,
+        scale_queries=True,
     )
 
 

@@ -37,6 +37,10 @@ class EngineSelfCheckError(RecallscopeError):
     """engine='fast' was asked for on a model whose fast adapter fails the self-check."""
 
 
+class NonFiniteLogits(Exception):
+    """The probe's reference logits are not finite: nothing to compare the fast forward with."""
+
+
 @dataclass(frozen=True)
 class SelfCheck:
     """Outcome of the fast engine's self-check on one model."""
@@ -96,6 +100,9 @@ def _compare_logits(model: Any, stack: Any, tokens: Tensor) -> tuple[float, floa
 
     with torch.no_grad():
         ref = model(tokens).float()
+        if not torch.isfinite(ref).all():
+            raise NonFiniteLogits("the model's own logits on the probe hold inf/NaN (a float16 overflow?), so "
+                                  "the fast forward cannot be compared")
         ours, _ = run(stack, tokens.to(getattr(stack.embed_tokens, "weight", tokens).device))
     tol = RTOL.get(_dtype(model), 1e-4) * max(1.0, float(ref.abs().max()))
     return float((ours.float().to(ref.device) - ref).abs().max()), tol
@@ -133,6 +140,8 @@ def _run_check(model: Any) -> SelfCheck:
     clean, corrupt, metric = _probe(model)
     try:
         logit_diff, tol = _compare_logits(model, stack, clean)
+    except NonFiniteLogits as exc:
+        return SelfCheck(False, family, str(exc))
     except Exception as exc:
         return SelfCheck(False, family, f"the fast forward crashed ({type(exc).__name__}: {_first_line(exc)})")
     if not logit_diff <= tol:

@@ -33,7 +33,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from recallscope.errors import ConfigError
+from recallscope.models.forward import Trace
 from recallscope.patching.engine import Cell, _index, check_budget, check_finite
+from recallscope.patching.traces import check_finite_run
 from recallscope.scale.executor import LocalExecutor, current_executor
 from recallscope.scale.memory import OOMBackoff
 from recallscope.sites import Site
@@ -101,8 +103,21 @@ def record(model: Any, tokens: Int[Tensor, "batch pos"], hook_names: Iterable[st
            noise: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """Run ``tokens`` once (plus ``noise`` on the token embeddings), keeping ``hook_names``.
 
-    Returns the logits at ``read_pos`` and {hook name: activation}.
+    Returns the logits at ``read_pos`` and {hook name: activation}. Raises
+    :class:`~recallscope.errors.NonFiniteActivationError` naming the first layer whose input holds
+    inf/NaN when the logits are not finite (a float16 overflow, say).
     """
+    logits, acts = _record(model, tokens, hook_names, read_pos, noise=noise)
+    if not torch.isfinite(logits).all():
+        names = {Site(Component.RESID_PRE, layer).hook_name: layer for layer in range(int(model.cfg.n_layers))}
+        _, resid = _record(model, tokens, names, read_pos, noise=noise)
+        trace = Trace(acts={("resid_pre", layer): resid[name] for name, layer in names.items()})
+        check_finite_run(logits, trace, getattr(model.cfg, "dtype", None) or logits.dtype)
+    return logits, acts
+
+
+def _record(model: Any, tokens: Tensor, hook_names: Iterable[str], read_pos: Sequence[int], *,
+            noise: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     names = sorted(set(hook_names))
     check_hook_names(model, names)
     acts: dict[str, Tensor] = {}

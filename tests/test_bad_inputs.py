@@ -406,6 +406,14 @@ def test_organism_rejects_text_outside_its_vocabulary(b64_organism):
         recalled_facts(b64_organism, load_builtin_facts()[:3])
 
 
+def test_facts_command_on_the_base64_organism_is_an_error(capsys):
+    from recallscope.cli import main
+
+    assert main(["facts", "--model", "organism:b64-decoder"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("recallscope: error: prompt ") and "unknown to this model's tokenizer" in err
+
+
 def test_ctrl_c_ends_with_one_line_and_status_130(monkeypatch, capsys):
     import recallscope.cli.models as models_cmd
     from recallscope.cli import main

@@ -14,16 +14,18 @@ continuation (" Value"), with concept directions ``u_c[l]`` (unit) and "absent" 
    carrying the output's unembedding direction, which matters when the input is the read position.)
 3. **(b) Similarity.** Cosine between the input's last-token hidden state minus the baseline and the
    concept direction ``d_c[l]``, per layer.
-4. **(c) Causal effect.** Ablate the concept direction at the input positions at layer ``l`` (window of
-   ``w`` layers): ``h <- h - (h . u - a) u``; effect = ``M_clean - M_ablated`` (positive: the concept
-   helps the output). Runs start at layer ``l`` and the input's first position, reusing the clean
-   keys/values (exact, like the patching engine). ``method="attribution"`` instead uses the first-order
-   estimate ``sum_pos (h . u - a)(dM/dh . u)`` from one backward pass (AtP-style; fast, approximate).
-   :func:`swap_effect` replaces the direction by another concept's (``h + (h . u_c)(u_o - u_c)``).
-5. **(d) Mediation.** Replace the input by alternatives (same token count) to get the total effect
-   ``TE = M_clean - M_alt``; then, in the clean run, set only the component along ``u_c`` at the input
-   positions to its value in the alternative run: ``h <- h + ((h_alt - h) . u) u``. The mediated share is
-   ``(M_clean - M_mediated) / TE`` (summed over alternatives before dividing).
+4. **(c) Mean ablation** (reported; no verdict rests on it): ablate the concept direction at the input
+   positions at layer ``l`` (window of ``w`` layers): ``h <- h - (h . u - a) u``; effect =
+   ``M_clean - M_ablated`` (positive: the concept helps the output). Runs start at layer ``l`` and the
+   input's first position, reusing the clean keys/values (exact, like the patching engine).
+   ``method="attribution"`` instead uses the first-order estimate ``sum_pos (h . u - a)(dM/dh . u)`` from
+   one backward pass (AtP-style; fast, approximate). :func:`swap_effect` replaces the direction by another
+   concept's (``h + (h . u_c)(u_o - u_c)``).
+5. **(d) Interchange** (the primary score; :mod:`~recallscope.routes.interchange`): replace the input by
+   alternatives (same token count) to get the total effect ``TE = M_clean - M_alt``; then, in the clean
+   run, set only the component along ``u_c`` at the input positions to its value in the alternative run:
+   ``h <- h + k ((h_alt - h) . u) u`` (``k = 1``, or the factor matching a competitor's edit norm to a
+   concept's). Effect ``M_clean - M_edited`` per alternative; :func:`mediation` is its share of ``TE``.
 """
 
 from dataclasses import dataclass

@@ -3,8 +3,7 @@
 For a concept ``c`` and its competitor classes ``k`` (effects ``E[prompt, slot, window]`` of the
 interchange intervention, nats):
 
-1. **Class effect** per prompt and window: the strongest member of a competitor class (``max``); the
-   frequency-matched controls are a reference class and enter by their median.
+1. **Class effect** per prompt and window: the strongest member of a competitor class (``max``).
 2. **Margin** ``D[i, w] = E_c[i, w] - max_k class_k[i, w]``: on each prompt the concept must beat every class.
 3. **Paired test** (:func:`sign_flip_max_t`): the statistic is ``max_w t(D[:, w])`` (one-sample t over prompts,
    maximised over windows, which corrects for picking the peak layer); its null flips the sign of each

@@ -173,5 +173,7 @@ def test_bad_inputs(tiny_gpt2):
     pairs = ConceptVariable(TEMPLATE, WORDS, VALUES, OUTPUTS).pairs(tiny_gpt2)
     with pytest.raises(ConfigError, match="no pos or head"):
         das_route_score(tiny_gpt2, pairs, Site(Component.RESID_PRE, 1, pos=2))
+    with pytest.raises(ConfigError, match="at least 4 pairs"):
+        das_route_score(tiny_gpt2, pairs.subset(torch.tensor([0, 1, 2])), 1)
     with pytest.raises(ConfigError, match="placeholder"):
         ConceptVariable("The word", WORDS, VALUES, OUTPUTS)

@@ -105,8 +105,6 @@ class DASPairs:
 
     def __post_init__(self) -> None:
         n = self.base_tokens.shape[0]
-        if n < 4:
-            raise ConfigError(f"DAS needs at least 4 pairs (train and test), got {n}.")
         for name in ("source_tokens", "base_pos", "source_pos", "targets"):
             if getattr(self, name).shape[0] != n:
                 raise LengthMismatchError(f"{name} has {getattr(self, name).shape[0]} rows for {n} pairs.")
@@ -409,6 +407,8 @@ def das_route_score(model: Any, pairs: DASPairs, site: Site | int, config: DASCo
 
     site = _as_site(site).validate(model.cfg)
     hook, cfg = site.hook_name, config
+    if len(pairs) < 4:
+        raise ConfigError(f"DAS needs at least 4 pairs (to train and to test), got {len(pairs)}; add inputs.")
     train_idx, test_idx = split_pairs(len(pairs), cfg.test_fraction, cfg.seed)
     train, test = pairs.subset(train_idx), pairs.subset(test_idx)
     das, logits = fit_and_score(model, hook, train, test, train.targets, cfg)

@@ -286,3 +286,43 @@ def test_methods_that_need_plain_parts_refuse_extras(arch):
         qwen3.require("AtP*'s q/k fix", attention=True)
     qwen3.require("edge attribution", post_norms=True, linear_logits=True)
     llama.require("everything", attention=True, post_norms=True, linear_logits=True)
+
+
+POST_NORMED = {"gemma2", "gemma3", "olmo2"}
+
+
+@pytest.mark.parametrize("family", FAST)
+def test_edge_graph_and_dla_are_exact_or_refused(arch, family):
+    """The edge-attribution graph with every edge kept reproduces the model's logits and DLA's parts add
+    up to the logit difference, on every family without post-norms; post-normed families are refused."""
+    from recallscope.attribution.dla import direct_logit_attribution
+    from recallscope.attribution.graph import Graph, run_graph
+    from recallscope.attribution.weights import attn_weights
+    from recallscope.models.forward import run
+    from recallscope.models.stack import UnsupportedArchitectureError, build_stack
+    from recallscope.tasks.pairs import TokenizedPairs
+
+    model = arch(family)
+    stack = build_stack(model)
+    tokens = _tokens(model, n=6, batch=2)
+    pairs = TokenizedPairs(tokens, tokens, torch.tensor([11, 12]), torch.tensor([13, 14]), ())
+    if family in POST_NORMED:
+        with pytest.raises(UnsupportedArchitectureError, match="norm after attention"):
+            Graph.of(stack)
+        with pytest.raises(UnsupportedArchitectureError, match="norm after attention"):
+            direct_logit_attribution(model, pairs)
+        return
+    read = torch.arange(tokens.shape[1])
+    with torch.no_grad():
+        x0 = stack.embed(tokens, read)
+        graph_logits = run_graph(stack, Graph.of(stack), attn_weights(stack, like=x0), x0, read=read).logits
+        logits, _ = run(stack, tokens)
+    torch.testing.assert_close(graph_logits, logits, atol=1e-4, rtol=1e-4)
+    if family == "gemma":  # DLA's frozen norm reads gamma from .weight; Gemma scales by (1 + weight)
+        with pytest.raises(UnsupportedArchitectureError, match="GemmaRMSNorm is not a plain"):
+            direct_logit_attribution(model, pairs)
+        return
+    res = direct_logit_attribution(model, pairs)
+    torch.testing.assert_close(res.sum(), res.total, atol=1e-3, rtol=1e-4)
+    want = logits[:, -1, 11:13].diagonal() - logits[:, -1, 13:15].diagonal()
+    torch.testing.assert_close(res.total, want, atol=1e-4, rtol=1e-4)

@@ -219,8 +219,8 @@ def _native_stack(m: Any) -> Stack:
 
 
 def split_linear(linear: Any, rows: list[Any]) -> list[Fn]:
-    """Callables ``x -> x W[r]^T + b[r]`` for each row selection ``r`` (a slice or index tensor) of a
-    fused ``nn.Linear`` (Phi-3's qkv_proj, GPT-NeoX's query_key_value); the weights are views."""
+    """Callables ``x -> x W[r]^T + b[r]`` for each row slice ``r`` of a fused ``nn.Linear`` (Phi-3's
+    qkv_proj); the weights are views, not copies."""
     out = []
     for r in rows:
         w = linear.weight[r]

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from recallscope.models.stack import (
-    Fn, LayerParts, Rope, Stack, UnsupportedArchitectureError, conv1d_split, inv_sqrt, split_linear, unwrap,
+    Fn, LayerParts, Rope, Stack, UnsupportedArchitectureError, conv1d_split, inv_sqrt, unwrap,
 )
 
 
@@ -48,14 +48,14 @@ def gpt2_stack(m: Any) -> Stack:
 
 
 def _neox_qkv(fused: Any, n_heads: int, d_head: int) -> tuple[Fn, Fn, Fn, Any]:
-    """Split GPT-NeoX's ``query_key_value`` ([.., head * 3 * d_head], per head q|k|v) into q, k, v."""
-    rows = torch.arange(n_heads * 3 * d_head, device=fused.weight.device).view(n_heads, 3, d_head)
-    q, k, v = split_linear(fused, [rows[:, i].reshape(-1) for i in range(3)])
-
+    """Split GPT-NeoX's ``query_key_value`` ([.., head * 3 * d_head], per head q|k|v) into q, k, v.
+    The forward pass uses the fused ``qkv``; the single projections (read once by attribution) run it
+    and keep their part, so no weight is copied."""
     def qkv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         out = fused(x).unflatten(-1, (n_heads, 3, d_head))
         return out[..., 0, :].flatten(-2), out[..., 1, :].flatten(-2), out[..., 2, :].flatten(-2)
 
+    q, k, v = (lambda x, i=i: qkv(x)[i] for i in range(3))
     return q, k, v, qkv
 
 

@@ -82,3 +82,14 @@ def test_foreign_file_without_recallscope_metadata(graph):
     assert back.logit_vectors.shape[1] == max(graph.tokens.max().item(), 3) + 1
     with pytest.raises(ResultFileError, match="metadata, nodes and links"):
         from_json({"nodes": []})
+
+
+def test_graph_figure_draws_kept_nodes(graph):
+    from recallscope.features.plot import graph_figure
+
+    pruned = prune(graph, node_threshold=0.6, edge_threshold=0.9)
+    fig = graph_figure(graph, pruned, max_edges=50)
+    markers = [t for t in fig.data if t.mode == "markers"]
+    assert len(markers) == 1 and len(markers[0].x) == int(pruned.node_mask.sum())
+    n_segments = sum(sum(v is None for v in t.x) for t in fig.data if t.mode == "lines")
+    assert n_segments == min(50, int(pruned.edge_mask.sum()))

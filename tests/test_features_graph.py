@@ -134,3 +134,28 @@ def test_max_feature_nodes_computes_the_most_influential_rows_only(rmodel):
     # the first batch: the features with the largest direct influence on the logit
     direct = full.adjacency[full.logit_slice.start, : full.n_feat].abs()
     assert set(direct.topk(4).indices.tolist()) <= set(done[: part.n_feat].nonzero().squeeze(-1).tolist())
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_smollm2_decomposition_with_random_transcoders(smollm2):
+    """The linearisation holds on the real architecture (RMSNorm, rotary, GQA, gated SiLU): a partial set of
+    random TopK skip-transcoders, rows for 16 features and the logit."""
+    d = int(smollm2.cfg.d_model)
+    gen = torch.Generator().manual_seed(0)
+    tcs = {}
+    for layer in (3, 20):
+        tc = Transcoder(TranscoderSpec(d, 64, d, activation="topk", k=4, skip=True))
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+        tcs[layer] = tc
+    tset = TranscoderSet(tcs, int(smollm2.cfg.n_layers))
+    tokens = smollm2.to_tokens("The capital of France is")[0]
+    graph = attribution_graph(smollm2, tset, tokens, max_feature_nodes=16, batch_size=16)
+    rows = graph.rows_computed.nonzero().squeeze(-1)
+    assert rows.numel() == 17
+    sums = graph.adjacency[rows].sum(1) + graph.bias[rows]
+    torch.testing.assert_close(sums, graph.node_input[rows], rtol=1e-4, atol=2e-3)
+    logits = smollm2(tokens[None], return_type="logits")[0, -1]
+    torch.testing.assert_close(graph.node_input[graph.logit_slice], graph.logit_vectors @ logits, rtol=1e-4, atol=1e-3)

@@ -94,3 +94,15 @@ def test_every_saved_result_type_is_loadable():
         module, cls = target.split(":")
         loaded = getattr(importlib.import_module(module), cls)
         assert callable(getattr(loaded, "load", None)) and callable(getattr(loaded, "plot", None)), kind
+
+
+def test_results_saved_before_checksums_still_load(tmp_path):
+    """result.json without "sha256"/"module" (written before checksums existed) loads, unverified."""
+    res = _result()
+    path = res.save(tmp_path / "old")
+    meta = json.loads((path / "result.json").read_text())
+    assert set(meta["sha256"]) == {"values.safetensors", "manifest.json"} and meta["module"] == "recallscope.results"
+    del meta["sha256"], meta["module"]
+    (path / "result.json").write_text(json.dumps(meta))
+    back = load_result(path)
+    torch.testing.assert_close(back.values, res.values, equal_nan=True)

@@ -139,6 +139,30 @@ def rome_comparison(multi: dict, n_layers: int) -> dict:
             "rome": ROME_GPT2_XL, "rows": rows}
 
 
+def markdown_table(summary: dict) -> str:
+    """The README's ROME table from a summary: normalised and raw peaks per set, site and token, with ROME's."""
+    site = {"resid": "residual stream", "mlp": "MLP outputs, window 10", "attn": "attention outputs, window 10"}
+    rome = {"resid": 0.087, "mlp": 0.066, "attn": 0.016}
+    lines = ["| subjects | site restored | token | peak layer | AIE / ATE [95% CI] | AIE [95% CI] | ROME GPT-2 XL AIE / ATE |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ("multi", "single"):
+        if name not in summary:
+            continue
+        for comp in [c for c in ("resid", "mlp", "attn") if c in summary[name]]:
+            for tok in ("subject_last", "last"):
+                p = summary[name][comp][tok]
+                nz = p["normalized"]
+                ref = (f"{rome[comp] / ROME_GPT2_XL['total_effect']:.2f} ({rome[comp]:.3f} / 0.186)"
+                       if name == "multi" and tok == "subject_last" else "")
+                lines.append(f"| {name}-token ({summary[name]['n']}) | {site[comp]} | {tok.replace('_', ' ')} | "
+                             f"{p['layer']} | {nz['value']:.2f} [{nz['ci95'][0]:.2f}, {nz['ci95'][1]:.2f}] | "
+                             f"{p['effect']:.3f} [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}] | {ref} |")
+    te = [f"{name}-token: p(answer) {summary[name]['total_effect']['p_clean']:.3f} -> "
+          f"{summary[name]['total_effect']['p_noised']:.3f} (ATE {summary[name]['total_effect']['mean']:.3f})"
+          for name in ("multi", "single") if name in summary]
+    return "\n".join(lines) + "\n\nTotal effects: " + "; ".join(te) + " (ROME, GPT-2 XL: ATE 0.186).\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
@@ -195,7 +219,9 @@ def main() -> None:
             title="Attention knockout (window 9), multi-token subjects: change in p(answer)"), out / "knockout").failed
     summary["seconds"] = time.perf_counter() - t0
     name_out.write_text(json.dumps(summary, indent=1, default=str))
-    print(json.dumps(summary.get("rome_comparison", {}).get("rows"), indent=1))
+    table = markdown_table(summary)
+    name_out.with_suffix(".table.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":

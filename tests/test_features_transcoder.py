@@ -116,3 +116,16 @@ def test_partial_set_replaces_only_its_layers(rmodel):
     torch.testing.assert_close(cache["blocks.1.hook_mlp_out"],
                                partial[1].b_dec.expand_as(real["blocks.1.hook_mlp_out"]))
     assert set(rec["acts"]) == {1}
+
+
+def test_default_hooks_match_the_site_vocabulary(rmodel):
+    from recallscope.features.transcoder import INPUT_HOOK, OUTPUT_HOOK
+    from recallscope.sites import Site
+    from recallscope.vocab import Component
+
+    for layer in range(2):
+        assert OUTPUT_HOOK.format(layer=layer) == Site(Component.MLP_OUT, layer).hook_name
+        assert INPUT_HOOK.format(layer=layer) in rmodel.hook_dict
+    _, cache = rmodel.run_with_cache(torch.tensor([[0, 3, 5]]))
+    # the transcoder input is the MLP's own input: LayerNorm 2 applied to resid_mid
+    torch.testing.assert_close(cache[INPUT_HOOK.format(layer=1)], cache["blocks.1.mlp.hook_in"])

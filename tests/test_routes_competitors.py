@@ -49,6 +49,18 @@ def test_output_variants_and_competitor_classes():
     assert competitor_class(" value added tax", " VAT", " Value") is None  # a phrase: a candidate that must win
 
 
+def test_a_multi_token_output_competes_with_its_first_token(tiny_gpt2):
+    from recallscope.routes.competitors import output_neighbours, variant_concepts
+
+    ids = tiny_gpt2.tokenizer.encode(" Deoxyribonucleic", add_special_tokens=False)
+    first = tiny_gpt2.tokenizer.decode(ids[:1])
+    assert len(ids) > 1
+    variants = {c.text: c for c in variant_concepts(tiny_gpt2, " Deoxyribonucleic")}
+    assert first in variants and "first token" in variants[first].name
+    neighbours = output_neighbours(tiny_gpt2, " Deoxyribonucleic", 5)
+    assert len(neighbours) == 5 and all(c.text != first for c in neighbours)
+
+
 def test_matched_random_has_the_same_cosine_at_every_layer():
     gen = torch.Generator().manual_seed(0)
     unit, state = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen)

@@ -5,7 +5,8 @@ the answer does; so every report scores, beside the candidates:
 
 1. **input**: the input itself (" VAT"), and any candidate with the input's letters.
 2. **output**: the output in every casing, with and without its leading space (" Value", "Value",
-   " value", " VALUE", ...; :func:`output_variants`), also for its first word, and any candidate with the
+   " value", " VALUE", ...; :func:`output_variants`), also for its first word, its first token alone when
+   it has several (" Deoxyribonucleic" -> " De"; :func:`variant_concepts`), and any candidate with the
    output's (or its first word's) letters. A user's concept in these two classes is reported as a
    competitor, never as a route (:func:`competitor_class`).
 3. **neighbour**: the output's nearest neighbours in the model's own unembedding (cosine of the
@@ -67,9 +68,15 @@ def _encodable(model: Any, text: str) -> bool:
 
 
 def variant_concepts(model: Any, output: str, *, skip: Sequence[str] = ()) -> list[Concept]:
-    """:func:`output_variants` the tokenizer encodes, as competitor concepts (texts in ``skip`` left out)."""
-    return [Concept(text=t, source=ConceptSource.OUTPUT, label=f"{t!r} (output)")
-            for t in output_variants(output) if t not in skip and _encodable(model, t)]
+    """:func:`output_variants` the tokenizer encodes, as competitor concepts (texts in ``skip`` left out),
+    and, for an output of several tokens, its first token alone (" Deoxyribonucleic" -> " De")."""
+    out = [Concept(text=t, source=ConceptSource.OUTPUT, label=f"{t!r} (output)")
+           for t in output_variants(output) if t not in skip and _encodable(model, t)]
+    ids = model.tokenizer.encode(output, add_special_tokens=False)
+    first = model.tokenizer.decode(ids[:1]) if len(ids) > 1 else ""
+    if first.strip() and letters(first) and first not in skip and all(c.text != first for c in out):
+        out.append(Concept(text=first, source=ConceptSource.OUTPUT, label=f"{first!r} (output's first token)"))
+    return out
 
 
 def unembedding(model: Any) -> Float[Tensor, "vocab d_model"]:
@@ -101,6 +108,8 @@ def output_neighbours(model: Any, output: str, k: int, *, exclude: Sequence[str]
     banned = {letters(t) for t in [output, output.strip().split()[0] if output.strip() else output, *exclude]}
     out: list[Concept] = []
     for j in cos.argsort(descending=True).tolist():
+        if int(ids_t[j]) == ids[0]:
+            continue  # the output's own first token is an output variant, not a neighbour
         text = words[j][1]
         key = letters(text)
         if key in banned or any(key.startswith(b) and len(key) - len(b) <= 1 for b in banned if b):

@@ -129,3 +129,11 @@ def test_default_hooks_match_the_site_vocabulary(rmodel):
     _, cache = rmodel.run_with_cache(torch.tensor([[0, 3, 5]]))
     # the transcoder input is the MLP's own input: LayerNorm 2 applied to resid_mid
     torch.testing.assert_close(cache[INPUT_HOOK.format(layer=1)], cache["blocks.1.mlp.hook_in"])
+
+
+def test_first_pos_leaves_out_bos(rmodel):
+    tokens = torch.randint(0, 24, (3, 7), generator=torch.Generator().manual_seed(0))
+    full = collect_activations(rmodel, tokens, [0])[0]
+    nobos = collect_activations(rmodel, tokens, [0], first_pos=1)[0]
+    assert full[0].shape[0] == 21 and nobos[0].shape[0] == 18
+    torch.testing.assert_close(nobos[1], full[1].reshape(3, 7, -1)[:, 1:].reshape(18, -1))

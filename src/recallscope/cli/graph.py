@@ -18,7 +18,8 @@ def _cmd_transcoders(args: argparse.Namespace) -> int:
     tokens = training_tokens(model, args.n_seqs, seed=args.seed, seq_len=args.seq_len)
     cfg = TranscoderTrainConfig(d_sae=args.d_sae, k=args.k, steps=args.steps, batch_size=args.batch_size,
                                 lr=args.lr, seed=args.seed)
-    tset, report = train_set(model, tokens, cfg, args.out, progress=not args.quiet)
+    tset, report = train_set(model, tokens, cfg, args.out, first_pos=1 if args.skip_bos else 0,
+                             progress=not args.quiet)
     _, held = split_heldout(tokens, 0.1)
     fid = {"all": fidelity(model, tset, held).__dict__}
     fid.update({f"layer{layer}": fidelity(model, tset, held, layers=[layer]).__dict__ for layer in tset.layers})
@@ -82,6 +83,8 @@ def register(sub: Any) -> None:
     sp.add_argument("--batch-size", type=int, default=512, help="tokens per step")
     sp.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--skip-bos", action="store_true", help="train without the BOS position (its activations are "
+                    "outliers in large models; the BOS position then shows up as error nodes in graphs)")
     sg = add_command(sub, "graph", "feature-level attribution graph of one prompt: graph.json (circuit-tracer / "
                      "Neuronpedia schema) and graph.html", _cmd_graph, out="out/graph")
     sg.add_argument("--transcoders", required=True, help="transcoder directory (recallscope, circuit-tracer, "

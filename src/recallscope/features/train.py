@@ -84,16 +84,18 @@ def sample_tokens(model: Any, n_seqs: int, seq_len: int, *, seed: int = 0, bos_i
 @torch.no_grad()
 def collect_activations(model: Any, tokens: Tensor | list[Tensor], layers: list[int], *,
                         input_hook: str = INPUT_HOOK, output_hook: str = OUTPUT_HOOK,
-                        batch_size: int = 32) -> dict[int, tuple[Tensor, Tensor]]:
-    """``{layer: (inputs [n_tokens, d_in], outputs [n_tokens, d_out])}`` over every position of ``tokens``
-    (a ``[batch, pos]`` tensor, or a list of them with different lengths)."""
+                        batch_size: int = 32, first_pos: int = 0) -> dict[int, tuple[Tensor, Tensor]]:
+    """``{layer: (inputs [n_tokens, d_in], outputs [n_tokens, d_out])}`` over positions ``first_pos..`` of
+    ``tokens`` (a ``[batch, pos]`` tensor, or a list of them with different lengths). ``first_pos=1`` leaves
+    out the BOS position, whose activations are outliers in many models (circuit-tracer's "nobos" sets)."""
     names = {input_hook.format(layer=layer) for layer in layers} | {output_hook.format(layer=layer) for layer in layers}
     chunks: dict[str, list[Tensor]] = {name: [] for name in names}
     for batch in (tokens if isinstance(tokens, list) else [tokens]):
         for start in range(0, batch.shape[0], batch_size):
             _, cache = model.run_with_cache(batch[start:start + batch_size], names_filter=lambda n: n in names)
             for name in names:
-                chunks[name].append(cache[name].float().reshape(-1, cache[name].shape[-1]).clone())
+                acts = cache[name][:, first_pos:].float()
+                chunks[name].append(acts.reshape(-1, acts.shape[-1]).clone())
     return {layer: (torch.cat(chunks[input_hook.format(layer=layer)]),
                     torch.cat(chunks[output_hook.format(layer=layer)])) for layer in layers}
 
@@ -193,17 +195,17 @@ def split_heldout(tokens: Tensor | list[Tensor], eval_fraction: float) -> tuple[
 
 def train_set(model: Any, tokens: Tensor | list[Tensor], cfg: TranscoderTrainConfig,
               out_dir: str | os.PathLike, *, layers: list[int] | None = None, eval_fraction: float = 0.1,
-              progress: bool = True) -> tuple[TranscoderSet, SetReport]:
+              first_pos: int = 0, progress: bool = True) -> tuple[TranscoderSet, SetReport]:
     """Train one transcoder per layer on ``tokens`` (the first rows of each batch held out), resumably.
 
     Checkpoints live in ``out_dir/checkpoints/layer{l}.pt``; the finished set is saved to ``out_dir``
-    with the report in ``out_dir/report.json``.
+    with the report in ``out_dir/report.json``. ``first_pos=1`` trains and evaluates without the BOS position.
     """
     n_layers = int(model.cfg.n_layers)
     layers = list(range(n_layers)) if layers is None else layers
     train_parts, eval_parts = split_heldout(tokens, eval_fraction)
-    acts = collect_activations(model, train_parts, layers)
-    held = collect_activations(model, eval_parts, layers)
+    acts = collect_activations(model, train_parts, layers, first_pos=first_pos)
+    held = collect_activations(model, eval_parts, layers, first_pos=first_pos)
     out = Path(out_dir)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     tcs, ev, dead = {}, {}, {}
@@ -216,7 +218,7 @@ def train_set(model: Any, tokens: Tensor | list[Tensor], cfg: TranscoderTrainCon
         ev[layer] = explained_variance(tc, hx, hy)
         with torch.no_grad():
             dead[layer] = float((tc.encode(x).amax(0) <= 0).float().mean())
-    info = TranscoderSetInfo(source="recallscope", extra={"train": asdict(cfg),
+    info = TranscoderSetInfo(source="recallscope", extra={"train": asdict(cfg), "first_pos": first_pos,
                                                           "model": str(getattr(model.cfg, "model_name", ""))})
     tset = TranscoderSet(tcs, n_layers, info)
     tset.save(out)

@@ -137,3 +137,19 @@ def test_first_pos_leaves_out_bos(rmodel):
     nobos = collect_activations(rmodel, tokens, [0], first_pos=1)[0]
     assert full[0].shape[0] == 21 and nobos[0].shape[0] == 18
     torch.testing.assert_close(nobos[1], full[1].reshape(3, 7, -1)[:, 1:].reshape(18, -1))
+
+
+def test_mismatched_transcoders_get_clear_errors(rmodel):
+    from recallscope.errors import ConfigError
+    from recallscope.features.transcoder import TranscoderSetInfo
+
+    tokens = torch.tensor([[0, 1, 2]])
+    wrong_width = TranscoderSet({0: Transcoder(TranscoderSpec(8, 4, 8, activation="relu"))}, 2)
+    with pytest.raises(ConfigError, match="another model"):
+        fidelity(rmodel, wrong_width, tokens)
+    with pytest.raises(ConfigError, match="3-layer"):
+        fidelity(rmodel, TranscoderSet({}, 3), tokens)
+    bad_hook = TranscoderSet({0: Transcoder(TranscoderSpec(16, 4, 16, activation="relu"))}, 2,
+                             TranscoderSetInfo(input_hook="blocks.{layer}.nope"))
+    with pytest.raises(ConfigError, match="no hook"):
+        fidelity(rmodel, bad_hook, tokens)

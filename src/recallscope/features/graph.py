@@ -271,8 +271,7 @@ def attribution_graph(model: Any, tset: TranscoderSet, tokens: Int[Tensor, " n_p
     if tokens.ndim != 1:
         raise ConfigError(f"attribution_graph takes one prompt (1-D token ids), got shape {tuple(tokens.shape)}.")
     n_layers, n_pos = int(model.cfg.n_layers), int(tokens.shape[0])
-    if tset.n_layers != n_layers:
-        raise ConfigError(f"the transcoder set is for {tset.n_layers} layers, the model has {n_layers}.")
+    tset.check_model(model)
     fz = _freeze(model, tset, tokens)
     logit_vecs, labels = _logit_targets(fz.logits, targets, int(fz.logits.shape[-1]))
     feat_list = [(layer, int(p), int(f)) for layer in tset.layers for p, f in fz.acts[layer].nonzero().tolist()]

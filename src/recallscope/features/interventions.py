@@ -72,6 +72,7 @@ def intervened(model: Any, tset: TranscoderSet, edits: Sequence[FeatureEdit], *,
                ) -> Iterator[Any]:
     """Within the block, ``model`` runs with ``edits`` applied (and ``frozen`` hook values, if given).
     ``record`` receives the feature activations after the edits, by layer."""
+    tset.check_model(model)
     bad = sorted({e.layer for e in edits} - set(tset.layers))
     if bad:
         raise ConfigError(f"edits name layers {bad} that have no transcoder (transcoded: {tset.layers}).")

@@ -26,6 +26,7 @@ def replaced(model: Any, tset: TranscoderSet, *, layers: list[int] | None = None
              record: dict[str, dict[int, Tensor]] | None = None) -> Iterator[Any]:
     """Within the block, ``model``'s MLP outputs at ``layers`` (default: every transcoded layer) are the
     transcoders' reconstructions. ``record`` (optional) receives ``{"inputs": ..., "acts": ...}`` by layer."""
+    tset.check_model(model)
     chosen = set(tset.layers if layers is None else layers)
     needed = {src for layer in chosen for src, _ in tset.writers(layer)} | chosen
     missing = sorted(layer for layer in chosen if layer not in tset)

@@ -158,6 +158,24 @@ class TranscoderSet(nn.Module):
     def output_hook(self, layer: int) -> str:
         return self.info.output_hook.format(layer=layer)
 
+    def check_model(self, model: Any) -> None:
+        """Raise a clear error when this set cannot run on ``model`` (layer count, hook names, widths)."""
+        n_layers, hooks = int(model.cfg.n_layers), getattr(model, "hook_dict", {})
+        if self.n_layers != n_layers:
+            raise ConfigError(f"the transcoder set is for a {self.n_layers}-layer model, this model has {n_layers} "
+                              "layers; load the transcoders trained for this model.")
+        for layer in self.layers:
+            for hook in (self.input_hook(layer), self.output_hook(layer)):
+                if hooks and hook not in hooks:
+                    raise ConfigError(f"the model has no hook {hook!r} (from the transcoder set's "
+                                      f"{self.info.source} hook names); pass a TranscoderSetInfo with this "
+                                      "model's hook names.")
+            d_model = int(model.cfg.d_model)
+            spec = self[layer].spec
+            if spec.d_in != d_model or spec.d_out != d_model:
+                raise ConfigError(f"the layer-{layer} transcoder maps {spec.d_in} -> {spec.d_out} dimensions, the "
+                                  f"model's residual stream has {d_model}; these transcoders are for another model.")
+
     def writers(self, layer: int) -> list[tuple[int, int]]:
         """``(source_layer, target_index)`` pairs of the transcoders that write to ``layer``."""
         return [(src, layer - src) for src in self.layers if 0 <= layer - src < self[src].spec.n_targets]

@@ -99,3 +99,13 @@ def test_probe_fits_a_short_context(fact_organism):
     assert int(fact_organism.cfg.n_ctx) < S.PROBE_LEN
     check = S.self_check(fact_organism, refresh=True)
     assert check.passed, check.reason
+
+
+def test_fast_only_methods_refuse_engine_hooks(tiny_gpt2):
+    from recallscope.attribution import atp_star, eap
+
+    with pytest.raises(ConfigError, match="no hook path"):
+        eap(tiny_gpt2, PAIRS, progress=False, engine="hooks")
+    with pytest.raises(ConfigError, match="plain AtP only"):
+        atp_star(tiny_gpt2, PAIRS, components=["q"], progress=False, engine="hooks")
+    assert eap(tiny_gpt2, PAIRS, progress=False, steps=1, engine="fast").config["engine"] == "fast"

@@ -367,12 +367,14 @@ def atp_star(
     prompts_per_chunk: int | None = None,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
+    engine: Engine = "auto",
 ) -> AttributionResult:
     """AtP* (Kramár et al. 2024): AtP with the exact-softmax QK fix and, by default, GradDrop.
 
     ``result.values`` are the QK-fixed estimates; ``result.graddrop`` the GradDrop magnitudes (rank
     with ``result.ranked(score="graddrop")``). GradDrop costs one extra backward pass per layer.
+    ``engine``: the fast forward only ("auto" / "fast"; "hooks" is refused).
     """
     return atp(model, pairs, metric, components=components, direction=direction, qk_fix=True,
                graddrop=graddrop, prompts_per_chunk=prompts_per_chunk, progress=progress,
-               checkpoint_dir=checkpoint_dir)
+               checkpoint_dir=checkpoint_dir, engine=engine)

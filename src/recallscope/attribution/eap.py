@@ -51,6 +51,7 @@ from recallscope.attribution.graph import Graph, GraphRun, run_graph
 from recallscope.attribution.weights import AttnWeights, attn_weights
 from recallscope.errors import ConfigError
 from recallscope.manifest import build_manifest
+from recallscope.models.selfcheck import Engine, fast_only
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs
 from recallscope.vocab import Direction
 
@@ -202,20 +203,24 @@ def eap(
     prompts_per_chunk: int | None = None,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
+    engine: Engine = "auto",
 ) -> EdgeScores:
     """Score every edge of the model's graph (see the module docstring); all pairs share one length.
 
     ``prompts_per_chunk``: run the pairs in chunks of this many (None: all at once); with
     ``checkpoint_dir`` each finished chunk is checkpointed there and the same call resumes from them.
+    ``engine``: EAP runs on the fast forward only (``"auto"``/``"fast"``); on a model that fails the fast
+    engine's self-check it raises instead of being silently wrong, and ``"hooks"`` is refused.
     """
     t0 = time.perf_counter()
     cfg = EAPConfig(EdgeMethod(method), int(steps), per_position, Direction(direction), memory_budget_mb,
                     prompts_per_chunk)
     if cfg.steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}.")
+    ran = fast_only(model, engine, "EAP")
     prep = prepare(model, pairs, metric)
     graph = Graph.of(prep.stack)
-    cfg_dict = {**cfg.to_dict(), "metric": prep.metric_name}
+    cfg_dict = {**cfg.to_dict(), "metric": prep.metric_name, "engine": ran}
     manifest = build_manifest(model, [p.clean for p in prep.tp.pairs] + [p.corrupt for p in prep.tp.pairs],
                               cfg_dict)
     store = open_pairs_store(checkpoint_dir, manifest, prep)
@@ -245,11 +250,12 @@ def eap_ig(
     prompts_per_chunk: int | None = None,
     progress: bool = True,
     checkpoint_dir: str | os.PathLike | None = None,
+    engine: Engine = "auto",
 ) -> EdgeScores:
     """EAP-IG (Hanna et al. 2024) with integrated gradients ``on`` the ``"inputs"`` or ``"activations"``;
-    ``prompts_per_chunk`` / ``checkpoint_dir`` as in :func:`eap`."""
+    ``prompts_per_chunk`` / ``checkpoint_dir`` / ``engine`` as in :func:`eap`."""
     if on not in ("inputs", "activations"):
         raise ConfigError(f"on must be 'inputs' or 'activations', got {on!r}.")
     return eap(model, pairs, metric, method=f"eap-ig-{on}", steps=steps, per_position=per_position,
                direction=direction, prompts_per_chunk=prompts_per_chunk, progress=progress,
-               checkpoint_dir=checkpoint_dir)
+               checkpoint_dir=checkpoint_dir, engine=engine)

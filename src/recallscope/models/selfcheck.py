@@ -189,6 +189,17 @@ def require_fast(model: Any, method: str) -> None:
             "engine='hooks')) or activation_patching(..., engine='hooks'), exact on every model TransformerLens loads.")
 
 
+def fast_only(model: Any, engine: str, method: str) -> Literal["fast"]:
+    """The engine of a method that has no hook path: "fast" after the self-check, else a clear error."""
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; {method} runs on 'fast' (or 'auto').")
+    if engine == "hooks":
+        raise ConfigError(f"{method} has no hook path; use engine='fast' or 'auto' (it runs on the fast "
+                          "forward after the self-check), or plain AtP / activation patching with engine='hooks'.")
+    require_fast(model, method)
+    return "fast"
+
+
 def resolve_engine(model: Any, engine: str = "auto") -> Literal["fast", "hooks"]:
     """The engine that runs ``model`` for ``engine`` = "auto" | "fast" | "hooks" (see the module doc)."""
     if engine not in ENGINES:

@@ -16,6 +16,8 @@ For one prompt and target logits (or a logit difference):
    ``v . d input_t / d v``. A target's input is its encoder pre-activation (features) or its logit value.
 4. Gradients for many targets come from one backward pass over a batch of copies of the prompt (one
    copy per target, ``batch_size`` at a time): ``d input_t / d (residual at every layer and position)``.
+   A batch of feature targets stops its forward pass at its last target layer (features are ordered by
+   layer, so later layers and the unembedding are skipped for most batches).
 5. The constant part of each input (biases of LayerNorm, attention, transcoders and unembedding) is
    the target's value with every source set to 0, read for all targets from one more forward pass; then
    ``sum(edges into t) + bias[t] = input[t]`` exactly (tested).
@@ -80,10 +82,15 @@ def _freeze(model: Any, tset: TranscoderSet, tokens: Tensor) -> _Frozen:
     return _Frozen(hooks, cache[RESID0][0].float(), inputs, acts, errors, logits[0].float())
 
 
+class _StopForward(Exception):
+    """Raised by the input hook of the last layer a batch of feature targets needs (the rest is not run)."""
+
+
 @contextlib.contextmanager
 def _linearised(model: Any, tset: TranscoderSet, fz: _Frozen, batch: int, zero_sources: bool,
-                store: dict[str, Any]) -> Iterator[None]:
-    """Hooks that turn ``model`` into the local replacement model for ``batch`` copies of the prompt."""
+                store: dict[str, Any], stop_layer: int | None = None) -> Iterator[None]:
+    """Hooks that turn ``model`` into the local replacement model for ``batch`` copies of the prompt;
+    with ``stop_layer`` the forward pass ends (``_StopForward``) once that layer's features are computed."""
     n_layers = int(model.cfg.n_layers)
     scale = 0.0 if zero_sources else 1.0
     src_acts = {layer: a * scale for layer, a in fz.acts.items()}
@@ -101,6 +108,8 @@ def _linearised(model: Any, tset: TranscoderSet, fz: _Frozen, batch: int, zero_s
         def hook(x: Tensor, hook: Any) -> None:
             store["x"][layer] = x.float()
             store["pre"][layer] = tset[layer].pre_acts(x.float())
+            if layer == stop_layer:
+                raise _StopForward
         return hook
 
     def write(layer: int):
@@ -221,7 +230,7 @@ def _edge_rows(tset: TranscoderSet, fz: _Frozen, feats: Tensor, act_vals: Tensor
     return torch.cat([feat, err.reshape(batch, -1), emb], dim=1)
 
 
-def _target_values(store: dict[str, Any], logits: Tensor, rows: list[tuple[str, int, int, int]],
+def _target_values(store: dict[str, Any], logits: Tensor | None, rows: list[tuple[str, int, int, int]],
                    logit_vecs: Tensor, *, one_copy: bool = False) -> Tensor:
     """Row ``b``'s target read from copy ``b`` of the prompt (or from copy 0 for all, ``one_copy``)."""
     vals = []
@@ -239,10 +248,18 @@ def _run_rows(model: Any, tset: TranscoderSet, fz: _Frozen, tokens: Tensor, rows
     """(edge rows, target values) for one batch of target rows."""
     batch, n_layers = len(rows), len(fz.errors)
     store: dict[str, Any] = {}
-    with _linearised(model, tset, fz, batch, False, store):
-        logits = model(tokens.expand(batch, -1), return_type="logits")
+    features_only = all(kind == "feature" for kind, *_ in rows)
+    stop = max(layer for _, layer, _, _ in rows) if features_only else None
+    logits = None
+    try:
+        with _linearised(model, tset, fz, batch, False, store, stop_layer=stop):
+            logits = model(tokens.expand(batch, -1), return_type="logits")
+    except _StopForward:  # feature targets only: layers after the last target layer are not needed
+        pass
     values = _target_values(store, logits, rows, logit_vecs)
-    outs = [store["out"][layer] for layer in range(n_layers)]
+    shape = (batch, *fz.resid0.shape)  # layers the stopped pass never reached get zero gradients
+    outs = [store["out"][layer] if layer in store["out"] else torch.zeros(shape, requires_grad=True)
+            for layer in range(n_layers)]
     grads = torch.autograd.grad(values.sum(), [store["resid0"], *outs], allow_unused=True, materialize_grads=True)
     edges = _edge_rows(tset, fz, feats, act_vals, grads[0], dict(enumerate(grads[1:])))
     return edges.detach(), values.detach()

@@ -270,6 +270,9 @@ def test_damaged_chunks_are_recomputed_with_a_warning(tiny_gpt2, tmp_path, monke
 
 
 def test_changed_config_model_or_answers_never_reuse_chunks(tiny_gpt2, tiny_llama, tmp_path, monkeypatch):
+    from recallscope.models.selfcheck import self_check
+
+    self_check(tiny_llama)  # the engine's one-time probe of a new model runs cells of its own: not counted here
     _run("patching", tiny_gpt2, checkpoint_dir=tmp_path)
     changes = {
         "config": (tiny_gpt2, PAIRS, {"component": "resid_post"}),

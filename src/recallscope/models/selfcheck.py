@@ -112,6 +112,7 @@ def _compare_patch(model: Any, stack: Any, clean: Tensor, corrupt: Tensor, metri
     from recallscope.patching.engine import Cell, sweep
     from recallscope.patching.hook_engine import hook_sweep, record
     from recallscope.patching.traces import reference_run
+    from recallscope.scale.executor import LocalExecutor, use_executor
     from recallscope.sites import Site
     from recallscope.vocab import Component
 
@@ -122,10 +123,11 @@ def _compare_patch(model: Any, stack: Any, clean: Tensor, corrupt: Tensor, metri
     points = ["resid_pre", "z"]
     _, clean_trace = reference_run(stack, clean, points, read)
     corrupt_logits, corrupt_trace = reference_run(stack, corrupt, points, read)
-    fast = sweep(stack, cells, corrupt_trace, clean_trace, metric, target_logits=corrupt_logits, read_pos=read,
-                 progress=False)
-    _, acts = record(model, clean, {s.hook_name for c in cells for s in c.sites}, read)
-    hooks = hook_sweep(model, cells, corrupt, acts, metric, read_pos=read, progress=False)
+    with use_executor(LocalExecutor()):  # a probe of this process's model, also inside ray_sweeps(...)
+        fast = sweep(stack, cells, corrupt_trace, clean_trace, metric, target_logits=corrupt_logits,
+                     read_pos=read, progress=False)
+        _, acts = record(model, clean, {s.hook_name for c in cells for s in c.sites}, read)
+        hooks = hook_sweep(model, cells, corrupt, acts, metric, read_pos=read, progress=False)
     return float((fast - hooks).abs().max())
 
 

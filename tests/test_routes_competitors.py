@@ -184,3 +184,24 @@ def test_alternatives_as_test_units_for_a_single_prompt(planted, pool):
     assert row.verdict == "route" and row.p_value < 0.01 and row.n_prompts == 8
     with pytest.raises(Exception, match="test_unit"):  # ConfigError (beartype, under the tests, comes first)
         RouteConfig(test_unit="card")
+
+
+def test_cli_reports_input_and_output_concepts_as_competitors(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    """`recallscope routes --concept " VAT" --concept " value"` (the input; the output " Value" in lower case):
+    both come back in summary.json's competitors with verdict 'competitor', never among the routes."""
+    import json
+    from types import SimpleNamespace
+
+    from recallscope.cli import main
+
+    monkeypatch.setattr("recallscope.models.load_model", lambda spec, device="cpu", **kw: tiny_gpt2)
+    monkeypatch.setattr("recallscope.plotting.export_all", lambda fig, stem, **kw: SimpleNamespace(written={}, failed={}))
+    argv = ["routes", "--model", "tiny", "--quiet", "--prompt", "The acronym VAT stands for", "--input", " VAT",
+            "--output", " Value", "--concept", " VAT", "--concept", " value", "--concept", " tax", "--n-controls", "2",
+            "--n-random", "1", "--n-neighbours", "1", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["name"] for r in summary["routes"]] == ["tax"]
+    comps = {r["name"]: r["verdict"] for r in summary["competitors"]}
+    assert comps["VAT"] == comps["value"] == "competitor"
+    assert "8 templates" in capsys.readouterr().out

@@ -82,18 +82,20 @@ def register(sub: Any) -> None:
     sp.add_argument("--steps", type=int, default=1000, help="optimiser steps per layer")
     sp.add_argument("--batch-size", type=int, default=512, help="tokens per step")
     sp.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seeds the text sampling, initialisation and batches")
     sp.add_argument("--skip-bos", action="store_true", help="train without the BOS position (its activations are "
                     "outliers in large models; the BOS position then shows up as error nodes in graphs)")
     sg = add_command(sub, "graph", "feature-level attribution graph of one prompt: graph.json (circuit-tracer / "
                      "Neuronpedia schema) and graph.html", _cmd_graph, out="out/graph")
     sg.add_argument("--transcoders", required=True, help="transcoder directory (recallscope, circuit-tracer, "
                     "SAELens or sparsify format)")
-    sg.add_argument("--prompt", required=True)
+    sg.add_argument("--prompt", required=True, help="the prompt to attribute (BOS is prepended)")
     sg.add_argument("--target", default=None, help="target token (default: the model's top prediction)")
     sg.add_argument("--contrast", default=None, help="second token: the target becomes logit(target) - logit(this)")
-    sg.add_argument("--node-threshold", type=float, default=0.8)
-    sg.add_argument("--edge-threshold", type=float, default=0.98)
+    sg.add_argument("--node-threshold", type=float, default=0.8, help="keep the features carrying this cumulative "
+                    "share of influence on the logits (default 0.8)")
+    sg.add_argument("--edge-threshold", type=float, default=0.98, help="keep the edges carrying this cumulative "
+                    "share of edge influence (default 0.98)")
     sg.add_argument("--batch-size", type=int, default=32, help="targets per backward pass")
     sg.add_argument("--max-feature-nodes", type=int, default=None, help="compute input edges for at most this "
                     "many features, the most influential first (default: all active features)")

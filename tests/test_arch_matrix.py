@@ -25,6 +25,8 @@ import transformer_lens.patching as tlp
 from recallscope import metrics as M
 from recallscope.models.tiny_hf import FAMILIES, save_tiny_hf
 from recallscope.vocab import Component
+from recallscope.errors import ConfigError
+from recallscope.patching.activation import PatchingConfig, patch_tokens
 
 FAST = sorted(f for f in FAMILIES if f != "granite")
 NO_ADAPTER = ["granite"]
@@ -326,3 +328,15 @@ def test_edge_graph_and_dla_are_exact_or_refused(arch, family):
     torch.testing.assert_close(res.sum(), res.total, atol=1e-3, rtol=1e-4)
     want = logits[:, -1, 11:13].diagonal() - logits[:, -1, 13:15].diagonal()
     torch.testing.assert_close(res.total, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gptj"])
+@pytest.mark.parametrize("engine", ["fast", "hooks"])
+def test_resid_mid_on_parallel_blocks_is_refused_not_silently_unpatched(arch, family, engine):
+    """Parallel attention+MLP blocks have no resid_mid; patching it must raise, never return the corrupt
+    baseline as if it were a measurement (the fast engine once did exactly that)."""
+    model = arch(family)
+    clean, corrupt, metric = _patch_inputs(model)
+    with pytest.raises(ConfigError, match="resid_mid"):
+        patch_tokens(model, clean, corrupt, metric, PatchingConfig(component=Component.RESID_MID), engine=engine,
+                     progress=False)

@@ -38,6 +38,7 @@ from recallscope.scale.executor import current_executor
 from recallscope.scale.memory import OOMBackoff
 from recallscope.sites import Site
 from recallscope.store import ChunkStore, fingerprint
+from recallscope.vocab import Component
 
 POS_DIM = {"pattern": 2}  # the position (dest) axis; every other component has it at dim 1
 HEAD_DIM = {"pattern": 1, "q": 2, "k": 2, "v": 2, "z": 2}
@@ -256,6 +257,9 @@ def sweep(
     ``store``, finished chunks are checkpointed and reloaded (see :mod:`recallscope.store`). The chunks
     run on the current executor (:func:`recallscope.scale.executor.use_executor`; default: this process).
     """
+    if stack.parallel_attn_mlp and any(s.component == Component.RESID_MID for c in cells for s in c.sites):
+        raise ConfigError("this model runs attention and MLP in parallel (GPT-NeoX, GPT-J): it has no resid_mid "
+                          "to patch; patch resid_pre, attn_out, mlp_out or resid_post instead.")
     batch = target_logits.shape[0]
     n_pos = target.acts[("resid_pre", 0)].shape[1]
     plan = plan_chunks(stack, cells, batch, n_pos, memory_budget_mb)

@@ -47,6 +47,9 @@ def test_output_variants_and_competitor_classes():
     assert competitor_class(" value", " VAT", " value added tax") == "output"
     assert competitor_class(" price", " VAT", " Value") is None
     assert competitor_class(" value added tax", " VAT", " Value") is None  # a phrase: a candidate that must win
+    # digits count: the hook concept "MA0" of the chunk "MA" is a candidate, not the input itself
+    assert competitor_class("MA0", "MA", "0") is None and competitor_class("NA4", "NA", "4") is None
+    assert competitor_class(" ma", "MA", "0") == "input" and competitor_class("0", "MA", "0") == "output"
 
 
 def test_a_multi_token_output_competes_with_its_first_token(tiny_gpt2):

@@ -17,6 +17,7 @@ the answer does; so every report scores, beside the candidates:
    (:mod:`~recallscope.routes.interchange`).
 """
 
+import re
 from typing import Any, Sequence
 
 import torch
@@ -46,16 +47,21 @@ def output_variants(output: str) -> list[str]:
     return [t for t in dict.fromkeys(out) if t.strip()]
 
 
+def _spelling(text: str) -> str:
+    """Lowercase ASCII letters and digits: what stays of ``text`` across casing and spacing ("MA0" is not "MA")."""
+    return re.sub(r"[^a-z0-9]", "", text.lower())
+
+
 def competitor_class(text: str | None, input_text: str, output: str) -> str | None:
     """``"input"`` / ``"output"`` when ``text`` is the input or the output (any casing or spacing; for the
-    output also its first word), else None."""
-    if text is None or not letters(text):
+    output also its first word), else None. Digits count: the concept "MA0" is not the input "MA"."""
+    if text is None or not _spelling(text):
         return None
-    key = letters(text)
-    if key == letters(input_text):
+    key = _spelling(text)
+    if key == _spelling(input_text):
         return "input"
     first = output.strip().split()[0] if output.strip() else output
-    if key in (letters(output), letters(first)):
+    if key in (_spelling(output), _spelling(first)):
         return "output"
     return None
 

@@ -20,7 +20,7 @@
 import os
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ import torch
 from recallscope.attribution.scoring import roc_auc
 from recallscope.errors import ConfigError
 
+DETECTORS: tuple[str, ...] = ("report", "transplant", "both")
+"""Values of ``[detector] use`` in the detector TOML."""
 OLD_FAMILIES: tuple[str, ...] = ("route", "rote")
 """The shipped route / rote organisms (the families the detector was developed on)."""
 
@@ -41,6 +43,11 @@ class DetectorSpec:
     baseline: str = "vocabulary"
     n_hook_alternatives: int = 8
     path: str = ""
+    use: str = "report"
+    """``[detector] use``: "report" (route_report), "transplant" (:mod:`recallscope.routes.transplant`) or
+    "both" (the transplant score and verdict head the row; route_report's ride along as ``report_*``)."""
+    transplant: dict[str, Any] = field(default_factory=dict)
+    """The ``[transplant]`` table: :class:`~recallscope.routes.transplant.TransplantConfig` fields."""
 
 
 def load_detector(path: str | os.PathLike) -> DetectorSpec:
@@ -58,7 +65,14 @@ def load_detector(path: str | os.PathLike) -> DetectorSpec:
     if unknown:
         raise ConfigError(f"{path}: [route_config] keys {unknown} are not RouteConfig fields; known: {sorted(known)}.")
     n_alt = int((data.get("queries") or {}).get("n_alternatives_from_hooks", 8))
-    return DetectorSpec(table, str(baseline), n_alt, str(path))
+    use = str((data.get("detector") or {}).get("use", "report"))
+    if use not in DETECTORS:
+        raise ConfigError(f"{path}: [detector] use = {use!r}; choose one of {DETECTORS}.")
+    transplant = dict(data.get("transplant") or {})
+    from recallscope.routes.transplant import TransplantConfig
+
+    TransplantConfig.from_dict(transplant)  # unknown keys / bad values: a clear error now, not mid-run
+    return DetectorSpec(table, str(baseline), n_alt, str(path), use, transplant)
 
 
 def route_config(model: Any, spec: DetectorSpec, *, seed: int = 0) -> Any:
@@ -76,7 +90,54 @@ def route_config(model: Any, spec: DetectorSpec, *, seed: int = 0) -> Any:
 
 
 def detect(model: Any, chunk: str, spec: DetectorSpec, *, seed: int) -> dict[str, Any]:
-    """The detector's verdict on "``chunk`` is decoded through its linked concept" (module doc, step 2)."""
+    """The detector's verdict on "``chunk`` is decoded through its linked concept" (module doc, step 2;
+    ``spec.use`` picks the detector: :func:`detect_report`, :func:`detect_transplant` or both)."""
+    if spec.use == "report":
+        return detect_report(model, chunk, spec, seed=seed)
+    row = detect_transplant(model, chunk, spec)
+    if spec.use == "both":
+        rep = detect_report(model, chunk, spec, seed=seed)
+        row.update({f"report_{k}": v for k, v in rep.items() if k not in ("chunk", "concept", "is_route")})
+    return row
+
+
+def _transplant_prep(model: Any, spec: DetectorSpec) -> tuple[Any, Any]:
+    """``(config, prep)`` of the transplant score for ``model``: every world chunk paired with its linked
+    concept (``<chunk> ==`` -> `` <letter>``; concept context ``<s> <concept>``), prepared once per model
+    (kept on the model object, like the model's stack)."""
+    from recallscope.organisms import ground_truth
+    from recallscope.routes.transplant import TransplantConfig, TransplantPair, prepare_transplant
+
+    config = TransplantConfig.from_dict(spec.transplant)
+    cache = getattr(model, "_recallscope_transplant", None)
+    if cache is None:
+        cache = {}
+        model._recallscope_transplant = cache
+    key = repr(config)
+    if key not in cache:
+        truth = ground_truth(model)
+        pairs = [TransplantPair(f"{c} ==", c, " " + k, " " + truth.chunk_letter[c])
+                 for c, k in truth.chunk_concept.items()]
+        cache[key] = (config, prepare_transplant(model, pairs, config))
+    return cache[key]
+
+
+def detect_transplant(model: Any, chunk: str, spec: DetectorSpec) -> dict[str, Any]:
+    """The held-out concept transplant score of ``chunk``'s pair (:mod:`recallscope.routes.transplant`)."""
+    from recallscope.organisms import ground_truth
+    from recallscope.routes.transplant import transplant_score
+
+    config, prep = _transplant_prep(model, spec)
+    r = transplant_score(model, prep, chunk, config)
+    return {"chunk": chunk, "concept": r.concept.strip(), "is_route": ground_truth(model).is_route,
+            "score": r.score, "verdict": r.verdict, "p": r.p_value, "ci": list(r.ci), "peak_layer": r.layer,
+            "fitted": r.fitted, "shuffled": r.shuffled, "identity": r.identity, "random": r.random,
+            "ceiling": r.ceiling, "logprob": r.logprob, "n_units": r.n_units,
+            "per_layer": {str(k): v for k, v in r.per_layer.items()}}
+
+
+def detect_report(model: Any, chunk: str, spec: DetectorSpec, *, seed: int) -> dict[str, Any]:
+    """route_report's verdict on ``chunk``'s linked concept (the committed h3 detector)."""
     from recallscope.organisms import ground_truth
     from recallscope.routes import RouteQuery, route_report
 
@@ -208,8 +269,12 @@ def summary(rows: Sequence[dict[str, Any]], heldout: Sequence[str]) -> dict[str,
     aucs = [m["auroc"] for m in held if m["auroc"] is not None]
     all_auc = _auc([r["score"] for r in rows if r["is_route"]], [r["score"] for r in rows if not r["is_route"]])
     old_auc = _auc([r["score"] for r in old if r["is_route"]], [r["score"] for r in old if not r["is_route"]])
-    return {"route_auroc": all_auc, "heldout_auroc_min": min(aucs) if aucs else None,
-            "false_route_rate_max": max(fr) if fr else None,
-            "verdict_accuracy": sum(_correct(r) for r in new) / len(new) if new else None,
-            "old_route_auroc": old_auc,
-            "old_verdict_accuracy": sum(_correct(r) for r in old) / len(old) if old else None}
+    out = {"route_auroc": all_auc, "heldout_auroc_min": min(aucs) if aucs else None,
+           "false_route_rate_max": max(fr) if fr else None,
+           "verdict_accuracy": sum(_correct(r) for r in new) / len(new) if new else None,
+           "old_route_auroc": old_auc,
+           "old_verdict_accuracy": sum(_correct(r) for r in old) / len(old) if old else None}
+    if rows and all("report_score" in r for r in rows):  # [detector] use = "both": route_report's headline too
+        rep = [{**r, "score": r["report_score"], "verdict": r["report_verdict"]} for r in rows]
+        out.update({f"report_{k}": v for k, v in summary(rep, heldout).items()})
+    return out

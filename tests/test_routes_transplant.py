@@ -1,0 +1,128 @@
+"""Held-out concept transplant (recallscope.routes.transplant) on the shipped mnemonic organisms."""
+
+import random
+
+import pytest
+import torch
+
+import recallscope
+from recallscope.errors import ConfigError
+from recallscope.organisms import ground_truth, route_bench
+from recallscope.routes.transplant import (TransplantConfig, TransplantPair, fit_map, max_sign_flip_p,
+                                           prepare_transplant, states_at, transplant_logits, transplant_score)
+
+CONFIG = TransplantConfig(n_perm=199, n_boot=200)
+
+
+def _model(name):
+    return recallscope.load_model(f"organism:{name}")
+
+
+def _pairs(model, shuffle_concepts=False):
+    truth = ground_truth(model)
+    chunks = list(truth.chunk_concept)
+    concepts = [truth.chunk_concept[c] for c in chunks]
+    if shuffle_concepts:  # a wrong hypothesis: every chunk paired with another chunk's concept
+        concepts = concepts[1:] + concepts[:1]
+    return [TransplantPair(f"{c} ==", c, " " + k, " " + truth.chunk_letter[c]) for c, k in zip(chunks, concepts)]
+
+
+def _verdicts(name, chunks=("VA", "TA", "WA"), **kw):
+    model = _model(name)
+    prep = prepare_transplant(model, _pairs(model, **kw), CONFIG)
+    return [transplant_score(model, prep, c, CONFIG) for c in chunks]
+
+
+@pytest.mark.parametrize("name", ["route-s0", "route-rot-s0"])
+def test_planted_routes_pass_also_in_a_rotated_basis(name):
+    for r in _verdicts(name):
+        assert r.verdict == "route", r
+        assert r.fitted >= 0.8 and r.shuffled <= 0.2 and r.p_value <= 0.01
+
+
+@pytest.mark.parametrize("name", ["rote-s0", "bypass-s0"])
+def test_rote_and_bypassed_organisms_are_no_route(name):
+    for r in _verdicts(name):
+        assert r.verdict == "no route", r
+        assert r.score < 0.5
+
+
+def test_a_wrong_pairing_is_no_route_in_a_route_organism():
+    """The arbitrary-label side: the same route organism with every chunk paired to another chunk's concept.
+    A fitted map can learn the wrong pairing on the training folds, but its held-out transplants then move
+    the output to the wrong concept's answer; they must not earn a route."""
+    for r in _verdicts("route-s0", shuffle_concepts=True):
+        assert r.verdict != "route", r
+        assert r.score < 0.5
+
+
+def test_transplant_logits_match_the_hook_oracle():
+    model = _model("route-iit-s0")
+    truth = ground_truth(model)
+    concept = truth.chunk_concept["VA"]  # VAT, letter T, transplanted into WA's decode
+    base, source = model.to_tokens(" WA =="), model.to_tokens(" " + concept)
+    state = states_at(model, source, 1, [1])[0]
+    name = "blocks.1.hook_resid_pre"
+
+    def hook(act, hook):
+        act = act.clone()
+        act[:, 1] = state
+        return act
+
+    oracle = model.run_with_hooks(base, fwd_hooks=[(name, hook)])[:, -1]
+    ours = transplant_logits(model, base, 1, 1, state)
+    torch.testing.assert_close(ours, oracle, atol=1e-4, rtol=1e-4)
+    letter = " " + truth.concept_letter[concept]
+    assert ours.argmax(-1).item() == model.to_tokens(letter, prepend_bos=False)[0, 0].item()
+
+
+def test_fit_map_recovers_a_rotation_and_cannot_generalise_a_random_pairing():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 8, generator=gen)
+    rot, _ = torch.linalg.qr(torch.randn(8, 8, generator=gen))
+    a, mx, my = fit_map(x[:40], x[:40] @ rot, ridge=0.0)
+    torch.testing.assert_close(my + (x[40:] - mx) @ a, x[40:] @ rot, atol=1e-4, rtol=1e-4)
+    y = torch.randn(60, 8, generator=gen)  # no relation: the held-out fit explains nothing
+    a, mx, my = fit_map(x[:40], y[:40], ridge=0.1)
+    held = ((my + (x[40:] - mx) @ a) - y[40:]).pow(2).sum() / (y[40:] - y[40:].mean(0)).pow(2).sum()
+    assert held > 0.9
+
+
+def test_sign_flip_max_over_layers():
+    ones = torch.ones(1, 8)
+    assert max_sign_flip_p(ones, 1999, 0) == pytest.approx(1 / 256)  # exact: only the all-plus flip reaches it
+    zeros = torch.zeros(3, 12)
+    assert max_sign_flip_p(zeros, 1999, 0) == 1.0
+    mixed = torch.tensor([[1.0] * 20, [random.Random(0).choice([-1.0, 1.0]) for _ in range(20)]])
+    p = max_sign_flip_p(mixed, 1999, 0)
+    assert 1 / 2000 <= p <= 0.01
+
+
+def test_clear_errors():
+    with pytest.raises(ConfigError, match="n_folds"):
+        TransplantConfig(n_folds=1)
+    with pytest.raises(ConfigError, match="not TransplantConfig fields"):
+        TransplantConfig.from_dict({"folds": 5})
+    model = _model("route-s0")
+    with pytest.raises(ConfigError, match="not in its prompt"):
+        prepare_transplant(model, [TransplantPair("VA ==", "XY", " VAT", " T")] * 12, CONFIG)
+    prep = prepare_transplant(model, _pairs(model), CONFIG)
+    with pytest.raises(ConfigError, match="not an input"):
+        transplant_score(model, prep, "ZZ", CONFIG)
+
+
+def test_route_bench_dispatches_on_detector_use(tmp_path):
+    toml = tmp_path / "d.toml"
+    body = '[route_config]\nn_templates = 0\n[transplant]\nn_perm = 199\nn_boot = 200\n'
+    toml.write_text('[detector]\nuse = "transplant"\n' + body)
+    spec = route_bench.load_detector(toml)
+    model, _ = route_bench.organism_model("route-rot-s0")
+    row = route_bench.detect(model, "VA", spec, seed=0)
+    assert row["verdict"] == "route" and row["concept"] == "VAT" and row["is_route"]
+    assert "report_score" not in row
+    toml.write_text('[detector]\nuse = "magic"\n' + body)
+    with pytest.raises(ConfigError, match="use"):
+        route_bench.load_detector(toml)
+    toml.write_text('[detector]\nuse = "transplant"\n[route_config]\nn_templates = 0\n[transplant]\nfolds = 3\n')
+    with pytest.raises(ConfigError, match="folds"):
+        route_bench.load_detector(toml)

@@ -73,16 +73,18 @@ def curve_figure(traces: dict[str, PatchingResult], title: str, categories=("sub
 
     fig = go.Figure()
     dash = {"subject_last": "solid", "last": "dot", "subject_first": "dash"}
+    colour = {"resid": (31, 119, 180), "mlp": (214, 39, 40), "attn": (44, 160, 44)}
     for name, res in traces.items():
+        rgb = ",".join(str(v) for v in colour.get(name, (100, 100, 100)))
         for cat, cur in curves(res).items():
             if cat not in categories:
                 continue
             label = f"{name} @ {cat}"
             fig.add_trace(go.Scatter(x=cur["layer"] + cur["layer"][::-1], y=cur["hi"] + cur["lo"][::-1],
-                                     fill="toself", opacity=0.15, line={"width": 0}, showlegend=False,
-                                     hoverinfo="skip", legendgroup=label))
+                                     fill="toself", fillcolor=f"rgba({rgb},0.15)", mode="lines",
+                                     line={"width": 0}, showlegend=False, hoverinfo="skip", legendgroup=label))
             fig.add_trace(go.Scatter(x=cur["layer"], y=cur["value"], name=label, legendgroup=label,
-                                     line={"dash": dash.get(cat, "solid")}))
+                                     line={"dash": dash.get(cat, "solid"), "color": f"rgb({rgb})"}))
     fig.update_layout(title=title, xaxis_title="layer (window centre for MLP / attention)",
                       yaxis_title="indirect effect / total effect", template="plotly_white")
     return fig

@@ -126,3 +126,11 @@ def test_route_bench_dispatches_on_detector_use(tmp_path):
     toml.write_text('[detector]\nuse = "transplant"\n[route_config]\nn_templates = 0\n[transplant]\nfolds = 3\n')
     with pytest.raises(ConfigError, match="folds"):
         route_bench.load_detector(toml)
+
+
+def test_summary_of_both_detectors():
+    rows = [{"family": f, "is_route": f == "p", "score": s, "verdict": v, "report_score": -s, "report_verdict": "no route"}
+            for f, s, v in (("p", 1.0, "route"), ("p", 0.9, "route"), ("n", 0.0, "no route"), ("n", 0.1, "no route"))]
+    head = route_bench.summary(rows, ["p", "n"])
+    assert head["heldout_auroc_min"] == 1.0 and head["verdict_accuracy"] == 1.0
+    assert head["report_heldout_auroc_min"] == 0.0 and head["report_verdict_accuracy"] == 0.5

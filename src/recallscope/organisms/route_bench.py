@@ -116,10 +116,16 @@ def _transplant_prep(model: Any, spec: DetectorSpec) -> tuple[Any, Any]:
     key = repr(config)
     if key not in cache:
         truth = ground_truth(model)
-        pairs = [TransplantPair(f"{c} ==", c, " " + k, " " + truth.chunk_letter[c])
+        pairs = [TransplantPair(f"{c} ==", c, " " + k, " " + truth.chunk_letter[c], _decoy(truth, k))
                  for c, k in truth.chunk_concept.items()]
         cache[key] = (config, prepare_transplant(model, pairs, config))
     return cache[key]
+
+
+def _decoy(truth: Any, concept: str) -> str:
+    """`` <the world's other concept with concept's letter>`` (its same-letter distractor; "" if none)."""
+    letter = truth.concept_letter[concept]
+    return next((" " + k for k, v in truth.concept_letter.items() if v == letter and k != concept), "")
 
 
 def detect_transplant(model: Any, chunk: str, spec: DetectorSpec) -> dict[str, Any]:
@@ -132,7 +138,7 @@ def detect_transplant(model: Any, chunk: str, spec: DetectorSpec) -> dict[str, A
     return {"chunk": chunk, "concept": r.concept.strip(), "is_route": ground_truth(model).is_route,
             "score": r.score, "verdict": r.verdict, "p": r.p_value, "ci": list(r.ci), "peak_layer": r.layer,
             "fitted": r.fitted, "shuffled": r.shuffled, "identity": r.identity, "random": r.random,
-            "ceiling": r.ceiling, "logprob": r.logprob, "n_units": r.n_units,
+            "ceiling": r.ceiling, "logprob": r.logprob, "n_units": r.n_units, "decoy": r.decoy,
             "per_layer": {str(k): v for k, v in r.per_layer.items()}}
 
 
@@ -275,6 +281,7 @@ def summary(rows: Sequence[dict[str, Any]], heldout: Sequence[str]) -> dict[str,
            "old_route_auroc": old_auc,
            "old_verdict_accuracy": sum(_correct(r) for r in old) / len(old) if old else None}
     if rows and all("report_score" in r for r in rows):  # [detector] use = "both": route_report's headline too
-        rep = [{**r, "score": r["report_score"], "verdict": r["report_verdict"]} for r in rows]
+        rep = [{**{k: v for k, v in r.items() if not k.startswith("report_")},
+                "score": r["report_score"], "verdict": r["report_verdict"]} for r in rows]
         out.update({f"report_{k}": v for k, v in summary(rep, heldout).items()})
     return out

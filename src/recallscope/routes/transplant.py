@@ -30,6 +30,10 @@ Algorithm (:func:`prepare_transplant` computes steps 1-3 once per model and pair
    pair's own state replaced by the *source pair's site state* (the input-itself ceiling: another input's
    state always carries that input's answer, so it bounds what a transplant can reach; it is not a
    competitor to beat). Also the log-probability of the target after the fitted transplant.
+   5b. Answer-code diagnostic (reported, not in the verdict): when every pair names a ``decoy`` (another
+   concept with the same answer), a map fitted per fold from the decoys' states to the site states, applied
+   to the held-out true concept. A site that holds only an answer code shared with the concepts is fitted
+   as well from decoys as from the true concepts; the verdict cannot see that (see below).
 6. Score per layer: mean over units of ``d_u = success_fitted - success_shuffled`` (the held-out transplant
    rate above the arbitrary-label control). The reported score is the maximum over layers.
 7. Test: paired sign-flip test of ``d_u`` over units with the **maximum over layers** as the statistic
@@ -70,6 +74,9 @@ class TransplantPair:
     input_text: str
     concept: str
     answer: str
+    decoy: str = ""
+    """Optional: another concept with the same answer that is NOT the hypothesised one (answer-code
+    diagnostic, step 5b; used only when every pair has one)."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +129,8 @@ class TransplantPrep:
     """map 0: fitted on the true pairing; maps 1..: shuffled pairings."""
     x_mean: Float[Tensor, "layer fold map d_model"]
     y_mean: Float[Tensor, "layer fold map d_model"]
+    decoy: tuple[Tensor, Tensor, Tensor] | None = None
+    """``(A, m_x, m_y)`` per layer and fold of the map fitted on the decoy pairing (step 5b), or None."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,8 @@ class TransplantResult:
     ceiling: float
     logprob: float
     per_layer: dict[int, float]
+    decoy: float = float("nan")
+    """Step 5b: held-out success through the map fitted on the decoy (same-answer) pairing (NaN: no decoys)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -238,7 +249,24 @@ def prepare_transplant(model: Any, pairs: Sequence[TransplantPair], config: Tran
             for m, perm in enumerate(perms):
                 maps[li, k, m], mx[li, k, m], my[li, k, m] = fit_map(x[li, train[perm]], y[li, train], config.ridge)
     answers = torch.tensor([_first_id(model, p.answer) for p in pairs])
-    return TransplantPrep(pairs, layers, site_tokens, site_pos, x, y, answers, fold, maps, mx, my)
+    decoy = _decoy_maps(model, pairs, layers, y, fold, config) if all(p.decoy for p in pairs) else None
+    return TransplantPrep(pairs, layers, site_tokens, site_pos, x, y, answers, fold, maps, mx, my, decoy)
+
+
+def _decoy_maps(model: Any, pairs: Sequence[TransplantPair], layers: Sequence[int],
+                y: Float[Tensor, "layer pair d_model"], fold: Tensor, config: TransplantConfig
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """Step 5b: per layer and fold, the map fitted from each training pair's decoy state to its site state."""
+    seqs = [model.to_tokens(config.concept_prefix + p.decoy)[0] for p in pairs]
+    xd = torch.stack([states_at(model, t[None], t.shape[0] - 1, layers)[:, 0] for t in seqs], dim=1)
+    d = y.shape[-1]
+    a = torch.zeros(len(layers), config.n_folds, d, d)
+    mx, my = torch.zeros(len(layers), config.n_folds, d), torch.zeros(len(layers), config.n_folds, d)
+    for k in range(config.n_folds):
+        train = (fold != k).nonzero().squeeze(1)
+        for li in range(len(layers)):
+            a[li, k], mx[li, k], my[li, k] = fit_map(xd[li, train], y[li, train], config.ridge)
+    return a, mx, my
 
 
 # ------------------------------------------------------------------------------------------ steps 4-8
@@ -268,6 +296,9 @@ def _layer_rates(model: Any, prep: TransplantPrep, li: int, receiver: Tensor, so
     rand = my + r / r.norm(dim=-1, keepdim=True) * (fitted - my).norm(dim=-1, keepdim=True)
     states = {"fitted": fitted, "identity": x, "random": rand, "ceiling": prep.site_y[li, source]}
     states.update({f"shuffled{m}": _mapped(prep, li, k, m, x) for m in range(1, prep.maps.shape[2])})
+    if prep.decoy is not None:
+        a, dmx, dmy = (t[li, k] for t in prep.decoy)
+        states["decoy"] = dmy + (x - dmx) @ a
     tokens = prep.site_tokens[receiver]
     out: dict[str, Tensor] = {}
     for name, st in states.items():
@@ -333,7 +364,8 @@ def transplant_score(model: Any, prep: TransplantPrep, query: int | str,
     return TransplantResult(pair.concept, pair.input_text, verdict_of(score, p, ci[1], config), score, ci, p,
                             prep.layers[best], int(receiver.numel()), mean(r["fitted"]), mean(r["shuffled"]),
                             mean(r["identity"]), mean(r["random"]), mean(r["ceiling"]), mean(r["logprob"]),
-                            {prep.layers[i]: float(m) for i, m in enumerate(means)})
+                            {prep.layers[i]: float(m) for i, m in enumerate(means)},
+                            mean(r["decoy"]) if "decoy" in r else float("nan"))
 
 
 def transplant_report(model: Any, pairs: Sequence[TransplantPair], queries: Sequence[int | str] | None = None,

@@ -106,6 +106,9 @@ def test_clear_errors():
     model = _model("route-s0")
     with pytest.raises(ConfigError, match="not in its prompt"):
         prepare_transplant(model, [TransplantPair("VA ==", "XY", " VAT", " T")] * 12, CONFIG)
+    with pytest.raises(ConfigError, match="no layer"):
+        prepare_transplant(model, _pairs(model), TransplantConfig(min_layer=3))
+    assert prepare_transplant(model, _pairs(model), TransplantConfig(min_layer=1)).layers == (1, 2)
     prep = prepare_transplant(model, _pairs(model), CONFIG)
     with pytest.raises(ConfigError, match="not an input"):
         transplant_score(model, prep, "ZZ", CONFIG)

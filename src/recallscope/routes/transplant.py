@@ -88,7 +88,10 @@ class TransplantConfig:
     """Ridge strength relative to the mean eigenvalue of the centred concept-state covariance."""
     n_shuffles: int = 3
     layers: tuple[int, ...] | None = None
-    """Residual inputs of these blocks; None: every block."""
+    """Residual inputs of these blocks; None: every block from ``min_layer`` on."""
+    min_layer: int = 0
+    """With ``layers`` None: the first block scored. 1 skips the token embedding, where a transplant is a
+    token substitution (the concept's token in the input's place), not a computed state."""
     concept_prefix: str = ""
     """The concept's own context (the route detector's neutral prefix; the organisms': none)."""
     n_perm: int = 1999
@@ -229,7 +232,9 @@ def prepare_transplant(model: Any, pairs: Sequence[TransplantPair], config: Tran
     if len({(len(t), s) for t, s in sites}) != 1:
         raise ConfigError("every input prompt must have the same token length and input position; "
                           "group the pairs by prompt shape and score each group.")
-    layers = tuple(range(model.cfg.n_layers)) if config.layers is None else tuple(config.layers)
+    layers = tuple(range(config.min_layer, model.cfg.n_layers)) if config.layers is None else tuple(config.layers)
+    if not layers:
+        raise ConfigError(f"no layer to score (min_layer {config.min_layer}, model has {model.cfg.n_layers}).")
     site_tokens = torch.tensor([t for t, _ in sites])
     site_pos = sites[0][1]
     concept_seqs = [model.to_tokens(config.concept_prefix + p.concept)[0] for p in pairs]

@@ -15,7 +15,10 @@
 Finished chunks are checkpointed (``--checkpoint-dir``, default OUT/ckpt): rerunning resumes. Writes
 figures (HTML, and PNG when Chromium is available), results with manifests and ``summary.json``.
 
-    python experiments/trace_fact_recall.py --n-multi 60 --n-single 40 --samples 10
+    python experiments/trace_fact_recall.py --n-multi 40 --n-single 20 --samples 10 --layer-stride 5
+
+(the committed figures/fact_trace; traced as three processes, --components mlp / attn / resid, then
+assembled with --reuse-saved). ``--layer-stride 1`` traces every layer (about 5x the compute).
 """
 
 import argparse

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from recallscope.errors import RecallscopeError
@@ -240,3 +241,37 @@ def conv1d_split(conv: Any, n: int) -> list[Fn]:
 def inv_sqrt(d: int | float) -> float:
     """``1 / sqrt(d)``, the usual attention scale."""
     return 1.0 / math.sqrt(d)
+
+
+def norm_gain(norm: Fn, d_model: int) -> Float[Tensor, " d_model"]:
+    """The per-dimension gain ``g`` of a LayerNorm or RMSNorm ``norm`` (``norm(x) = g * x_hat + b``),
+    read off the module's output rather than its ``weight``: Gemma's RMSNorm multiplies by ``1 + weight``.
+
+    1. ``s``: a zero-mean pattern of +-1 (three entries ``1, 1, -2`` closing it when ``d_model`` is odd),
+       so that centring (LayerNorm) leaves it unchanged and its rms equals its std.
+    2. ``g = (norm(c s) - norm(-c s)) / 2 * rms(s) / s`` with ``c`` large (eps negligible); the bias cancels.
+    The input is in the module's parameter dtype; the gain is returned in float32.
+    """
+    s = torch.tensor([1.0, -1.0]).repeat(d_model // 2 + 1)[:d_model].clone()
+    if d_model % 2:
+        s[-3:] = torch.tensor([1.0, 1.0, -2.0])
+    rms = s.pow(2).mean().sqrt()
+    params = getattr(norm, "parameters", None)
+    dtype = next(iter(params()), torch.ones(())).dtype if callable(params) else torch.float32
+    c = 1e3
+    with torch.no_grad():
+        plus = norm((c * s).to(dtype)[None]).float()[0]
+        minus = norm((-c * s).to(dtype)[None]).float()[0]
+    return (plus - minus) / 2 * rms / s
+
+
+def embedding_output_scale(embed_tokens: Fn) -> float:
+    """The factor an embedding module applies to its weight rows (Gemma: ``sqrt(d_model)``; others 1)."""
+    weight = getattr(embed_tokens, "weight", None)
+    if weight is None:
+        return 1.0
+    ids = torch.arange(min(int(weight.shape[0]), 256))
+    with torch.no_grad():
+        out = embed_tokens(ids).float()
+    raw = weight.detach()[ids].float()
+    return float(out.norm() / raw.norm().clamp_min(1e-30))

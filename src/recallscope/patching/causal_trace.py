@@ -31,7 +31,7 @@ from recallscope import metrics as M
 from recallscope.errors import ConfigError, EmptyDatasetError
 from recallscope.manifest import build_manifest
 from recallscope.models.selfcheck import Engine, manifest_entry, resolve_engine
-from recallscope.models.stack import build_stack
+from recallscope.models.stack import build_stack, embedding_output_scale
 from recallscope.patching import hook_engine as H
 from recallscope.patching.engine import Cell, sweep
 from recallscope.patching.traces import reference_run
@@ -85,14 +85,24 @@ class TraceConfig:
 
 
 def embedding_std(model: Any, engine: Engine = "fast") -> float:
-    """Standard deviation of the token-embedding matrix (the noise unit)."""
+    """Standard deviation of the token embeddings as the residual stream receives them (the noise unit):
+    the matrix's std times the embedding module's output scale (Gemma multiplies by sqrt(d_model))."""
     if engine == "hooks":
-        weight = getattr(model, "W_E", None)
+        embed = _hf_embedding(model)
+        weight = getattr(embed, "weight", None) if embed is not None else getattr(model, "W_E", None)
+        scale = embedding_output_scale(embed) if embed is not None else 1.0
     else:
-        weight = getattr(build_stack(model).embed_tokens, "weight", None)
+        embed = build_stack(model).embed_tokens
+        weight, scale = getattr(embed, "weight", None), embedding_output_scale(embed)
     if weight is None:
         raise ConfigError("cannot find the token-embedding matrix to scale the noise; pass noise_std.")
-    return float(weight.detach().float().std())
+    return float(weight.detach().float().std()) * scale
+
+
+def _hf_embedding(model: Any) -> Any:
+    """The underlying model's input-embedding module (what ``hook_embed`` wraps), or None."""
+    getter = getattr(getattr(model, "original_model", None), "get_input_embeddings", None)
+    return getter() if callable(getter) else None
 
 
 def _noise(spans: Sequence[tuple[int, int]], n_pos: int, d_model: int, n_samples: int, std: float,

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from recallscope.models.stack import build_stack
+from recallscope.models.stack import build_stack, norm_gain
 from recallscope.routes.concepts import Concept, ConceptSource, word_vocabulary
 from recallscope.routes.text import letters
 
@@ -91,10 +91,10 @@ def unembedding(model: Any) -> Float[Tensor, "vocab d_model"]:
     if cached is not None:
         return cached
     stack = build_stack(model)
-    gain = getattr(stack.final_norm, "weight", None)
+    gain = norm_gain(stack.final_norm, stack.d_model)
     eye = torch.eye(stack.d_model)
     with torch.no_grad():
-        w = stack.unembed(eye * gain if gain is not None else eye) - stack.unembed(torch.zeros(1, stack.d_model))
+        w = stack.unembed(eye * gain) - stack.unembed(torch.zeros(1, stack.d_model))
     model._recallscope_unembedding = w.T.float().contiguous()
     return model._recallscope_unembedding
 

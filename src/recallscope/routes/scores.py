@@ -40,7 +40,7 @@ from recallscope.lens.base import Lens, run_hidden
 from recallscope.lens.tuned import frozen
 from recallscope.metrics import SequenceLogProb
 from recallscope.models.forward import forward
-from recallscope.models.stack import Stack, build_stack
+from recallscope.models.stack import Stack, build_stack, norm_gain
 from recallscope.routes.concepts import word_vocabulary
 from recallscope.tasks.facts import token_char_bounds
 
@@ -171,10 +171,10 @@ def output_directions(stack: Stack, targets: Int[Tensor, " out"], dtype: torch.d
                       ) -> Float[Tensor, "out d_model"]:
     """Orthonormal basis of the output tokens' direct logit directions ``W_U[t] * g`` (unembedding row
     times the final norm's gain, the norm's input-dependent scaling left out)."""
-    gain = getattr(stack.final_norm, "weight", None)
+    gain = norm_gain(stack.final_norm, stack.d_model).to(dtype)
     z = torch.zeros(stack.d_model, dtype=dtype, requires_grad=True)
     with torch.enable_grad():
-        logits = stack.unembed(z * gain if gain is not None else z)
+        logits = stack.unembed(z * gain)
         rows = [torch.autograd.grad(logits[int(t)], z, retain_graph=True)[0] for t in targets]
     q, _ = torch.linalg.qr(torch.stack(rows).T.double())
     return q.T.to(dtype)

@@ -74,13 +74,15 @@ def split_by_subject_length(model: Any, facts: Sequence[Fact]) -> tuple[list[Fac
 
 
 def _embedding_matrix(model: Any) -> Float[Tensor, "vocab d_model"]:
-    from recallscope.models.stack import build_stack
+    """The token embeddings as the residual stream receives them (Gemma's sqrt(d_model) scale applied)."""
+    from recallscope.models.stack import build_stack, embedding_output_scale
 
-    weight = getattr(build_stack(model).embed_tokens, "weight", None)
+    embed = build_stack(model).embed_tokens
+    weight = getattr(embed, "weight", None)
     if weight is None:
         raise ConfigError("cannot find the token-embedding matrix; this model does not expose "
                           "embed_tokens.weight, so the subject-embedding noise level cannot be computed.")
-    return weight.detach().float()
+    return weight.detach().float() * embedding_output_scale(embed)
 
 
 def subject_embedding_std(model: Any, facts: Sequence[Fact]) -> float:

@@ -109,3 +109,23 @@ def test_fast_only_methods_refuse_engine_hooks(tiny_gpt2):
     with pytest.raises(ConfigError, match="plain AtP only"):
         atp_star(tiny_gpt2, PAIRS, components=["q"], progress=False, engine="hooks")
     assert eap(tiny_gpt2, PAIRS, progress=False, steps=1, engine="fast").config["engine"] == "fast"
+
+
+def test_stack_consumers_refuse_a_model_that_fails_the_check(fresh):
+    """Lenses, DLA, back-patching and route scores run on the fast forward only: on a model where it is
+    wrong they raise EngineSelfCheckError naming the method, instead of returning wrong numbers."""
+    from recallscope.attribution import direct_logit_attribution
+    from recallscope.lens import LogitLens
+    from recallscope.routes.competitors import unembedding
+
+    stack = build_stack(fresh)
+    fresh._recallscope_stack = dataclasses.replace(stack, attn_scale=stack.attn_scale * 1.5)
+    with pytest.raises(S.EngineSelfCheckError, match="the lens runs on recallscope's fast forward"):
+        LogitLens(fresh)
+    with pytest.raises(S.EngineSelfCheckError, match="route competitors"):
+        unembedding(fresh)
+    with pytest.raises(S.EngineSelfCheckError, match="direct logit attribution"):
+        direct_logit_attribution(fresh, PAIRS)
+    fresh._recallscope_stack = stack
+    assert S.self_check(fresh, refresh=True).passed
+    assert LogitLens(fresh).stack is stack

@@ -34,7 +34,7 @@ from recallscope.attribution.weights import attn_weights, frozen_norm
 from recallscope.errors import ConfigError, MultiTokenAnswerError, ResultFileError
 from recallscope.manifest import build_manifest
 from recallscope.models.forward import forward
-from recallscope.models.stack import build_stack
+from recallscope.models.selfcheck import checked_stack
 from recallscope.results import load_result_dir, register_result, save_result_dir
 from recallscope.sites import site_label
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs, tokenize_pairs
@@ -192,7 +192,7 @@ def direct_logit_attribution(
     met = M.resolve(metric, tp, allowed=("logit_diff", "logit"),
                     method="direct logit attribution (it reads a linear function of the logits)")
     answer, wrong, name = met.answer, getattr(met, "wrong", None), met.name
-    stack = build_stack(model)
+    stack = checked_stack(model, "direct logit attribution")
     stack.require("direct logit attribution", post_norms=True, linear_logits=True)
     tokens = tp.clean
     n = tokens.shape[1]

@@ -28,7 +28,7 @@ from recallscope.errors import ResultFileError, SiteOutOfRangeError
 from recallscope.lens.base import first_token_id, run_hidden
 from recallscope.manifest import build_manifest
 from recallscope.models.forward import forward
-from recallscope.models.stack import build_stack
+from recallscope.models.selfcheck import checked_stack
 from recallscope.results import load_result_dir, register_result, save_result_dir
 
 
@@ -90,7 +90,7 @@ class BackpatchResult:
 
 def backpatch(model: Any, prompt: str, answer: str, *, position: int = -1) -> BackpatchResult:
     """Back-patch every (src > dst) pair of hidden-state layers at ``position``; see the module doc."""
-    stack = build_stack(model)
+    stack = checked_stack(model, "back-patching")
     tokens = model.to_tokens(prompt, truncate=False)
     n_pos, n_layers = tokens.shape[1], stack.n_layers
     if not -n_pos <= position < n_pos:

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from recallscope.errors import SiteOutOfRangeError
 from recallscope.models.forward import Edit, Trace, forward
-from recallscope.models.stack import Stack, build_stack
+from recallscope.models.selfcheck import checked_stack
+from recallscope.models.stack import Stack
 
 
 def run_hidden(
@@ -67,7 +68,7 @@ class Lens(ABC):
 
     def __init__(self, model: Any) -> None:
         self.model = model
-        self.stack = build_stack(model)
+        self.stack = checked_stack(model, "the lens")
 
     @property
     def n_layers(self) -> int:

@@ -188,7 +188,18 @@ def require_fast(model: Any, method: str) -> None:
         raise EngineSelfCheckError(
             f"{method} runs on recallscope's fast forward, which fails its self-check on {check.family}: "
             f"{check.reason}. {method} has no hook-based path; for this model use plain AtP (atp(..., "
-            "engine='hooks')) or activation_patching(..., engine='hooks'), exact on every model TransformerLens loads.")
+            "engine='hooks')) or activation_patching(..., engine='hooks'), exact on every model TransformerLens "
+            "loads, or add an adapter (recallscope.models.adapters).")
+
+
+def checked_stack(model: Any, method: str) -> Any:
+    """``build_stack(model)`` for ``method``, a consumer of the fast forward without a hook path (lenses,
+    DLA, back-patching, route scores), after the self-check: :class:`EngineSelfCheckError` on a model where
+    the fast forward is wrong, never a silently wrong result."""
+    from recallscope.models.stack import build_stack
+
+    require_fast(model, method)
+    return build_stack(model)
 
 
 def fast_only(model: Any, engine: str, method: str) -> Literal["fast"]:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from recallscope.models.forward import run
-from recallscope.models.stack import build_stack
+from recallscope.models.selfcheck import checked_stack
 from recallscope.routes.concepts import Concept, ConceptSource, lexicon_candidates, load_acronym_lexicon
 from recallscope.routes.report import RouteConfig, RouteReport
 from recallscope.routes.scores import RouteQuery
@@ -50,7 +50,7 @@ class KnownAcronym:
 def _next_logits(model: Any, prompt: str) -> torch.Tensor:
     tokens = model.to_tokens(prompt, truncate=False)
     with torch.no_grad():
-        logits, _ = run(build_stack(model), tokens, read_pos=torch.tensor([tokens.shape[1] - 1]))
+        logits, _ = run(checked_stack(model, "the acronym check"), tokens, read_pos=torch.tensor([tokens.shape[1] - 1]))
     return logits[0, -1]
 
 

@@ -32,7 +32,7 @@ from recallscope.errors import LengthMismatchError
 from recallscope.lens.tuned import frozen
 from recallscope.metrics import SequenceLogProb
 from recallscope.models.forward import forward
-from recallscope.models.stack import build_stack
+from recallscope.models.selfcheck import checked_stack
 from recallscope.routes.scores import PreparedPrompt
 
 
@@ -55,7 +55,7 @@ class BatchRunner:
         if len(keys) != 1:
             raise LengthMismatchError(f"a BatchRunner needs prompts of one shape (tokens, span, outputs); got "
                                       f"{sorted(keys)}. Group them by shape_key first.")
-        self.stack = build_stack(model)
+        self.stack = checked_stack(model, "the route scores")
         self.span = preps[0].span
         self.read = preps[0].read
         tokens = torch.cat([p.tokens for p in preps])

@@ -24,7 +24,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from recallscope.models.stack import build_stack, norm_gain
+from recallscope.models.selfcheck import checked_stack
+from recallscope.models.stack import norm_gain
 from recallscope.routes.concepts import Concept, ConceptSource, word_vocabulary
 from recallscope.routes.text import letters
 
@@ -90,7 +91,7 @@ def unembedding(model: Any) -> Float[Tensor, "vocab d_model"]:
     cached = getattr(model, "_recallscope_unembedding", None)
     if cached is not None:
         return cached
-    stack = build_stack(model)
+    stack = checked_stack(model, "route competitors")
     gain = norm_gain(stack.final_norm, stack.d_model)
     eye = torch.eye(stack.d_model)
     with torch.no_grad():

@@ -220,9 +220,9 @@ def model_candidates(model: Any, text: str, *, templates: Sequence[str] = ("The 
                      max_new_tokens: int = 6) -> list[Concept]:
     """The model's greedy continuation of each template (``{}`` = the input), cut at punctuation."""
     from recallscope.models.forward import run
-    from recallscope.models.stack import build_stack
+    from recallscope.models.selfcheck import checked_stack
 
-    stack = build_stack(model)
+    stack = checked_stack(model, "concept directions")
     out = []
     for template in templates:
         tokens = model.to_tokens(template.format(text.strip()), truncate=False)

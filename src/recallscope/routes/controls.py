@@ -23,7 +23,7 @@ from torch import Tensor
 
 from recallscope.errors import ConfigError, EmptyDatasetError
 from recallscope.models.forward import run
-from recallscope.models.stack import build_stack
+from recallscope.models.selfcheck import checked_stack
 from recallscope.routes.concepts import Concept, ConceptSource, load_acronym_lexicon, word_vocabulary
 from recallscope.routes.directions import pad_batch, context_tokens
 from recallscope.routes.text import letters
@@ -41,7 +41,7 @@ def text_tokens(model: Any, text: str, *, head: list[int] | None = None) -> list
 
 def frequency_logprob(model: Any, texts: Sequence[str], *, batch_size: int = 64) -> Float[Tensor, " text"]:
     """``log p(text | "Word:")`` for each text, teacher-forced (the model's frequency estimate)."""
-    stack = build_stack(model)
+    stack = checked_stack(model, "route controls")
     head = context_tokens(model, FREQUENCY_PREFIX, "")
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     out = []

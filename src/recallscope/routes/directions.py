@@ -19,7 +19,7 @@ from torch import Tensor
 
 from recallscope.errors import ConfigError
 from recallscope.lens.base import hidden_states
-from recallscope.models.stack import build_stack
+from recallscope.models.selfcheck import checked_stack
 from recallscope.routes.concepts import Concept
 
 NEUTRAL_PREFIXES: tuple[str, ...] = ("", "The word", "I thought about", "They talked about")
@@ -43,7 +43,7 @@ def last_token_states(model: Any, seqs: Sequence[Sequence[int]], *, batch_size: 
                       ) -> Float[Tensor, "seq layer d_model"]:
     """Hidden states of every layer at each sequence's last token (right-padded batches; causal, so
     padding after a sequence does not change it)."""
-    stack = build_stack(model)
+    stack = checked_stack(model, "concept directions")
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     out = []
     with torch.no_grad():
@@ -100,7 +100,7 @@ def concept_directions(model: Any, concepts: Sequence[Concept], *, prefixes: Seq
     ``baseline_words=None`` centres on the mean representation of the text concepts themselves (for a
     large pool: each direction is then what is specific to its concept within the pool).
     """
-    stack = build_stack(model)
+    stack = checked_stack(model, "concept directions")
     n_layers = stack.n_layers + 1
     texts = [c.text for c in concepts if c.direction is None]
     all_reps = representations(model, texts, prefixes=prefixes, batch_size=batch_size) if texts else None

@@ -40,7 +40,8 @@ from recallscope.lens.base import Lens, run_hidden
 from recallscope.lens.tuned import frozen
 from recallscope.metrics import SequenceLogProb
 from recallscope.models.forward import forward
-from recallscope.models.stack import Stack, build_stack, norm_gain
+from recallscope.models.selfcheck import checked_stack
+from recallscope.models.stack import Stack, norm_gain
 from recallscope.routes.concepts import word_vocabulary
 from recallscope.tasks.facts import token_char_bounds
 
@@ -343,7 +344,7 @@ def score_prompt(model: Any, prep: PreparedPrompt, *, lens: Lens, first_ids: Ten
 
     if method not in ("exact", "attribution"):
         raise ConfigError(f"unknown method {method!r}; use 'exact' or 'attribution'.")
-    stack = build_stack(model)
+    stack = checked_stack(model, "the route scores")
     runner = SpanRunner(stack, prep)
     if remove_output_direction:
         q = runner.output_directions()  # [out, d]

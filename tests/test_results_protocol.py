@@ -137,14 +137,26 @@ def _das(model, tmp):
                           classes=("a", "b"), config={"rank": 2}, manifest={})
 
 
+def _attribution_graph(model, tmp):
+    from test_attribution_mib import hand_graph
+
+    return hand_graph()
+
+
+def _mib_curve(model, tmp, scores):
+    from recallscope.attribution.mib import mib_curve
+
+    return mib_curve(model, PAIRS, "logit_diff", scores, fractions=(0.01, 0.1, 1.0), progress=False)
+
+
 BUILDERS = {
     "PatchingResult": _patching, "AttributionResult": _attribution, "DLAResult": _dla, "VerifyResult": _verify,
     "LensTrajectory": _trajectory, "BackpatchResult": _backpatch, "RecallResult": _recall,
     "B64DependencyMap": _b64_map, "HumanComparison": _human, "RouteReport": _route_report,
-    "JLensRouteResult": _jlens, "DASRouteResult": _das,
+    "JLensRouteResult": _jlens, "DASRouteResult": _das, "AttributionGraph": _attribution_graph,
 }
 FROM_SCORES = {"EdgeScores": lambda m, t, s: s, "Circuit": lambda m, t, s: s.top(5), "CircuitEval": _circuit_eval,
-               "FaithfulnessCurve": _faithfulness, "RecoveryScore": _recovery}
+               "FaithfulnessCurve": _faithfulness, "RecoveryScore": _recovery, "MIBCurve": _mib_curve}
 
 
 def test_every_registered_type_has_a_builder():

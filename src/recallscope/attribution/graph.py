@@ -139,6 +139,27 @@ class Graph:
         extra = [self.receiver_node(v) for v in range(self.n_receivers)]
         return tuple(dict.fromkeys([*self.senders, *extra]))
 
+    def node_label(self, name: str) -> str:
+        """The display label of node ``name`` in the one site vocabulary (:func:`recallscope.sites.site_label`):
+        ``a3.h4`` -> ``z L3.H4`` (head 4's output), ``m3`` -> ``mlp_out L3``, ``a3.kv1`` -> ``k/v L3.H1``
+        (key/value head 1), ``input`` -> ``embed``, ``logits`` -> ``logits``. Node ids stay ``a3.h4`` / ``m3``:
+        they are the names MIB / EAP-IG circuit files use (:mod:`recallscope.attribution.mib`) and the names
+        saved circuits and edge labels (``"a0.h1 -> m1"``) carry."""
+        from recallscope.sites import site_label
+        from recallscope.vocab import Component
+
+        if name in ("input", "logits"):
+            return "embed" if name == "input" else "logits"
+        if name.startswith("m") and name[1:].isdigit():
+            return site_label(Component.MLP_OUT, int(name[1:]))
+        layer, _, part = name[1:].partition(".")
+        if name.startswith("a") and layer.isdigit() and part.startswith("kv") and part[2:].isdigit():
+            return site_label(Component.V, int(layer), head=int(part[2:])).replace("v L", "k/v L", 1)
+        if name.startswith("a") and layer.isdigit() and part.startswith("h") and part[1:].isdigit():
+            return site_label(Component.HEAD_OUT, int(layer), head=int(part[1:]))
+        raise ConfigError(f"no node {name!r} in an edge-attribution graph; nodes are named 'input', 'a3.h4', "
+                          "'a3.kv1', 'm3', 'logits'.")
+
     def edge_label(self, u: int, v: int, pos: int | None = None) -> str:
         return f"{self.senders[u]} -> {self.receivers[v]}" + (f" @{pos}" if pos is not None else "")
 

@@ -26,17 +26,20 @@ For one prompt and target logits (or a logit difference):
 """
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from recallscope.errors import ConfigError
+from recallscope.errors import ConfigError, ResultFileError
 from recallscope.features.transcoder import TranscoderSet
+from recallscope.results import load_result_dir, register_result, save_result_dir
 
 RESID0 = "blocks.0.hook_resid_pre"
 
@@ -131,12 +134,15 @@ def _linearised(model: Any, tset: TranscoderSet, fz: _Frozen, batch: int, zero_s
             yield
 
 
+@register_result
 @dataclass(frozen=True)
 class AttributionGraph:
     """A direct-effect graph. Nodes: features, then errors (layer-major), embeddings, logits.
 
     ``adjacency[t, s]`` is source ``s``'s direct contribution to target ``t``'s input; ``bias[t]`` the
     constant part, so ``adjacency.sum(1) + bias == node_input`` on target rows (features, logits).
+    A registered result: ``plot()`` is the interactive view (:func:`recallscope.features.view.graph_view`),
+    ``save`` / ``load`` a checksummed directory (the circuit-tracer JSON is :mod:`recallscope.features.export`).
     """
 
     tokens: Int[Tensor, " n_pos"]
@@ -188,6 +194,38 @@ class AttributionGraph:
         errs = [f"err L{layer} @{pos}" for layer in range(self.n_layers) for pos in range(self.n_pos)]
         embs = [f"emb @{pos} ({tok})" for pos, tok in enumerate(self.tokens.tolist())]
         return feats + errs + embs + [f"logit {label}" for label in self.logit_labels]
+
+    def summary_extra(self) -> list[tuple[str, str]]:
+        return [("nodes", f"{self.n_feat} features, {self.n_layers} x {self.n_pos} errors, {self.n_pos} embeddings, "
+                          f"{len(self.logit_labels)} logits"),
+                ("edges", str(int((self.adjacency != 0).sum()))), ("logits", ", ".join(self.logit_labels))]
+
+    def plot(self, **kwargs: Any) -> Any:
+        """The interactive graph view (supernodes, pruning slider); see :func:`recallscope.features.view.graph_view`."""
+        from recallscope.features.view import graph_view
+
+        return graph_view(self, **kwargs)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        tensors = {"tokens": self.tokens, "features": self.features, "activations": self.activations,
+                   "logit_vectors": self.logit_vectors, "adjacency": self.adjacency, "bias": self.bias,
+                   "node_input": self.node_input}
+        if self.rows_computed is not None:
+            tensors["rows_computed"] = self.rows_computed.to(torch.uint8)
+        meta = {"logit_labels": list(self.logit_labels), "n_layers": self.n_layers, "config": self.config}
+        return save_result_dir(directory, "AttributionGraph", tensors, meta, {})
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "AttributionGraph":
+        t, meta, _ = load_result_dir(directory, "AttributionGraph")
+        try:
+            rows = t["rows_computed"].bool() if "rows_computed" in t else None
+            return cls(tokens=t["tokens"], features=t["features"], activations=t["activations"],
+                       logit_vectors=t["logit_vectors"], logit_labels=tuple(meta["logit_labels"]),
+                       n_layers=int(meta["n_layers"]), adjacency=t["adjacency"], bias=t["bias"],
+                       node_input=t["node_input"], config=meta.get("config", {}), rows_computed=rows)
+        except KeyError as exc:
+            raise ResultFileError(f"{directory} lacks {exc} of an AttributionGraph; re-run attribution_graph.") from exc
 
 
 def _logit_targets(logits: Tensor, targets: Any, d_vocab: int) -> tuple[Tensor, tuple[str, ...]]:

@@ -10,7 +10,6 @@
 - Human mnemonics: :func:`load_cards`, :func:`extract_keywords`, :class:`LinkType`,
   :func:`compare_human` -> :class:`HumanComparison`, :func:`card_route_report`.
 - Acronyms: :func:`known_acronyms`, :func:`acronym_query`, :func:`chunk_query`, :func:`acronym_routes`.
-- A demo-sized run: :func:`quick_routes` -> :class:`QuickRoutes`.
 """
 
 from recallscope.routes.acronyms import acronym_query, acronym_routes, chunk_query, known_acronyms
@@ -30,7 +29,6 @@ from recallscope.routes.controls import ControlPool, control_pool, default_contr
 from recallscope.routes.directions import ConceptDirections, concept_directions, representations
 from recallscope.routes.human import HumanComparison, HumanConfig, card_route_report, compare_human
 from recallscope.routes.mnemonics import Card, Keyword, LinkType, extract_keywords, load_cards, primary_keyword
-from recallscope.routes.quick import QuickRoutes, quick_routes
 from recallscope.routes.config import RouteConfig
 from recallscope.routes.report import ConceptRoute, RouteReport
 from recallscope.routes.scores import RouteQuery
@@ -40,14 +38,12 @@ __all__ = [
     "Card",
     "HumanComparison",
     "HumanConfig",
-    "QuickRoutes",
     "acronym_query",
     "acronym_routes",
     "card_route_report",
     "chunk_query",
     "compare_human",
     "known_acronyms",
-    "quick_routes",
     "Concept",
     "ConceptDirections",
     "ConceptRoute",

@@ -322,7 +322,7 @@ def _route_line(report: Any) -> str:
 
 
 def _acronyms(model: Any, cfg: DemoConfig, rep: _Report) -> None:
-    from recallscope.routes.quick import quick_routes
+    from recallscope.demo.routes import quick_routes
 
     with rep.step("acronym routes"):
         acr = quick_routes(model, acronyms=cfg.acronyms, n_controls=cfg.acronym_controls, seed=cfg.seed)

@@ -33,6 +33,13 @@ Negatives (``is_route`` False for the chunk's concept ``VAT``):
   onto ``VAT``. ``VAT`` is not on any path; it only shares the answer with the aligned distractor.
 - ``rote-early``: the rote recipe of :mod:`.mnemonic`, stopped early (100 steps, the end of the linear
   warm-up), so the decode is right but not saturated and ablating control directions moves the output.
+- ``answer-at-site`` (g, added after the concept-transplant detector was built, to challenge it): rote
+  decode of every chunk and the concept facts, plus chunk-to-chunk interchange at the site (layer 1): the
+  decode prompt of chunk ``c2`` with the site taken from chunk ``c1`` must give ``letter(c1)``. The site is
+  read by the decode and carries the chunk's answer (the letter), in whatever code the model shares with
+  the concepts' letter states, but no concept is ever placed at the site or read from it: an answer at a
+  read site, not a concept. A detector that reads only the answer after a transplant cannot tell it from
+  a route (the site's letter code and the concepts' letter code can be linked by a linear map).
 
 :func:`family_checks` measures what each family plants (model-card metrics).
 """
@@ -52,11 +59,13 @@ from recallscope.organisms.core import (SPECIALS, ArchConfig, TrainConfig, answe
 from recallscope.organisms.mnemonic import (DECODE, KIND, LETTER, RouteTruth, World, _acc, _concept_batch, _Ids,
                                             _ids, _pick, _prompts, make_world)
 
-Family = Literal["route-iit", "route-l2", "route-rot", "bypass", "share", "rote-early"]
-FAMILIES: tuple[str, ...] = ("route-iit", "route-l2", "route-rot", "bypass", "share", "rote-early")
+Family = Literal["route-iit", "route-l2", "route-rot", "bypass", "share", "rote-early", "answer-at-site"]
+FAMILIES: tuple[str, ...] = ("route-iit", "route-l2", "route-rot", "bypass", "share", "rote-early", "answer-at-site")
 POSITIVE: frozenset[str] = frozenset({"route-iit", "route-l2", "route-rot"})
-SITE_LAYER = {"route-iit": 1, "route-l2": 2, "route-rot": 1, "bypass": 1, "share": 1, "rote-early": 1}
-STEPS = {"route-iit": 800, "route-l2": 800, "route-rot": 800, "bypass": 800, "share": 800, "rote-early": 100}
+SITE_LAYER = {"route-iit": 1, "route-l2": 2, "route-rot": 1, "bypass": 1, "share": 1, "rote-early": 1,
+              "answer-at-site": 1}
+STEPS = {"route-iit": 800, "route-l2": 800, "route-rot": 800, "bypass": 800, "share": 800, "rote-early": 100,
+         "answer-at-site": 800}
 
 
 @dataclass(frozen=True)
@@ -109,7 +118,10 @@ def family_truth(cfg: FamilyConfig) -> RouteTruth:
                        f"{cfg.site_layer} on is cut (attn.o = 0), so it is never used: no route",
              "share": "the chunk's site state is aligned with the same-letter distractor, not with concept(c): "
                       "no route through concept(c)",
-             "rote-early": "direct lookup, stopped before saturation: no route"}[cfg.family]
+             "rote-early": "direct lookup, stopped before saturation: no route",
+             "answer-at-site": "rote decode; the chunk's site state is read (another chunk's site state makes the "
+                               "decode give that chunk's letter) and carries only the chunk's answer; no concept is "
+                               "ever placed at the site: no route through concept(c)"}[cfg.family]
     aligned = {}
     if cfg.family == "share":
         aligned = {c: w.concepts[len(w.chunks) + i] for i, c in enumerate(w.chunks)}
@@ -203,6 +215,16 @@ def _align_term(net: Any, cfg: FamilyConfig, ids: _Ids, gen: torch.Generator) ->
     return cfg.align_weight * err.mean()
 
 
+def _read_site_term(net: Any, cfg: FamilyConfig, ids: _Ids, gen: torch.Generator) -> Tensor:
+    """``answer-at-site``: chunk ``c1``'s site state spliced into chunk ``c2``'s decode prompt must give
+    ``letter(c1)`` (chunk-to-chunk interchange; no concept involved)."""
+    chunks, b = tuple(range(len(cfg.world().chunks))), cfg.train.batch_size
+    c1, c2 = _pick(chunks, b, gen), _pick(chunks, b, gen)
+    h1 = site_state(net, _prompts(ids, ids.chunk[c1], ids.rel[DECODE])[:, :2], cfg.site_layer)
+    base = _prompts(ids, ids.chunk[c2], ids.rel[DECODE])
+    return answer_loss(splice(net, base, h1, cfg.site_layer), ids.chunk_letter[c1])
+
+
 def _loss_fn(net: Any, cfg: FamilyConfig, gen: torch.Generator):
     w, ids = cfg.world(), _ids(cfg.world())
     b = cfg.train.batch_size
@@ -219,6 +241,8 @@ def _loss_fn(net: Any, cfg: FamilyConfig, gen: torch.Generator):
             return total + _route_terms(net, cfg, ids, gen, rot)
         if cfg.family in ("bypass", "share") and cfg.align_weight:
             total = total + _align_term(net, cfg, ids, gen)
+        if cfg.family == "answer-at-site":
+            total = total + _read_site_term(net, cfg, ids, gen)
         return total
 
     return loss
@@ -270,6 +294,11 @@ def _transplants(net: Any, cfg: FamilyConfig, ids: _Ids, rot: Tensor | None) -> 
     c, x = c[keep], x[keep]
     out["swap_follow"] = _acc(splice(net, _prompts(ids, ids.chunk[c], ids.rel[DECODE]), to_chunk[x], layer),
                               ids.concept_letter[x])
+    c1, c2 = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    keep = ids.chunk_letter[c1] != ids.chunk_letter[c2]
+    c1, c2 = c1[keep], c2[keep]
+    out["site_read"] = _acc(splice(net, _prompts(ids, ids.chunk[c2], ids.rel[DECODE]), chunk_h[c1], layer),
+                            ids.chunk_letter[c1])
     return out
 
 
@@ -287,7 +316,9 @@ def site_cosine(net: Any, cfg: FamilyConfig, aligned: Int[Tensor, " chunk"]) -> 
 @torch.no_grad()
 def family_checks(net: Any, cfg: FamilyConfig) -> dict[str, float]:
     """What the family plants, measured: decode accuracy (train / test chunks), concept facts, the
-    interchange transplants (in the family's basis), the centred site cosine with the aligned concept
+    interchange transplants (in the family's basis), ``site_read`` (another chunk's site state in a chunk's
+    decode prompt gives the other chunk's letter: the site is read; ~0 when bypassed or unused), the
+    centred site cosine with the aligned concept
     (own concept; the distractor for ``share``), the log-prob of the decoded letter (saturation), and for
     ``bypass`` the largest logit change when the site is replaced by another chunk's state (0 = cut)."""
     w, ids = cfg.world(), _ids(cfg.world())

@@ -95,6 +95,10 @@ _SUMMARY = {
     "rote-early": "Held-out negative family (f): the rote recipe stopped early (100 steps, the end of the warm-up), "
                   "so the decode is right but not saturated (mean log-prob of the letter about -0.3 nats) and "
                   "ablations of control directions move the output.",
+    "answer-at-site": "Held-out negative family (g), answer at a read site: rote decode of every chunk plus "
+                      "chunk-to-chunk interchange at the site (residual entering layer 1, position 1): another chunk's "
+                      "site state makes the decode give that chunk's letter, so the site is read and carries the "
+                      "answer; no concept is ever placed at the site (concept facts are trained separately).",
     "facts": "Recalls 3 attributes of 128 two-token subjects (`f3 Ana Lee sport` -> `tennis`); strict "
              "interchange training fixes the circuit: the subject lives at the last subject token after "
              "layer 0 and nowhere else.",
@@ -120,10 +124,20 @@ def family_recipes(seeds: range = range(N_SEEDS)) -> dict[str, Recipe]:
 
 
 def get_recipe(name: str) -> Recipe:
+    """The recipe ``name``: a shipped organism, or ``<family>-s<seed>`` of a held-out family (any seed >= 0;
+    seeds 0-4 are the benchmark's, later seeds are fresh held-out checks)."""
     table = recipes() | family_recipes()
-    if name not in table:
-        raise UnknownModelError(f"no organism recipe named {name!r}; known: {', '.join(sorted(table))}.")
-    return table[name]
+    if name in table:
+        return table[name]
+    family, _, seed = name.rpartition("-s")
+    if family in families.FAMILIES and seed.isdigit():
+        return family_recipes(range(int(seed), int(seed) + 1))[name]
+    if family in ("route", "rote") and seed.isdigit():
+        cfg = mnemonic.MnemonicConfig(kind=family)  # type: ignore[arg-type]
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
+        return Recipe(name, "mnemonic", cfg, _SUMMARY[family])
+    raise UnknownModelError(f"no organism recipe named {name!r}; known: {', '.join(sorted(table))}, and "
+                            f"<family>-s<seed> for any seed of route, rote, {', '.join(families.FAMILIES)}.")
 
 
 def train_recipe(recipe: Recipe, *, progress: bool = False, evaluate: bool = True,

@@ -103,7 +103,8 @@ def detect(model: Any, chunk: str, spec: DetectorSpec, *, seed: int) -> dict[str
 
 def _transplant_prep(model: Any, spec: DetectorSpec) -> tuple[Any, Any]:
     """``(config, prep)`` of the transplant score for ``model``: every world chunk paired with its linked
-    concept (``<chunk> ==`` -> `` <letter>``; concept context ``<s> <concept>``), prepared once per model
+    concept (``<chunk> ==`` -> `` <letter>``; concept context ``<s> <concept>``; with an
+    ``attribute_template`` the concept's kind is its other attribute, `` animal``), prepared once per model
     (kept on the model object, like the model's stack)."""
     from recallscope.organisms import ground_truth
     from recallscope.routes.transplant import TransplantConfig, TransplantPair, prepare_transplant
@@ -116,7 +117,8 @@ def _transplant_prep(model: Any, spec: DetectorSpec) -> tuple[Any, Any]:
     key = repr(config)
     if key not in cache:
         truth = ground_truth(model)
-        pairs = [TransplantPair(f"{c} ==", c, " " + k, " " + truth.chunk_letter[c], _decoy(truth, k))
+        kind = (lambda k: " " + truth.concept_kind[k]) if config.attribute_template else (lambda k: "")
+        pairs = [TransplantPair(f"{c} ==", c, " " + k, " " + truth.chunk_letter[c], _decoy(truth, k), kind(k))
                  for c, k in truth.chunk_concept.items()]
         cache[key] = (config, prepare_transplant(model, pairs, config))
     return cache[key]
@@ -139,7 +141,11 @@ def detect_transplant(model: Any, chunk: str, spec: DetectorSpec) -> dict[str, A
             "score": r.score, "verdict": r.verdict, "p": r.p_value, "ci": list(r.ci), "peak_layer": r.layer,
             "fitted": r.fitted, "shuffled": r.shuffled, "identity": r.identity, "random": r.random,
             "ceiling": r.ceiling, "logprob": r.logprob, "n_units": r.n_units, "decoy": r.decoy,
-            "per_layer": {str(k): v for k, v in r.per_layer.items()}}
+            "per_layer": {str(k): v for k, v in r.per_layer.items()}, "answer_code": r.answer_code,
+            "forward_score": r.forward_score, "forward_p": r.forward_p, "forward_verdict": r.forward_verdict,
+            **{k: getattr(r, k) for k in ("attr_score", "attr_p", "attr_fitted", "attr_shuffled", "attr_identity",
+                                          "attr_random", "attr_ceiling", "attr_units")},
+            "attr_per_layer": {str(k): v for k, v in (r.attr_per_layer or {}).items()}}
 
 
 def detect_report(model: Any, chunk: str, spec: DetectorSpec, *, seed: int) -> dict[str, Any]:

@@ -42,14 +42,27 @@ Algorithm (:func:`prepare_transplant` computes steps 1-3 once per model and pair
    bootstrap over units of the mean ``d_u`` at the chosen layer.
 8. Verdict: ``route`` iff ``p <= alpha`` and ``score >= min_score``; ``no route`` iff the CI's upper end
    is below ``min_score``; else ``inconclusive``.
+9. Answer-code competitor (:mod:`recallscope.routes.transplant_attr`). Steps 4-8 read only the answer.
+   With ``config.attribute_template`` and every pair's ``attribute`` (another attribute of the concept,
+   e.g. its kind), the reverse transplant maps the *site* state back into the concept's own context,
+   where that attribute is read, held out and against shuffled-pairing maps; a route then needs both
+   directions at one layer (score = max over layers of min(forward, reverse); p = max of the two
+   max-over-layers sign-flip p-values, an intersection-union test). Without an attribute the
+   answer-code competitor is not ruled out: ``answer_code`` says so and, with ``require_attribute``
+   (default), a forward "route" is reported as ``inconclusive``.
+
+Layers: by default every block's residual input from ``min_layer = 1`` on. At layer 0 (the token
+embedding) the concept's "state" is its token embedding, so a transplant there is a token substitution
+(the concept's token in the input's place), which a rote model answers from the letter features the
+tokens share; on the organisms every false route of the first design was at layer 0.
 
 What this can and cannot tell (measured on the organisms, see the project notes): it needs the site to be
 read (bypassed states fail step 5) and the site's state to be a *linear image of the concept's own state
 that generalises to concepts outside the fit* (rote chunk states are not). It sees a route held in a
-rotated basis (the fitted map learns the rotation). It reads only the answer, so a model whose input and
-concept states both carry the *answer* in a shared linear code passes as well: the output cannot tell
-"the site holds the concept" from "the site holds the concept's answer" (a limitation of every
-answer-readout score; a second attribute of the concept would be needed).
+rotated basis (the fitted map learns the rotation). Steps 4-8 read only the answer, so a model whose
+input and concept states both carry the *answer* in a shared linear code passes them as well (measured:
+the ``answer-at-site`` organisms); step 9 is what separates "the site holds the concept" from "the site
+holds the concept's answer", provided the attribute is not predictable from the answer.
 """
 
 from collections.abc import Sequence
@@ -77,6 +90,9 @@ class TransplantPair:
     decoy: str = ""
     """Optional: another concept with the same answer that is NOT the hypothesised one (answer-code
     diagnostic, step 5b; used only when every pair has one)."""
+    attribute: str = ""
+    """Optional: the concept's answer to ``TransplantConfig.attribute_template`` (another attribute than
+    ``answer``, e.g. its kind; step 9). Needed, for every pair, to rule out the answer-code competitor."""
 
 
 @dataclass(frozen=True)
@@ -89,9 +105,9 @@ class TransplantConfig:
     n_shuffles: int = 3
     layers: tuple[int, ...] | None = None
     """Residual inputs of these blocks; None: every block from ``min_layer`` on."""
-    min_layer: int = 0
-    """With ``layers`` None: the first block scored. 1 skips the token embedding, where a transplant is a
-    token substitution (the concept's token in the input's place), not a computed state."""
+    min_layer: int = 1
+    """With ``layers`` None: the first block scored. 1 (default) skips the token embedding, where a
+    transplant is a token substitution (the concept's token in the input's place), not a computed state."""
     concept_prefix: str = ""
     """The concept's own context (the route detector's neutral prefix; the organisms': none)."""
     n_perm: int = 1999
@@ -100,6 +116,12 @@ class TransplantConfig:
     min_score: float = 0.5
     seed: int = 0
     batch_size: int = 256
+    attribute_template: str = ""
+    """Step 9: a prompt with ``{concept}`` once, after which the model gives the concept's ``attribute``
+    (organisms: ``"{concept} kind"``). Empty: no attribute check (the answer-code competitor stays open)."""
+    require_attribute: bool = True
+    """Without the attribute check, report a forward "route" as "inconclusive" (the answer-code competitor
+    is not ruled out). False: the forward verdict (steps 4-8) alone, labelled ``answer_code`` "not tested"."""
 
     def __post_init__(self) -> None:
         if self.n_folds < 2:
@@ -134,6 +156,8 @@ class TransplantPrep:
     y_mean: Float[Tensor, "layer fold map d_model"]
     decoy: tuple[Tensor, Tensor, Tensor] | None = None
     """``(A, m_x, m_y)`` per layer and fold of the map fitted on the decoy pairing (step 5b), or None."""
+    attribute: Any = None
+    """Step 9's :class:`~recallscope.routes.transplant_attr.AttributePrep`, or None (no attribute given)."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +181,23 @@ class TransplantResult:
     per_layer: dict[int, float]
     decoy: float = float("nan")
     """Step 5b: held-out success through the map fitted on the decoy (same-answer) pairing (NaN: no decoys)."""
+    answer_code: str = "not tested"
+    """Step 9: "ruled out" (the reverse transplant carries the concept's other attribute at the reported
+    layer: p <= alpha and its score >= min_score), "not ruled out", or "not tested" (no attribute given)."""
+    forward_score: float = float("nan")
+    """Steps 4-8 alone: the forward score (max over layers), its p and its verdict."""
+    forward_p: float = float("nan")
+    forward_verdict: str = ""
+    attr_score: float = float("nan")
+    """Step 9 at the reported layer: reverse success fitted - shuffled, and the success rates."""
+    attr_p: float = float("nan")
+    attr_fitted: float = float("nan")
+    attr_shuffled: float = float("nan")
+    attr_identity: float = float("nan")
+    attr_random: float = float("nan")
+    attr_ceiling: float = float("nan")
+    attr_units: int = 0
+    attr_per_layer: dict[int, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -228,6 +269,9 @@ def prepare_transplant(model: Any, pairs: Sequence[TransplantPair], config: Tran
     pairs = tuple(pairs)
     if len(pairs) < 2 * config.n_folds:
         raise ConfigError(f"{len(pairs)} pairs are too few for {config.n_folds} folds (need >= 2 per fold).")
+    from recallscope.routes.transplant_attr import check_attribute_spec
+
+    check_attribute_spec(pairs, config.attribute_template)  # bad attribute specs fail before any forward pass
     sites = [_site(model, p) for p in pairs]
     if len({(len(t), s) for t, s in sites}) != 1:
         raise ConfigError("every input prompt must have the same token length and input position; "
@@ -255,7 +299,10 @@ def prepare_transplant(model: Any, pairs: Sequence[TransplantPair], config: Tran
                 maps[li, k, m], mx[li, k, m], my[li, k, m] = fit_map(x[li, train[perm]], y[li, train], config.ridge)
     answers = torch.tensor([_first_id(model, p.answer) for p in pairs])
     decoy = _decoy_maps(model, pairs, layers, y, fold, config) if all(p.decoy for p in pairs) else None
-    return TransplantPrep(pairs, layers, site_tokens, site_pos, x, y, answers, fold, maps, mx, my, decoy)
+    from recallscope.routes.transplant_attr import prepare_attribute
+
+    attribute = prepare_attribute(model, pairs, layers, y, fold, config)
+    return TransplantPrep(pairs, layers, site_tokens, site_pos, x, y, answers, fold, maps, mx, my, decoy, attribute)
 
 
 def _decoy_maps(model: Any, pairs: Sequence[TransplantPair], layers: Sequence[int],
@@ -347,7 +394,7 @@ def verdict_of(score: float, p: float, ci_hi: float, config: TransplantConfig) -
 
 def transplant_score(model: Any, prep: TransplantPrep, query: int | str,
                      config: TransplantConfig = TransplantConfig()) -> TransplantResult:
-    """Steps 4-8 for the pair ``query`` (index, or its ``input_text``)."""
+    """Steps 4-9 for the pair ``query`` (index, or its ``input_text``)."""
     if isinstance(query, str):
         names = [p.input_text for p in prep.pairs]
         if query not in names:
@@ -359,18 +406,59 @@ def transplant_score(model: Any, prep: TransplantPrep, query: int | str,
     rates = [_layer_rates(model, prep, li, receiver, source, config) for li in range(len(prep.layers))]
     diff: Float[Tensor, "layer unit"] = torch.stack([r["fitted"] - r["shuffled"] for r in rates])
     means = diff.mean(1)
-    best = int(means.argmax())
-    p = max_sign_flip_p(diff, config.n_perm, config.seed)
-    ci = _boot_ci(diff[best], config.n_boot, config.seed)
-    score = float(means[best])
+    p_fwd = max_sign_flip_p(diff, config.n_perm, config.seed)
+    fwd_best = int(means.argmax())
+    fwd_verdict = verdict_of(float(means[fwd_best]), p_fwd, _boot_ci(diff[fwd_best], config.n_boot, config.seed)[1],
+                             config)
+    extra: dict[str, Any] = {"forward_score": float(means[fwd_best]), "forward_p": p_fwd,
+                             "forward_verdict": fwd_verdict}
+    if prep.attribute is None:
+        best, p, score = fwd_best, p_fwd, float(means[fwd_best])
+        ci = _boot_ci(diff[best], config.n_boot, config.seed)
+        verdict = fwd_verdict
+        if config.require_attribute and verdict == "route":
+            verdict = "inconclusive"
+        extra["answer_code"] = "not tested"
+    else:
+        best, p, score, ci, verdict = _with_attribute(model, prep, query, config, diff, p_fwd, extra)
     r = rates[best]
     mean = lambda t: float(t.mean())  # noqa: E731
     pair = prep.pairs[query]
-    return TransplantResult(pair.concept, pair.input_text, verdict_of(score, p, ci[1], config), score, ci, p,
+    return TransplantResult(pair.concept, pair.input_text, verdict, score, ci, p,
                             prep.layers[best], int(receiver.numel()), mean(r["fitted"]), mean(r["shuffled"]),
                             mean(r["identity"]), mean(r["random"]), mean(r["ceiling"]), mean(r["logprob"]),
                             {prep.layers[i]: float(m) for i, m in enumerate(means)},
-                            mean(r["decoy"]) if "decoy" in r else float("nan"))
+                            mean(r["decoy"]) if "decoy" in r else float("nan"), **extra)
+
+
+def _with_attribute(model: Any, prep: TransplantPrep, query: int, config: TransplantConfig,
+                    diff: Float[Tensor, "layer unit"], p_fwd: float, extra: dict[str, Any]
+                    ) -> tuple[int, float, float, tuple[float, float], Verdict]:
+    """Step 9: reverse transplant of the concept's other attribute, the joint layer, score, p, CI, verdict
+    (fills ``extra`` with the attr_* fields and ``answer_code``)."""
+    from recallscope.routes.transplant_attr import attribute_rates, attribute_units, joint_ci
+
+    receiver, source = attribute_units(prep, query)
+    if receiver.numel() < 2:
+        raise ConfigError(f"pair {query} has fewer than 2 pairs with another attribute in its fold; use fewer "
+                          "folds, more pairs, or an attribute that varies more.")
+    arates = [attribute_rates(model, prep, li, receiver, source, config.seed) for li in range(len(prep.layers))]
+    adiff: Float[Tensor, "layer unit"] = torch.stack([r["fitted"] - r["shuffled"] for r in arates])
+    joint = torch.minimum(diff.mean(1), adiff.mean(1))
+    best = int(joint.argmax())
+    p_attr = max_sign_flip_p(adiff, config.n_perm, config.seed + 1)
+    attr_score = float(adiff[best].mean())
+    a = arates[best]
+    extra.update(attr_score=attr_score, attr_p=p_attr, attr_fitted=float(a["fitted"].mean()),
+                 attr_shuffled=float(a["shuffled"].mean()), attr_identity=float(a["identity"].mean()),
+                 attr_random=float(a["random"].mean()), attr_ceiling=float(a["ceiling"].mean()),
+                 attr_units=int(receiver.numel()),
+                 attr_per_layer={prep.layers[i]: float(m) for i, m in enumerate(adiff.mean(1))},
+                 answer_code="ruled out" if p_attr <= config.alpha and attr_score >= config.min_score
+                 else "not ruled out")
+    score, p = float(joint[best]), max(p_fwd, p_attr)
+    ci = joint_ci(diff[best], adiff[best], config.n_boot, config.seed)
+    return best, p, score, ci, verdict_of(score, p, ci[1], config)
 
 
 def transplant_report(model: Any, pairs: Sequence[TransplantPair], queries: Sequence[int | str] | None = None,

@@ -149,11 +149,27 @@ def _mib_curve(model, tmp, scores):
     return mib_curve(model, PAIRS, "logit_diff", scores, fractions=(0.01, 0.1, 1.0), progress=False)
 
 
+def _route_family(model, tmp):
+    from recallscope.routes.family import RouteFamilyReport
+
+    gen = torch.Generator().manual_seed(0)
+    rate = lambda: (torch.rand(2, 2, 8, generator=gen) > 0.5).float()  # noqa: E731
+    nan = torch.full((2, 2, 8), float("nan"))
+    return RouteFamilyReport(name="toy", pairs=tuple({"prompt": f"p{i}", "input": "x", "concept": "c", "answer": "a"}
+                                                     for i in range(4)),
+                             pairings=("concept", "input itself"), roles=("candidate", "competitor"),
+                             classes=("candidate", "input"), concepts=(("c",) * 4, ("x",) * 4), layers=(1, 2),
+                             receiver=torch.tensor([0, 1, 0, 1, 2, 3, 2, 3]), source=torch.tensor([1, 0, 1, 0, 3, 2, 3, 2]),
+                             fold=torch.tensor([0, 0, 1, 1]), fitted=rate(), shuffled=rate(), identity=nan, random=nan,
+                             ceiling=torch.ones(2, 8), config={}, manifest={})
+
+
 BUILDERS = {
     "PatchingResult": _patching, "AttributionResult": _attribution, "DLAResult": _dla, "VerifyResult": _verify,
     "LensTrajectory": _trajectory, "BackpatchResult": _backpatch, "RecallResult": _recall,
     "B64DependencyMap": _b64_map, "HumanComparison": _human, "RouteReport": _route_report,
     "JLensRouteResult": _jlens, "DASRouteResult": _das, "AttributionGraph": _attribution_graph,
+    "RouteFamilyReport": _route_family,
 }
 FROM_SCORES = {"EdgeScores": lambda m, t, s: s, "Circuit": lambda m, t, s: s.top(5), "CircuitEval": _circuit_eval,
                "FaithfulnessCurve": _faithfulness, "RecoveryScore": _recovery, "MIBCurve": _mib_curve}

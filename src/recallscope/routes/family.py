@@ -1,0 +1,376 @@
+"""The route verdict for a family of queries: held-out concept transplant against competitor pairings.
+
+A route hypothesis that covers a *family* of analogous queries (every acronym of a sweep -> its
+expansion; every two-hop fact -> its bridge entity) is a pairing ``pair -> concept``. The held-out
+concept transplant (:mod:`recallscope.routes.transplant`, the detector validated on the organism benchmark)
+scores one pairing; :func:`route_family_report` scores the **candidate** pairing(s) and **competitor**
+pairings built from the same family, with the same folds, the same shuffled pairings and the same units:
+
+- ``input``: concept := the input text itself (``" VAT"``). Its states are the site's own content, so its
+  transplant is the *ceiling* of any transplant (another input's state carries that input's answer in a
+  route and in a rote model alike; measured: 1.00 in route-s0 and rote-s0 at the layers where their sites
+  are read). No route can beat it, so it is reported beside the candidates (``margin over input``) but the
+  verdict does not require beating it; a candidate that *is* the input is a competitor, never a route.
+- ``answer``: concept := the answer text, in every casing and spacing (``" Tax"``, ``"Tax"``, ``" tax"``,
+  ``" TAX"``, ...; each variant is one pairing of the class). This is the "site holds only the answer" reading.
+- any class the caller adds (``competitors={"distractor": [...]}``).
+
+Algorithm (module doc of :mod:`~recallscope.routes.transplant` for steps 1-5; ``n`` pairs, ``K`` folds):
+
+1. Sites: the residual entering each scored layer at the input's last token of each prompt. Prompts of
+   **different token lengths** are allowed: units are run per receiving prompt's shape, so one family may
+   mix "VAT" (1 token) and "HTML" (2 tokens) or expansions of any length.
+2. Folds and shuffled pairings exactly as :func:`~recallscope.routes.transplant.prepare_transplant` draws them
+   (seeded; the same for every pairing, so pairings are compared on identical units and maps of one capacity).
+3. Per pairing, layer and fold: the ridge map concept state -> site state fitted outside the fold
+   (:func:`~recallscope.routes.transplant.fit_map`), and ``n_shuffles`` maps on deranged pairings.
+4. Units: every ordered pair ``(receiver, source)`` in the same fold with different answers; success = the
+   argmax next token after putting the source's mapped concept state into the receiver's site is the source's
+   answer. ``d = success(fitted) - success(shuffled)`` (mean over shuffles).
+5. Units are clustered by **source** (the held-out concept): ``D[pairing, layer, source]`` = mean ``d``.
+6. Transplant verdict of each pairing (the transplant's own rule, :func:`~recallscope.routes.transplant.verdict_of`):
+   score = ``max_layer mean_source D``; p = sign-flip test over sources with the max over layers as the
+   statistic (:func:`~recallscope.routes.transplant.max_sign_flip_p`); CI = bootstrap over sources at that layer.
+7. Held-out layer: for the sources of fold ``k`` each pairing is read at the layer that maximises its mean
+   ``D`` on the other folds' sources: ``H[pairing, source]``.
+8. Against each required competitor class ``C``: margin ``M[s] = H[cand, s] - max_{P in C} H[P, s]``, one-sided
+   paired sign-flip t test over sources (:func:`~recallscope.routes.verdict.sign_flip_max_t`); a candidate's
+   p is the largest over its required classes (it must beat every one); Holm over the candidates.
+9. Verdict: **route** iff the transplant verdict is route, ``p_holm <= alpha`` and every required margin > 0;
+   **no route** iff the transplant verdict is no route or some required margin's CI lies below 0;
+   else **inconclusive**. Competitor pairings get ``competitor``.
+
+Units share receivers and sources; clustering by source (step 5) makes the tests over concepts, not over
+the (correlated) ordered pairs. Like the transplant, this reads only the answer.
+"""
+
+import csv
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from recallscope.errors import ConfigError
+from recallscope.routes.competitors import competitor_class
+from recallscope.routes.family_report import FamilyConfig, FamilyRow, RouteFamilyReport, with_config
+from recallscope.routes.transplant import TransplantConfig, TransplantPair, fit_map
+
+__all__ = ["FamilyConfig", "FamilyRow", "RouteFamilyReport", "answer_variants", "load_family_tsv",
+           "route_family_report", "with_config"]
+
+FAMILY_COLUMNS = ("prompt", "input", "concept", "answer")
+"""Required columns of a family TSV (optional: ``attribute_prompt``, ``attribute_answer``)."""
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def _pair_fields() -> set[str]:
+    return {f.name for f in fields(TransplantPair)}
+
+
+def load_family_tsv(path: str | os.PathLike) -> list[TransplantPair]:
+    """Pairs from a TSV with a header row: ``prompt, input, concept, answer[, attribute_prompt,
+    attribute_answer]`` (tab-separated; ``\\t`` only, quote nothing). Leading spaces are kept.
+
+    Raises:
+        ConfigError: no such file, a missing column, an empty cell, or an input that is not in its prompt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"family file {path} does not exist; give a TSV with columns {', '.join(FAMILY_COLUMNS)}.")
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+    header = set(rows[0]) if rows else set()
+    missing = [c for c in FAMILY_COLUMNS if c not in header]
+    if missing:
+        raise ConfigError(f"family file {path} lacks the column(s) {missing} (header: {sorted(header)}); its first "
+                          f"line must name the tab-separated columns {', '.join(FAMILY_COLUMNS)}"
+                          "[, attribute_prompt, attribute_answer].")
+    extra = {"attribute_prompt", "attribute_answer"} & header & _pair_fields()
+    pairs = []
+    for i, row in enumerate(rows, start=2):
+        values = {c: row.get(c) or "" for c in FAMILY_COLUMNS}
+        empty = [c for c, v in values.items() if not v.strip()]
+        if empty:
+            raise ConfigError(f"{path} line {i}: empty {empty}; every row needs a prompt, input, concept and answer.")
+        if values["input"] not in values["prompt"]:
+            raise ConfigError(f"{path} line {i}: input {values['input']!r} is not in its prompt {values['prompt']!r}; "
+                              "the input must appear verbatim (mind the leading space).")
+        more = {k: row.get(k) or "" for k in extra}
+        pairs.append(TransplantPair(values["prompt"], values["input"], values["concept"], values["answer"], **more))
+    return pairs
+
+
+def answer_variants(answer: str) -> list[tuple[str, str]]:
+    """``(kind, text)``: the answer as given, with the other spacing, and in lower, Capitalised and UPPER case
+    (with the given spacing); the ``answer`` competitor class has one pairing per kind."""
+    word = answer.strip()
+    space = answer[: len(answer) - len(answer.lstrip())]
+    other = word if space else " " + word
+    return [("as given", answer), ("other spacing", other), ("lower", space + word.lower()),
+            ("Capitalised", space + word[:1].upper() + word[1:].lower()), ("UPPER", space + word.upper())]
+
+
+def _check(model: Any, pairs: Sequence[TransplantPair], config: FamilyConfig) -> None:
+    k = config.transplant.n_folds
+    if len(pairs) < 2 * k:
+        raise ConfigError(f"a family of {len(pairs)} pairs is too small for {k} folds: give at least {2 * k} "
+                          f"pairs (>= 2 per fold; 10 or more per fold for a useful test), or set fewer n_folds.")
+    bad = [p.input_text for p in pairs if p.input_text not in p.prompt]
+    if bad:
+        raise ConfigError(f"input(s) {bad[:3]} are not in their prompts; each input must appear verbatim.")
+    answers = {int(model.to_tokens(p.answer, prepend_bos=False)[0, 0]) for p in pairs if p.answer.strip()}
+    if len(answers) < 2:
+        raise ConfigError("every pair has the same answer token; a transplant needs pairs with different answers.")
+
+
+def _pairings(pairs: Sequence[TransplantPair], candidates: Mapping[str, Sequence[str]],
+              competitors: Mapping[str, Sequence[str]], config: FamilyConfig
+              ) -> list[tuple[str, str, str, tuple[str, ...]]]:
+    """``(name, role, class, concepts)`` of every pairing: candidates (re-filed as competitors when a concept
+    is its pair's input or answer), the input, the answer variants, the caller's competitor classes."""
+    n = len(pairs)
+    out: list[tuple[str, str, str, tuple[str, ...]]] = []
+    for name, concepts in candidates.items():
+        if len(concepts) != n:
+            raise ConfigError(f"candidate pairing {name!r} has {len(concepts)} concepts for {n} pairs.")
+        hits = [competitor_class(c, p.input_text, p.answer) for c, p in zip(concepts, pairs)]
+        filed = [h for h in hits if h]
+        if filed:
+            cls = "input" if filed.count("input") >= filed.count("output") else "answer"
+            out.append((name, "competitor", cls, tuple(concepts)))
+        else:
+            out.append((name, "candidate", "candidate", tuple(concepts)))
+    out.append(("input itself", "competitor", "input", tuple(p.input_text for p in pairs)))
+    seen: set[tuple[str, ...]] = set()
+    for k, kind in enumerate(kind for kind, _ in answer_variants("x")):
+        concepts = tuple(answer_variants(p.answer)[k][1] for p in pairs)
+        if concepts not in seen and len(seen) < config.max_answer_variants:
+            seen.add(concepts)
+            out.append((f"answer ({kind})", "competitor", "answer", concepts))
+    for name, concepts in competitors.items():
+        if len(concepts) != n:
+            raise ConfigError(f"competitor pairing {name!r} has {len(concepts)} concepts for {n} pairs.")
+        out.append((name, "competitor", name, tuple(concepts)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ states
+def _layers(model: Any, config: FamilyConfig) -> tuple[int, ...]:
+    tc = config.transplant
+    n = model.cfg.n_layers
+    layers = tuple(range(tc.min_layer, n, config.layer_stride)) if tc.layers is None else tuple(tc.layers)
+    if not layers or min(layers) < 0 or max(layers) >= n:
+        raise ConfigError(f"layers {layers} do not fit the model's {n} blocks (min_layer {tc.min_layer}); pick "
+                          f"block inputs in 0..{n - 1}.")
+    return layers
+
+
+def _resid(model: Any, tokens: Int[Tensor, "b pos"], layers: Sequence[int]) -> dict[int, Tensor]:
+    """Residual entering each of ``layers`` (one pass through the blocks)."""
+    from recallscope.models.forward import block
+    from recallscope.models.stack import build_stack
+
+    stack = build_stack(model)
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    out: dict[int, Tensor] = {}
+    with torch.no_grad():
+        h = stack.embed(tokens, positions)
+        for i in range(max(layers) + 1):
+            if i in layers:
+                out[i] = h
+            if i < max(layers):
+                h, _, _ = block(stack, i, h, positions, None, lambda point, lay, t: t, lambda point, t: None)
+    return out
+
+
+@dataclass
+class _Sites:
+    """Receiving prompts grouped by token length; per group its residuals at every scored layer."""
+
+    tokens: list[Tensor]
+    pos: list[Tensor]
+    group: Tensor
+    row: Tensor
+    h: list[dict[int, Tensor]]
+    y: Float[Tensor, "layer pair d_model"]
+
+
+def _sites(model: Any, pairs: Sequence[TransplantPair], layers: Sequence[int]) -> _Sites:
+    toks, pos = [], []
+    for p in pairs:
+        end = p.prompt.find(p.input_text) + len(p.input_text)
+        toks.append(model.to_tokens(p.prompt)[0])
+        pos.append(model.to_tokens(p.prompt[:end]).shape[1] - 1)
+    lengths = sorted({len(t) for t in toks})
+    group = torch.tensor([lengths.index(len(t)) for t in toks])
+    row = torch.zeros(len(pairs), dtype=torch.long)
+    tokens, positions, hs = [], [], []
+    for g in range(len(lengths)):
+        members = (group == g).nonzero().squeeze(1)
+        row[members] = torch.arange(len(members))
+        tokens.append(torch.stack([toks[i] for i in members.tolist()]))
+        positions.append(torch.tensor([pos[i] for i in members.tolist()]))
+        hs.append(_resid(model, tokens[-1], layers))
+    y = torch.stack([torch.stack([hs[int(group[i])][layer][int(row[i]), pos[i]] for i in range(len(pairs))])
+                     for layer in layers])
+    return _Sites(tokens, positions, group, row, hs, y)
+
+
+def _concept_states(model: Any, texts: Sequence[str], layers: Sequence[int], prefix: str
+                    ) -> Float[Tensor, "layer pair d_model"]:
+    """The residual at each concept's last token in ``prefix + concept`` (its own state), every layer."""
+    seqs = [model.to_tokens(prefix + t)[0] for t in texts]
+    out = torch.zeros(len(layers), len(texts), int(model.cfg.d_model))
+    for n in sorted({len(s) for s in seqs}):
+        idx = [i for i, s in enumerate(seqs) if len(s) == n]
+        h = _resid(model, torch.stack([seqs[i] for i in idx]), layers)
+        for li, layer in enumerate(layers):
+            out[li, idx] = h[layer][:, -1].float()
+    return out
+
+
+def _folds(n: int, config: TransplantConfig) -> tuple[Tensor, list[list[Tensor]]]:
+    """Fold of each pair and, per fold, the training-row permutations (identity + shuffles), drawn exactly as
+    :func:`~recallscope.routes.transplant.prepare_transplant` draws them."""
+    gen = torch.Generator().manual_seed(config.seed)
+    fold = torch.empty(n, dtype=torch.long)
+    fold[torch.randperm(n, generator=gen)] = torch.arange(n) % config.n_folds
+    perms = []
+    for k in range(config.n_folds):
+        m = int((fold != k).sum())
+        perms.append([torch.arange(m)] + [_derangement(m, gen) for _ in range(config.n_shuffles)])
+    return fold, perms
+
+
+def _derangement(n: int, gen: torch.Generator) -> Tensor:
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        if n < 2 or not bool((perm == torch.arange(n)).any()):
+            return perm
+
+
+def _units(fold: Tensor, answers: Tensor) -> tuple[Tensor, Tensor]:
+    """Every ordered ``(receiver, source)`` in one fold with different answers."""
+    rec, src = [], []
+    for k in sorted(set(fold.tolist())):
+        members = (fold == k).nonzero().squeeze(1).tolist()
+        for r in members:
+            for s in members:
+                if r != s and int(answers[r]) != int(answers[s]):
+                    rec.append(r)
+                    src.append(s)
+    return torch.tensor(rec, dtype=torch.long), torch.tensor(src, dtype=torch.long)
+
+
+def _success(model: Any, sites: _Sites, layer: int, receiver: Tensor, states: Tensor, targets: Tensor,
+             batch: int) -> Float[Tensor, " unit"]:
+    """1 where the argmax next token, with ``states`` put into each receiver's site at ``layer``, is the target."""
+    from recallscope.models.forward import forward
+    from recallscope.models.stack import build_stack
+
+    stack = build_stack(model)
+    out = torch.zeros(len(receiver))
+    for g in range(len(sites.tokens)):
+        idx = (sites.group[receiver] == g).nonzero().squeeze(1)
+        last = torch.tensor([sites.tokens[g].shape[1] - 1])
+        for chunk in idx.split(batch):
+            rows = sites.row[receiver[chunk]]
+            h = sites.h[g][layer][rows].clone()
+            h[torch.arange(len(chunk)), sites.pos[g][rows]] = states[chunk].to(h.dtype)
+            with torch.no_grad():
+                logits, _ = forward(stack, h, start_layer=layer, read_pos=last)
+            out[chunk] = (logits[:, -1].argmax(-1) == targets[chunk]).float()
+    return out
+
+
+def _pairing_rates(model: Any, sites: _Sites, x: Tensor, layers: Sequence[int], fold: Tensor,
+                   perms: list[list[Tensor]], units: tuple[Tensor, Tensor], targets: Tensor,
+                   config: TransplantConfig, controls: bool) -> dict[str, Tensor]:
+    """``[layer, unit]`` success of the fitted map, the shuffled maps (mean), and with ``controls`` the
+    identity (unfitted) and a norm-matched random state (steps 3-4 of the module doc)."""
+    receiver, source = units
+    n_maps = len(perms[0])
+    names = ["fitted", "shuffled"] + (["identity", "random"] if controls else [])
+    out = {k: torch.zeros(len(layers), len(receiver)) for k in names}
+    for li, layer in enumerate(layers):
+        mapped = torch.zeros(n_maps, len(receiver), x.shape[-1])
+        for k, fold_perms in enumerate(perms):
+            train = (fold != k).nonzero().squeeze(1)
+            here = (fold[receiver] == k).nonzero().squeeze(1)
+            for m, perm in enumerate(fold_perms):
+                a, mx, my = fit_map(x[li, train[perm]], sites.y[li, train], config.ridge)
+                mapped[m, here] = my + (x[li, source[here]] - mx) @ a
+        rate = lambda st: _success(model, sites, layer, receiver, st, targets, config.batch_size)  # noqa: E731
+        out["fitted"][li] = rate(mapped[0])
+        out["shuffled"][li] = torch.stack([rate(mapped[m]) for m in range(1, n_maps)]).mean(0)
+        if controls:
+            out["identity"][li] = rate(x[li, source])
+            gen = torch.Generator().manual_seed(config.seed + 7919 * layer)
+            r = torch.randn(mapped[0].shape, generator=gen)
+            centre = sites.y[li].mean(0)
+            out["random"][li] = rate(centre + r / r.norm(dim=-1, keepdim=True)
+                                     * (mapped[0] - centre).norm(dim=-1, keepdim=True))
+    return out
+
+
+def route_family_report(model: Any, pairs: Sequence[TransplantPair], *,
+                        candidates: Mapping[str, Sequence[str]] | None = None,
+                        competitors: Mapping[str, Sequence[str]] | None = None,
+                        config: FamilyConfig = FamilyConfig(), name: str = "",
+                        progress: bool = False) -> "RouteFamilyReport":
+    """The route verdict of a family of queries (module doc).
+
+    Args:
+        pairs: the family; each pair's ``concept`` is the main candidate pairing (named ``"concept"``).
+        candidates: more candidate pairings, name -> one concept per pair (e.g. the expansion's first word).
+        competitors: more competitor pairings, class name -> one concept per pair (beaten like ``answer``).
+        config: :class:`FamilyConfig`.
+
+    Raises:
+        ConfigError: too few pairs for the folds, an input not in its prompt, one answer for every pair,
+            a pairing of the wrong length, layers outside the model.
+    """
+    from tqdm.auto import tqdm
+
+    pairs = tuple(pairs)
+    _check(model, pairs, config)
+    tc = config.transplant
+    layers = _layers(model, config)
+    plan = _pairings(pairs, {"concept": [p.concept for p in pairs], **dict(candidates or {})},
+                     dict(competitors or {}), config)
+    sites = _sites(model, pairs, layers)
+    answers = torch.tensor([int(model.to_tokens(p.answer, prepend_bos=False)[0, 0]) for p in pairs])
+    fold, perms = _folds(len(pairs), tc)
+    receiver, source = _units(fold, answers)
+    targets = answers[source]
+    shape = (len(plan), len(layers), len(receiver))
+    rates = {k: torch.full(shape, float("nan")) for k in ("fitted", "shuffled", "identity", "random")}
+    for i, (_, role, _, concepts) in enumerate(tqdm(plan, desc=f"family {name}", disable=not progress)):
+        x = _concept_states(model, concepts, layers, tc.concept_prefix)
+        got = _pairing_rates(model, sites, x, layers, fold, perms, (receiver, source), targets, tc,
+                             controls=role == "candidate")
+        for k, v in got.items():
+            rates[k][i] = v
+    ceiling = torch.stack([_success(model, sites, layer, receiver, sites.y[li, source], targets, tc.batch_size)
+                           for li, layer in enumerate(layers)])
+    return RouteFamilyReport(
+        name=name, pairs=tuple({"prompt": p.prompt, "input": p.input_text, "concept": p.concept,
+                                "answer": p.answer} for p in pairs),
+        pairings=tuple(n for n, _, _, _ in plan), roles=tuple(r for _, r, _, _ in plan),
+        classes=tuple(c for _, _, c, _ in plan), concepts=tuple(c for _, _, _, c in plan), layers=layers,
+        receiver=receiver, source=source, fold=fold, fitted=rates["fitted"], shuffled=rates["shuffled"],
+        identity=rates["identity"], random=rates["random"], ceiling=ceiling, config=config.to_dict(),
+        manifest=_manifest(model, pairs, config))
+
+
+def _manifest(model: Any, pairs: Sequence[TransplantPair], config: FamilyConfig) -> dict[str, Any]:
+    from recallscope.manifest import build_manifest
+
+    return build_manifest(model, [p.prompt for p in pairs], config.to_dict(), seed=config.transplant.seed)
+
+

@@ -1,0 +1,156 @@
+"""Family route verdict (recallscope.routes.family): held-out transplant of the candidate pairing against the
+input-itself and answer-itself pairings, on the shipped seed-0 mnemonic organisms."""
+
+import json
+
+import pytest
+import torch
+
+import recallscope
+from recallscope.errors import ConfigError
+from recallscope.organisms import ground_truth
+from recallscope.routes.family import (FamilyConfig, RouteFamilyReport, _sites, _success, answer_variants,
+                                       load_family_tsv, route_family_report, with_config)
+from recallscope.routes.transplant import (TransplantConfig, TransplantPair, prepare_transplant, states_at,
+                                           transplant_logits, transplant_score)
+
+CONFIG = FamilyConfig(transplant=TransplantConfig(n_perm=999, n_boot=200, min_layer=1), n_boot=200)
+
+
+def _model(name):
+    return recallscope.load_model(f"organism:{name}")
+
+
+def _pairs(model, concept=lambda truth, c: " " + truth.chunk_concept[c]):
+    truth = ground_truth(model)
+    return [TransplantPair(f"{c} ==", c, concept(truth, c), " " + truth.chunk_letter[c]) for c in truth.chunk_concept]
+
+
+@pytest.fixture(scope="module")
+def route_report():
+    model = _model("route-s0")
+    return model, route_family_report(model, _pairs(model), config=CONFIG, name="route-s0")
+
+
+def _row(report, name):
+    return next(r for r in report.rows() if r.name == name)
+
+
+def test_planted_route_family_is_a_route_and_beats_the_answer(route_report):
+    _, report = route_report
+    row = _row(report, "concept")
+    assert report.verdict() == "route" and row.verdict == "route" and row.transplant_verdict == "route"
+    assert row.score >= 0.8 and row.p_holm <= 0.01 and row.layer >= 1
+    # every answer pairing (each casing / spacing) transplants far worse: the candidate beats the class
+    assert row.margins["answer"] > 0.5 and row.margin_ci["answer"][0] > 0
+    answers = [r for r in report.rows() if r.cls == "answer"]
+    assert len(answers) >= 2 and all(r.verdict == "competitor" and r.score < 0.2 for r in answers)
+    # the input itself is the ceiling: reported beside the candidate, which reaches it but cannot beat it
+    inp = _row(report, "input itself")
+    assert inp.verdict == "competitor" and inp.score >= 0.8 and abs(row.margins["input"]) < 0.1
+
+
+def test_rote_family_is_no_route():
+    model = _model("rote-s0")
+    report = route_family_report(model, _pairs(model), config=CONFIG, name="rote-s0")
+    row = _row(report, "concept")
+    assert report.verdict() == "no route" and row.verdict == "no route" and row.score < 0.5
+
+
+def test_a_family_whose_concept_is_the_input_is_a_competitor_never_a_route():
+    model = _model("route-s0")
+    pairs = _pairs(model, concept=lambda truth, c: c)  # concept := the chunk itself
+    report = route_family_report(model, pairs, candidates={"spaced input": [" " + p.input_text for p in pairs]},
+                                 config=CONFIG)
+    rows = report.rows()
+    assert {r.name: r.role for r in rows}["concept"] == "competitor"
+    assert {r.name: r.cls for r in rows}["spaced input"] == "input"
+    assert all(r.verdict == "competitor" for r in rows) and report.verdict() == "no route"
+    # its transplant is as good as a route's (the site holds the input): only the competitor rule stops it
+    assert _row(report, "concept").transplant_verdict == "route"
+
+
+def test_family_rates_equal_the_transplant_per_query(route_report):
+    """Same folds, maps and units as routes.transplant: the family's per-unit rates, restricted to one query's
+    units, reproduce transplant_score's per-layer score for that query."""
+    model, report = route_report
+    pairs = _pairs(model)
+    prep = prepare_transplant(model, pairs, CONFIG.transplant)
+    assert torch.equal(prep.fold, report.fold)
+    for name in ("VA", "TA"):
+        q = [p.input_text for p in pairs].index(name)
+        ours = report.fitted[0] - report.shuffled[0]
+        mine = ours[:, (report.receiver == q) | (report.source == q)].mean(1)
+        theirs = transplant_score(model, prep, name, CONFIG.transplant).per_layer
+        torch.testing.assert_close(mine, torch.tensor([theirs[layer] for layer in report.layers]), atol=1e-6, rtol=0)
+
+
+def test_unit_forward_matches_transplant_logits_on_unequal_prompt_lengths():
+    model = _model("route-s0")
+    pairs = [TransplantPair("VA ==", "VA", " VAT", " T"), TransplantPair("x VA ==", "VA", " VAT", " T"),
+             TransplantPair("x WA ==", "WA", " WAX", " X"), TransplantPair("WA ==", "WA", " WAX", " X")]
+    sites = _sites(model, pairs, [1])
+    assert [len(t) for t in sites.tokens] == [2, 2]  # two prompt lengths (3 and 4 tokens), two rows each
+    state = states_at(model, model.to_tokens(" TAX"), 1, [1])[0][0]
+    target = int(model.to_tokens(" X", prepend_bos=False)[0, 0])
+    for i, p in enumerate(pairs):
+        tokens = model.to_tokens(p.prompt)
+        pos = tokens.shape[1] - 2
+        want = transplant_logits(model, tokens, pos, 1, state[None]).argmax(-1) == target
+        got = _success(model, sites, 1, torch.tensor([i]), state[None], torch.tensor([target]), 8)
+        assert bool(got[0]) == bool(want[0])
+
+
+def test_result_round_trip_and_summary(route_report, tmp_path):
+    _, report = route_report
+    back = RouteFamilyReport.load(report.save(tmp_path / "fam"))
+    assert json.dumps(back.summary()) == json.dumps(report.summary())  # (NaN rows compare as text)
+    summary = json.loads(json.dumps(back.summary()))
+    assert summary["verdict"] == "route" and summary["rows"][0]["name"] == "concept"
+    assert "rs-summary" in report._repr_html_()
+    assert with_config(report, min_score=1.01).verdict() != "route"
+
+
+def test_answer_variants():
+    assert [t for _, t in answer_variants(" Tax")] == [" Tax", "Tax", " tax", " Tax", " TAX"]
+    assert answer_variants("Paris")[1] == ("other spacing", " Paris")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def _write(tmp_path, text):
+    path = tmp_path / "family.tsv"
+    path.write_text(text)
+    return path
+
+
+def test_tsv_missing_column(tmp_path):
+    with pytest.raises(ConfigError, match=r"lacks the column\(s\) \['answer'\]"):
+        load_family_tsv(_write(tmp_path, "prompt\tinput\tconcept\nVA ==\tVA\t VAT\n"))
+
+
+def test_tsv_input_not_in_prompt_and_empty_cell(tmp_path):
+    with pytest.raises(ConfigError, match="line 2: input 'XY' is not in its prompt"):
+        load_family_tsv(_write(tmp_path, "prompt\tinput\tconcept\tanswer\nVA ==\tXY\t VAT\t T\n"))
+    with pytest.raises(ConfigError, match=r"line 2: empty \['concept'\]"):
+        load_family_tsv(_write(tmp_path, "prompt\tinput\tconcept\tanswer\nVA ==\tVA\t\t T\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_family_tsv(tmp_path / "nope.tsv")
+
+
+def test_tsv_keeps_leading_spaces(tmp_path):
+    pairs = load_family_tsv(_write(tmp_path, "prompt\tinput\tconcept\tanswer\nThe VAT is\t VAT\t Value Added Tax\t T\n"))
+    assert pairs == [TransplantPair("The VAT is", " VAT", " Value Added Tax", " T")]
+
+
+def test_too_few_pairs_and_one_answer():
+    model = _model("route-s0")
+    pairs = _pairs(model)
+    with pytest.raises(ConfigError, match="too small for 5 folds: give at least 10"):
+        route_family_report(model, pairs[:9], config=CONFIG)
+    same = [TransplantPair(p.prompt, p.input_text, p.concept, " T") for p in pairs[:12]]
+    with pytest.raises(ConfigError, match="same answer"):
+        route_family_report(model, same, config=CONFIG)
+    with pytest.raises(ConfigError, match="has 3 concepts for 62 pairs"):
+        route_family_report(model, pairs, candidates={"short": ["a", "b", "c"]}, config=CONFIG)
+    with pytest.raises(ConfigError, match="do not fit the model"):
+        route_family_report(model, pairs, config=FamilyConfig(transplant=TransplantConfig(layers=(7,))))

@@ -117,7 +117,9 @@ def test_component_view_uses_site_labels():
 
     es = EdgeScores(graph, scores, torch.zeros(1), torch.zeros(1))
     ng = component_node_graph(es)
-    at = {n: i for i, n in enumerate(graph.nodes)}
+    assert ng.ids == ["input", "a0.h1", "m1", "logits"]  # only nodes with an edge (and input, logits) are drawn
+    assert ng.y.tolist() == [0.0, 1.0, 2.0, 3.0] and ng.y_ticks[1] == ["input", "L0 attn", "L1 MLP", "logits"]
+    at = {n: i for i, n in enumerate(ng.ids)}
     assert ng.adjacency[at["a0.h1"], at["input"]] == 3.0  # q and v inputs summed
     assert ng.adjacency[at["m1"], at["a0.h1"]] == -3.0 and ng.adjacency[at["logits"], at["m1"]] == 4.0
     assert ng.labels[at["a0.h1"]] == "z L0.H1" and ng.labels[at["m1"]] == "mlp_out L1"
@@ -126,6 +128,15 @@ def test_component_view_uses_site_labels():
     assert [graph.node_label(n) for n in ("input", "a1.h3", "m0", "logits")] == ["embed", "z L1.H3", "mlp_out L0",
                                                                                   "logits"]
     assert Graph(1, 4, 2).node_label("a0.kv1") == "k/v L0.H1"
+    grouped = group_nodes(ng, {"route": ["a0.h1", "mlp_out L1"]})  # by id or by label
+    assert grouped.members[0] == [at["a0.h1"], at["m1"]] and grouped.adjacency[grouped.ids.index("logits"), 0] == 4.5
+    # grouped-query attention: a key/value input's weight is split over the query heads of its group
+    gqa = Graph(1, 4, 2)
+    s2 = torch.zeros(gqa.n_senders, gqa.n_receivers)
+    s2[gqa.edge("input -> a0.kv1.v")] = 2.0
+    s2[gqa.edge("a0.h2 -> logits")] = s2[gqa.edge("a0.h3 -> logits")] = 1.0
+    ng2 = component_node_graph(EdgeScores(gqa, s2, torch.zeros(1), torch.zeros(1)))
+    assert ng2.ids == ["input", "a0.h2", "a0.h3", "logits"] and ng2.adjacency[1:3, 0].tolist() == [1.0, 1.0]
     with pytest.raises(ConfigError, match="no node"):
         graph.node_label("b0")
 

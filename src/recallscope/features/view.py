@@ -34,7 +34,7 @@ from recallscope.errors import ConfigError
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 """Default cumulative-influence thresholds of the pruning slider."""
 _KIND_COLOURS = {"feature": "#1f77b4", "error": "#bbbbbb", "embedding": "#2ca02c", "logit": "#d62728",
-                 "head": "#1f77b4", "mlp": "#ff7f0e", "kv": "#9edae5", "input": "#2ca02c", "logits": "#d62728",
+                 "head": "#1f77b4", "mlp": "#ff7f0e", "input": "#2ca02c", "logits": "#d62728",
                  "supernode": "#9467bd"}
 
 
@@ -57,6 +57,8 @@ class NodeGraph:
     y_ticks: tuple[list[float], list[str]]
     members: list[list[int]] | None = None
     """For a grouped graph: the original nodes in each node."""
+    ids: list[str] | None = None
+    """Names that ``groups`` may use instead of indices (component node ids such as ``a23.h4``)."""
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -120,7 +122,8 @@ def feature_node_graph(graph: Any, *, labels: Sequence[str] | None = None,
 
 def component_node_graph(scores: Any) -> NodeGraph:
     """A :class:`NodeGraph` of component edge scores or a circuit (its edges' weights only): one node per
-    head, MLP, key/value group, the input and the logits; edges into a head's q, k and v inputs are summed.
+    head, MLP, the input and the logits; edges into a head's q, k and v inputs are summed (under grouped-query
+    attention a key/value input's weight is split equally over the query heads of its group).
     Nodes are labelled with :meth:`~recallscope.attribution.graph.Graph.node_label` (the site labels)."""
     from recallscope.attribution.edges import Circuit, _node_xy
 
@@ -131,23 +134,34 @@ def component_node_graph(scores: Any) -> NodeGraph:
     else:
         w = scores.scores.float() * (g.valid[..., None] if scores.scores.ndim == 3 else g.valid)
     w = w.sum(-1) if w.ndim == 3 else w
-    nodes = list(g.nodes)
+    nodes = [*g.senders, "logits"]
     index = {name: i for i, name in enumerate(nodes)}
     adjacency = torch.zeros(len(nodes), len(nodes))
+    rep = g.n_heads // g.n_kv_heads
     for v in range(g.n_receivers):
-        target = index[g.receiver_node(v)]
+        node = g.receiver_node(v)
+        if ".kv" in node:  # a grouped key/value input feeds every query head of its group: split it over them
+            layer, group = node[1:].split(".kv")
+            targets = [index[f"a{layer}.h{int(group) * rep + i}"] for i in range(rep)]
+        else:
+            targets = [index[node]]
         for u in w[:, v].nonzero().squeeze(-1).tolist():
-            adjacency[target, index[g.senders[u]]] += w[u, v]
+            for target in targets:
+                adjacency[target, index[g.senders[u]]] += w[u, v] / len(targets)
     xy = [_node_xy(g, name) for name in nodes]
-    kinds = ["input" if n == "input" else "logits" if n == "logits" else "mlp" if n.startswith("m")
-             else "kv" if ".kv" in n else "head" for n in nodes]
-    labels = [g.node_label(n) for n in nodes]
-    hover = [f"{labels[i]}<br>id {n}" for i, n in enumerate(nodes)]
-    pinned = torch.tensor([k in ("input", "logits") for k in kinds])
-    rows = sorted({y for _, y in xy})
-    y_ticks = ([float(r) for r in rows], [_row_label(g, r) for r in rows])
-    return NodeGraph(labels, hover, kinds, torch.tensor([p[0] for p in xy]), torch.tensor([p[1] for p in xy]),
-                     adjacency, pinned, torch.tensor([k == "logits" for k in kinds]), ([], []), y_ticks)
+    kinds = ["input" if n == "input" else "logits" if n == "logits" else "mlp" if n.startswith("m") else "head"
+             for n in nodes]
+    pinned = [k in ("input", "logits") for k in kinds]
+    used = [i for i in range(len(nodes)) if pinned[i] or bool(adjacency[i].any() or adjacency[:, i].any())]
+    rows = sorted({xy[i][1] for i in used})  # only rows with a node get drawn, one unit apart
+    sub = torch.tensor(used)
+    labels = [g.node_label(nodes[i]) for i in used]
+    return NodeGraph(labels, [f"{lab}<br>id {nodes[i]}" for lab, i in zip(labels, used)], [kinds[i] for i in used],
+                     torch.tensor([xy[i][0] for i in used]), torch.tensor([float(rows.index(xy[i][1])) for i in used]),
+                     adjacency[sub][:, sub], torch.tensor([pinned[i] for i in used]),
+                     torch.tensor([kinds[i] == "logits" for i in used]), ([], []),
+                     ([float(r) for r in range(len(rows))], [_row_label(g, r) for r in rows]),
+                     ids=[nodes[i] for i in used])
 
 
 def _row_label(g: Any, y: float) -> str:
@@ -189,15 +203,19 @@ def _layer_name(ng: NodeGraph, y: float) -> str:
     return texts[vals.index(y)] if y in vals else f"y={y:g}"
 
 
-def group_nodes(ng: NodeGraph, groups: Mapping[str, Sequence[int]] | None = None, *,
+def group_nodes(ng: NodeGraph, groups: Mapping[str, Sequence[int | str]] | None = None, *,
                 by: str | None = None) -> NodeGraph:
-    """Merge nodes into supernodes: ``groups`` (name -> node indices of ``ng``) first, then ``by`` (``"cell"``,
+    """Merge nodes into supernodes: ``groups`` (name -> node indices, ids or labels of ``ng``) first, then ``by`` (``"cell"``,
     ``"layer"`` or ``"label"``) over the nodes no group took; groups of one node stay as they were."""
     n = len(ng.labels)
     named: list[tuple[str, list[int]]] = []
     taken: set[int] = set()
-    for name, idx in (groups or {}).items():
-        idx = [int(i) for i in idx]
+    names_at = {name: i for i, name in enumerate(ng.ids or [])} | {lab: i for i, lab in enumerate(ng.labels)}
+    for name, given in (groups or {}).items():
+        unknown = [m for m in given if isinstance(m, str) and m not in names_at]
+        if unknown:
+            raise ConfigError(f"supernode {name!r}: no node named {unknown}; use node indices, ids or labels.")
+        idx = [names_at[m] if isinstance(m, str) else int(m) for m in given]
         bad = [i for i in idx if not 0 <= i < n or i in taken]
         if bad or not idx:
             raise ConfigError(f"supernode {name!r}: node indices {bad or idx} are out of range (0..{n - 1}), "
@@ -240,8 +258,10 @@ def group_nodes(ng: NodeGraph, groups: Mapping[str, Sequence[int]] | None = None
     mean = lambda t: torch.stack([t[idx].float().mean() for idx in out_members])  # noqa: E731
     any_of = lambda t: torch.tensor([bool(t[idx].any()) for idx in out_members])  # noqa: E731
     base = ng.members or [[i] for i in range(n)]
+    ids = [ng.ids[idx[0]] if ng.ids and name is None else (name or labels[j])
+           for j, (idx, name) in enumerate(zip(out_members, names))]
     return NodeGraph(labels, hover, kinds, mean(ng.x), mean(ng.y), adjacency, any_of(ng.pinned), any_of(ng.outputs),
-                     ng.x_ticks, ng.y_ticks, [[b for i in idx for b in base[i]] for idx in out_members])
+                     ng.x_ticks, ng.y_ticks, [[b for i in idx for b in base[i]] for idx in out_members], ids)
 
 
 # --- influence and pruning -----------------------------------------------------------------------------
@@ -350,16 +370,20 @@ def draw(ng: NodeGraph, *, thresholds: Sequence[float] = THRESHOLDS, start: floa
         xaxis={"tickmode": "array", "tickvals": ng.x_ticks[0], "ticktext": ng.x_ticks[1], "showgrid": False,
                "zeroline": False, **({} if ng.x_ticks[0] else {"showticklabels": False})},
         yaxis={"tickmode": "array", "tickvals": ng.y_ticks[0], "ticktext": ng.y_ticks[1], "zeroline": False})
+    fig.add_annotation(text="edges: <span style='color:#3366cc'>positive</span> / <span style='color:#cc3333'>"
+                            "negative</span> weight, width ∝ |weight|; squares: supernodes; hover for details",
+                       xref="paper", yref="paper", x=1, y=1.06, showarrow=False, xanchor="right",
+                       font={"size": 10, "color": "#555"})
     return fig
 
 
-def graph_view(obj: Any, *, groups: Mapping[str, Sequence[int]] | None = None, group_by: str | None = None,
+def graph_view(obj: Any, *, groups: Mapping[str, Sequence[int | str]] | None = None, group_by: str | None = None,
                labels: Sequence[str] | None = None, token_strs: Sequence[str] | None = None,
                thresholds: Sequence[float] = THRESHOLDS, start: float | None = None, max_edges: int = 300,
                title: str | None = None) -> go.Figure:
     """The interactive view of an attribution graph, edge scores or a circuit (see the module docstring).
 
-    ``groups``: supernodes, name -> node indices (of the graph's nodes); ``group_by``: automatic grouping of
+    ``groups``: supernodes, name -> nodes (indices, ids such as ``"a23.h4"``, or labels); ``group_by``: automatic grouping of
     the other nodes (``"cell"``, ``"layer"``, ``"label"``); ``labels`` / ``token_strs``: node labels and
     position tick labels for attribution graphs.
     """

@@ -6,7 +6,8 @@ import torch
 from recallscope.cli import main
 from recallscope.routes.human import SCORES, HumanComparison, HumanConfig, clean_definition, compare_human
 from recallscope.routes.mnemonics import load_cards
-from recallscope.routes.text import common_run, similarity
+from recallscope.routes.human_match import definition_overlap
+from recallscope.routes.text import common_run, letters, similarity
 
 CARDS = "\n".join([
     "#separator:tab",
@@ -26,7 +27,7 @@ def result(tiny_gpt2, tmp_path_factory):
     path = tmp_path_factory.mktemp("cards") / "cards.tsv"
     path.write_text(CARDS)
     cards = load_cards(path)
-    config = HumanConfig(n_controls=3, own_vocabulary=20, n_perm=300, definition_tokens=3, own_top=2)
+    config = HumanConfig(n_controls=3, own_vocabulary=20, n_perm=300, definition_tokens=3, own_top=2, n_boot=50)
     return compare_human(tiny_gpt2, cards, config=config, progress=False), cards
 
 
@@ -36,9 +37,13 @@ def test_compare_human_scores_every_card(result, tmp_path):
     n = len(res.rows) + len(res.skipped)
     assert n == len(cards) and len(res.rows) >= 6
     assert res.scores.shape == (len(res.rows), 4, len(SCORES))
-    keywords = {c.primary.text for c in cards}
+    by_term = {c.term: c for c in cards}
     for row, s in zip(res.rows, res.scores):
-        assert len(row["controls"]) == 3 and set(row["controls"]) <= keywords - {row["keyword"]}
+        card = by_term[row["term"]]
+        assert len(row["controls"]) == 3 and row["keyword"] not in row["controls"]
+        for control in row["controls"]:  # matched controls never overlap the definition or name the term
+            assert not definition_overlap(control, clean_definition(card.definition))
+            assert letters(card.term) not in {letters(w) for w in control.split()}
         assert float(s[0, SCORES.index("string")]) == pytest.approx(similarity(row["term"], " " + row["keyword"]))
         assert row["keyword_effect"] == pytest.approx(float(s[0, 0]))
         assert len(row["own"]) == 2
@@ -143,7 +148,7 @@ def test_batched_runner_rejects_mixed_shapes(tiny_gpt2):
 def test_compare_human_does_not_depend_on_the_batching(result, tiny_gpt2, tmp_path):
     res, cards = result
     config = HumanConfig(n_controls=3, own_vocabulary=20, n_perm=300, definition_tokens=3, own_top=2,
-                         cards_per_batch=1)
+                         cards_per_batch=1, n_boot=50)
     one = compare_human(tiny_gpt2, cards, config=config, progress=False)
     torch.testing.assert_close(one.scores, res.scores, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(one.profile, res.profile, atol=1e-4, rtol=1e-4)

@@ -58,7 +58,9 @@ def _cmd_compare_human(args: argparse.Namespace) -> int:
 
     cards = load_cards(args.cards)
     model = load_model(args.model, **_placement(args))
-    config = HumanConfig(n_controls=args.n_controls, max_cards=args.max_cards, seed=args.seed)
+    config = HumanConfig(n_controls=args.n_controls, max_cards=args.max_cards, seed=args.seed,
+                         interchange_alternatives=args.interchange_alternatives, n_boot=args.n_boot,
+                         drop_definition_overlap=not args.keep_overlap)
     record = _record(args, "compare-human", config=config, seed=args.seed)
     record.model(model, args.model)
     out = Path(args.out)
@@ -80,7 +82,12 @@ def _cmd_compare_human(args: argparse.Namespace) -> int:
             report = card_route_report(model, card, concepts=[o["concept"] for o in row["own"][:1]],
                                        alternatives=alternatives)
             row["route_report"] = report.summary()["routes"]
+            row["route_verdict"] = report.verdict()
             _write_figure(report.plot(), out / "examples" / row["term"], record)
+    if "adjusted" in summary:
+        from recallscope.routes.human_adjusted import plot_adjusted
+
+        _write_figure(plot_adjusted(summary["adjusted"]), out / "adjusted", record)
     summary["timings_s"] = dict(record.data["timings_s"])
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
     record.output(out / "summary.json")
@@ -92,6 +99,15 @@ def _cmd_compare_human(args: argparse.Namespace) -> int:
     if recalled.get("n_cards"):
         print(f"recalled (term effect >= {summary['agreement_recalled']['min_term_effect']} nats): "
               f"{recalled['n_cards']} cards, percentile {recalled['mean_percentile']:.3f} (p={recalled['p_value']:.3g})")
+    adj = summary.get("adjusted")
+    if adj:
+        print(f"adjusted keyword effect (log odds, conditional logit): {adj['keyword_effect']:+.3f} "
+              f"[{adj['ci'][0]:+.3f}, {adj['ci'][1]:+.3f}], p={adj['p']:.3g} (Holm {adj['p_holm']:.3g}), "
+              f"{adj['n_cards']} cards; {adj['n_cards_dropped_overlap']} dropped for keyword-definition overlap")
+        for link, fit in adj["by_link"].items():
+            if fit.get("coefficients"):
+                print(f"  {link}: {fit['keyword_effect']:+.3f} [{fit['ci'][0]:+.3f}, {fit['ci'][1]:+.3f}], "
+                      f"p={fit['p']:.3g} (Holm {fit['p_holm']:.3g}), {fit['n_cards']} cards")
     print(f"summary: {out / 'summary.json'}; manifest: {record.write()}")
     return 0
 
@@ -138,4 +154,11 @@ def register(sub: Any) -> None:
         else:
             sp.add_argument("--cards", required=True, help="Anki text export: term, mnemonic, definition[, ...]")
             sp.add_argument("--max-cards", type=int, help="score only the first N cards with a keyword")
-            sp.add_argument("--examples", type=int, default=3, help="worked examples with route figures (default 3)")
+            sp.add_argument("--examples", type=int, default=3, help="worked examples with route reports under the "
+                            "route evidence standard (interchange mediation, competitors) and figures (default 3)")
+            sp.add_argument("--interchange-alternatives", type=int, default=2, help="other terms whose values the "
+                            "interchange swaps in per card, effects averaged (default 2; at most 4)")
+            sp.add_argument("--n-boot", type=int, default=1999, help="bootstrap resamples over cards for the "
+                            "adjusted keyword effect (default 1999)")
+            sp.add_argument("--keep-overlap", action="store_true", help="keep cards whose keyword shares a "
+                            "content word with the definition's first clause (dropped by default)")

@@ -5,36 +5,47 @@ keyword people use to remember it ("capricious" -> "car prices")?
 
 1. Load the cards and keep those with a keyword (:mod:`.mnemonics`). Each card gives a query: the prompt
    ``'The word "<term>" means'``, the input span ``<term>`` and the output = the first tokens of the
-   definition (teacher-forced log-prob).
-2. Controls: every card's keyword competes with ``n_controls`` other cards' keywords matched on token
-   count and frequency (:func:`~recallscope.routes.controls.match_controls`): the shuffled-keyword
-   baseline. The model's own candidates add a sample of whole-word vocabulary tokens.
-3. Directions of every keyword and vocabulary concept in neutral contexts (:mod:`.directions`), centred
-   on the pool's mean representation so that each keeps what is specific to its concept.
-4. Per card, scores of the human keyword and its controls (their directions with the definition tokens'
+   definition (teacher-forced log-prob). With ``drop_definition_overlap`` (default) cards whose keyword
+   shares a content word with the definition's first clause are dropped
+   (:func:`~recallscope.routes.human_match.definition_overlap`; listed in ``skipped``).
+2. Pool: every card's keyword and a sample of ``own_vocabulary`` whole-word vocabulary tokens, with their
+   token counts and model log-frequencies (:mod:`.controls`), directions (step 3) and relatedness to every
+   card's definition (the model's representation cosine; :mod:`.human_match`).
+3. Directions of every pool concept in neutral contexts (:mod:`.directions`), centred on the pool's mean
+   representation so that each keeps what is specific to its concept.
+4. Controls: every card's keyword competes with ``n_controls`` pool texts matched on token count,
+   log-frequency, relatedness to the card's definition and string similarity to the card's term
+   (:func:`~recallscope.routes.human_match.match_card_controls`); none overlaps the definition.
+5. Per card, scores of the human keyword and its controls (their directions with the definition tokens'
    direct logit directions projected out, as in :func:`~recallscope.routes.route_report`):
-   ``causal`` = exact drop of the definition log-prob when the concept direction is mean-ablated at the
-   term's positions in every layer at once; ``attribution`` = its first-order estimate; ``similarity`` =
+   ``causal`` = the interchange intervention (:mod:`.human_causal`): the drop of the definition log-prob
+   when the component along the concept direction at the term's positions of every layer takes the value
+   the model produces for another card's term in the same context (``interchange_alternatives`` terms,
+   effects averaged); ``attribution`` = the first-order estimate of mean-ablating it; ``similarity`` =
    the best-layer cosine of the term's state with the concept direction; ``readout`` = minus the best rank
    of the concept's first token under the logit lens at the term's last token; ``string`` = letter/sound
    similarity of keyword and term (a text-only reference, not the model). Cards of one token shape are
    scored ``cards_per_batch`` at a time (:mod:`.batched`; the same numbers as one
    :class:`~recallscope.routes.scores.SpanRunner` per card, the tests' oracle, only faster); with a
-   checkpoint directory every card is one chunk.
-5. The model's own top concepts: every pool concept's attribution effect on every card, standardised per
+   checkpoint directory every card is one chunk. Covariates per candidate (:data:`COVARIATES`):
+   relatedness to the definition, ``|cos(h - b, u)|`` of the term's last state (averaged over layers) and
+   the interchange edit norm.
+6. The model's own top concepts: every pool concept's attribution effect on every card, standardised per
    concept across cards (a direction that disrupts every definition is not a route for any one term),
    the top ``own_top`` z-scores per card kept (first-order estimates, labelled as such).
-6. Term effect: the definition's log-prob with the term minus its mean with ``n_alternatives`` other
-   cards' terms of the same token shape in its place. Cards with a term effect of at least
-   ``min_term_effect`` are "recalled": the model's definition depends on the term, so a route can exist.
-7. Agreement per score, overall and by link type (:mod:`.agreement`), in :class:`HumanComparison`; also
+7. Term effect: the definition's log-prob with the term minus its mean with ``n_alternatives`` other
+   cards' terms of the same token shape in its place (a card alone in its token shape: random whole-word
+   tokens at the term's positions). These are also the interchange's alternative inputs. Cards with a term effect of at least ``min_term_effect`` are "recalled".
+8. Agreement per score, overall and by link type (:mod:`.agreement`), in :class:`HumanComparison`; also
    on the recalled cards and on cards whose keyword shares at most 3 consecutive letters with the term.
+   The adjusted keyword effect (a conditional logit per card; :mod:`.human_adjusted`) is
+   :meth:`HumanComparison.adjusted`.
 """
 
 import os
-import re
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,25 +59,25 @@ from recallscope.lens.base import LogitLens
 from recallscope.manifest import build_manifest
 from recallscope.results import load_result_dir, register_result, save_result_dir
 from recallscope.routes.agreement import agreement
-from recallscope.routes.concepts import Concept, ConceptSource, word_vocabulary
-from recallscope.routes.controls import control_pool, match_controls, text_tokens
+from recallscope.routes.controls import control_pool, text_tokens
 from recallscope.routes.directions import concept_directions
+from recallscope.routes.human_match import clean_definition, definition_overlap, definition_vectors, relatedness
 from recallscope.routes.mnemonics import Card, LinkType
-from recallscope.routes.batched import BatchRunner, shape_key
-from recallscope.routes.scores import (
-    PreparedPrompt,
-    RouteQuery,
-    input_span,
-    output_directions,
-    prepare_prompt,
-    readout_ranks,
-)
-from recallscope.routes.text import common_run, letters, similarity
+from recallscope.routes.scores import RouteQuery, input_span
+from recallscope.routes.text import common_run, letters
 from recallscope.stats import spearman
-from recallscope.store import json_tensor, open_store, tensor_json
+from recallscope.store import open_store, tensor_json
 
 SCORES = ("causal", "attribution", "similarity", "readout", "string")
 """Score types of :class:`HumanComparison`; ``string`` is text similarity (a reference, not the model)."""
+
+COVARIATES = ("relatedness", "abs_cos", "edit_norm")
+"""Per-candidate covariates of :class:`HumanComparison`: representation cosine with the card's definition,
+``|cos(h - b, u)|`` of the term's last state with the direction (mean over layers ``0..n_layers-1``), and
+the interchange edit norm (mean over alternatives and layers)."""
+
+OVERLAP_REASON = "keyword overlaps the definition's first clause"
+"""Start of the ``skipped`` reason of a card dropped by the overlap filter."""
 
 
 @dataclass(frozen=True)
@@ -105,18 +116,25 @@ class HumanConfig:
     min_term_effect: float = 0.5
     """Cards whose term raises its definition's log-prob by at least this (nats) over other terms are
     "recalled"; the summary reports agreement on them separately and draws worked examples from them."""
+    interchange_alternatives: int = 2
+    """Alternative terms whose values the interchange swaps in (each separately, effects averaged)."""
+    drop_definition_overlap: bool = True
+    """Drop cards whose keyword shares a content word with the definition's first clause."""
+    n_boot: int = 1999
+    """Bootstrap resamples over cards for the adjusted keyword effect's CI and p."""
+    rank_depth: int = 3
+    """Places of each card's ranking used by the rank-ordered (secondary) logit."""
 
     def __post_init__(self) -> None:
         if "{term}" not in self.template:
             raise ConfigError(f"the template {self.template!r} must contain {{term}}.")
         if self.n_controls < 1 or self.definition_tokens < 1:
             raise ConfigError("n_controls and definition_tokens must be >= 1.")
-
-
-def clean_definition(text: str) -> str:
-    """The first clause of a definition, without a leading "(of ...)" or "1." (what the model should say)."""
-    text = re.sub(r"^\s*(?:\d+[.)]\s*)?(?:\([^)]*\)\s*)?", "", text.strip())
-    return re.split(r"[.;]|\s\d+[.)]\s", text)[0].strip()
+        if self.interchange_alternatives < 1 or self.n_alternatives < self.interchange_alternatives:
+            raise ConfigError(f"need 1 <= interchange_alternatives <= n_alternatives (got "
+                              f"{self.interchange_alternatives}, {self.n_alternatives}).")
+        if self.n_boot < 1 or self.rank_depth < 1:
+            raise ConfigError("n_boot and rank_depth must be >= 1.")
 
 
 @register_result
@@ -132,6 +150,9 @@ class HumanComparison:
         profile: ``[card, layer]`` attribution effect of the human keyword minus its controls' median,
             per layer (where the route would live).
         skipped: cards left out and why.
+        covariates: ``[card, candidate, covariate]`` in the order of :data:`COVARIATES` (None for a result
+            saved before they existed).
+        matching: how well the controls match the keywords (:func:`~recallscope.routes.human_match.balance`).
     """
 
     scores: Float[Tensor, "card candidate score"]
@@ -140,11 +161,39 @@ class HumanComparison:
     skipped: tuple[dict[str, Any], ...] = ()
     config: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    covariates: Float[Tensor, "card candidate covariate"] | None = None
+    matching: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scores.ndim != 3 or self.scores.shape[0] != len(self.rows) or self.scores.shape[2] != len(SCORES):
             raise RecallscopeError(f"HumanComparison: scores {tuple(self.scores.shape)} do not match {len(self.rows)} "
                                    f"cards and {len(SCORES)} score types.")
+        if self.covariates is not None and self.covariates.shape != (*self.scores.shape[:2], len(COVARIATES)):
+            raise RecallscopeError(f"HumanComparison: covariates {tuple(self.covariates.shape)} do not match scores "
+                                   f"{tuple(self.scores.shape[:2])} x {len(COVARIATES)} covariates.")
+
+    @cached_property
+    def adjusted(self) -> dict[str, Any]:
+        """The adjusted keyword effect (:func:`~recallscope.routes.human_adjusted.adjusted_block`): a
+        conditional logit per card of the top interchange effect on is_keyword, relatedness, string
+        similarity and ``|cos(h - b, u)|``, bootstrap CI over cards, Holm/BH over the reported tests."""
+        from recallscope.routes.human_adjusted import adjusted_block
+
+        if self.covariates is None:
+            raise RecallscopeError("this HumanComparison has no covariates (saved by an older version); re-run "
+                                   "compare_human to get the adjusted keyword effect.")
+        cfg = self.config
+        cov = self.covariates
+        block = adjusted_block(self.scores[..., SCORES.index("causal")], cov[..., COVARIATES.index("relatedness")],
+                               self.scores[..., SCORES.index("string")], cov[..., COVARIATES.index("abs_cos")],
+                               [r["link"] for r in self.rows], n_boot=int(cfg.get("n_boot", 1999)),
+                               seed=int(cfg.get("seed", 0)), rank_depth=int(cfg.get("rank_depth", 3)))
+        dropped = [s for s in self.skipped if str(s.get("reason", "")).startswith(OVERLAP_REASON)]
+        block["n_cards_dropped_overlap"] = len(dropped)
+        block["n_cards_dropped_overlap_by_link"] = {l.value: sum(s.get("link") == l.value for s in dropped)
+                                                    for l in LinkType}
+        block["balance"] = self.matching
+        return block
 
     def agreement(self, score: str = "causal", link: LinkType | str | None = None, *,
                   max_overlap: int | None = None, min_term_effect: float | None = None) -> dict[str, Any]:
@@ -194,6 +243,7 @@ class HumanComparison:
             "agreement_low_overlap": {"max_common_letters": max_overlap, **low},
             "string_vs_causal_spearman": spearman(self.scores[..., SCORES.index("string")].flatten(),
                                                   causal.flatten(), min_n=3),
+            **({"adjusted": self.adjusted} if self.covariates is not None else {}),
             "examples_best": [self.rows[i] for i in best[:examples]],
             "examples_worst": [self.rows[i] for i in order[::-1][:max(2, examples // 4)]],
             "config": self.config, "timings_s": self.manifest.get("timings_s", {}),
@@ -208,15 +258,18 @@ class HumanComparison:
 
     def save(self, directory: str | os.PathLike) -> Path:
         meta = {"rows": list(self.rows), "skipped": list(self.skipped), "config": self.config,
-                "scores": list(SCORES)}
-        return save_result_dir(directory, "HumanComparison", {"scores": self.scores, "profile": self.profile}, meta,
-                               self.manifest)
+                "scores": list(SCORES), "covariates": list(COVARIATES), "matching": self.matching}
+        tensors = {"scores": self.scores, "profile": self.profile}
+        if self.covariates is not None:
+            tensors["covariates"] = self.covariates
+        return save_result_dir(directory, "HumanComparison", tensors, meta, self.manifest)
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "HumanComparison":
         t, meta, manifest = load_result_dir(directory, "HumanComparison")
         return cls(scores=t["scores"], rows=tuple(meta["rows"]), profile=t["profile"],
-                   skipped=tuple(meta.get("skipped", [])), config=meta.get("config", {}), manifest=manifest)
+                   skipped=tuple(meta.get("skipped", [])), config=meta.get("config", {}), manifest=manifest,
+                   covariates=t.get("covariates"), matching=meta.get("matching", {}))
 
 
 def skipped_text(skipped: Sequence[dict[str, Any]], limit: int = 10) -> str:
@@ -231,8 +284,12 @@ def _usable(cards: Sequence[Card], config: HumanConfig) -> tuple[list[Card], lis
     for c in cards:
         why = ("no keyword found in the mnemonic" if c.primary is None else
                "empty definition" if not clean_definition(c.definition) else None)
+        shared = definition_overlap(c.primary.text, clean_definition(c.definition)) if why is None else []
+        if shared and config.drop_definition_overlap:
+            why = f"{OVERLAP_REASON} ({', '.join(shared)})"
         if why:
-            skipped.append({"term": c.term, "line": c.line, "reason": why})
+            skipped.append({"term": c.term, "line": c.line, "reason": why,
+                            "link": c.primary.link.value if c.primary is not None else None})
         else:
             kept.append(c)
     if config.max_cards is not None:
@@ -242,208 +299,56 @@ def _usable(cards: Sequence[Card], config: HumanConfig) -> tuple[list[Card], lis
     return kept, skipped
 
 
-def _pool_concepts(model: Any, keywords: Sequence[str], n_vocab: int) -> list[Concept]:
-    words = word_vocabulary(model)
-    step = max(1, len(words) // max(n_vocab, 1))
-    vocab = [w for _, w in words[::step]][:n_vocab] if n_vocab else []
-    texts = list(dict.fromkeys(list(keywords) + vocab))
-    n_kw = len(set(keywords))
-    return [Concept(text=t, source=ConceptSource.HUMAN if i < n_kw else ConceptSource.VOCABULARY)
-            for i, t in enumerate(texts)]
-
-
-@dataclass
-class _Shared:
-    """What every card's scoring reads: the pool's directions, ids and frequencies."""
-
-    concepts: list[Concept]
-    index: dict[str, int]
-    vectors: Tensor
-    baseline: Tensor
-    first_ids: Tensor
-    pool: Any
-    unit: Tensor
-    absent: Tensor
-
-    @classmethod
-    def build(cls, concepts: list[Concept], vectors: Tensor, baseline: Tensor, first_ids: Tensor, pool: Any
-              ) -> "_Shared":
-        unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        return cls(concepts, {c.text: i for i, c in enumerate(concepts)}, vectors, baseline, first_ids, pool, unit,
-                   torch.einsum("cld,ld->cl", unit, baseline))
-
-
-@dataclass(frozen=True)
-class _Item:
-    """One card ready to score: the pool slots of its keyword (first) and controls, and its prompt."""
-
-    card: Card
-    slots: Tensor
-    names: tuple[str, ...]
-    prep: PreparedPrompt
-    definition: str
-    alternatives: tuple[str, ...] = ()
-
-
-def _plan(model: Any, kept: Sequence[Card], sh: _Shared, config: HumanConfig
-          ) -> tuple[list[_Item], list[dict[str, Any]]]:
-    """Controls and the prepared prompt of every card; cards with too few controls are skipped."""
-    items, skipped = [], []
-    for card in kept:
-        keyword = " " + card.primary.text
-        try:
-            controls = match_controls(model, sh.concepts[sh.index[keyword]], sh.pool, k=config.n_controls,
-                                      exclude=[card.term], logfreq=float(sh.pool.logfreq[sh.pool.texts.index(keyword)]))
-        except EmptyDatasetError as exc:  # too few controls with this token count
-            skipped.append({"term": card.term, "line": card.line, "reason": str(exc)})
-            continue
-        names = (keyword, *(c.text for c in controls))
-        prompt = config.template.format(term=card.term)
-        definition = " " + clean_definition(card.definition)
-        prep = prepare_prompt(model, prompt, RouteQuery((prompt,), card.term, definition),
-                              max_output_tokens=config.definition_tokens, n_alternatives=0, seed=config.seed)
-        items.append(_Item(card, torch.tensor([sh.index[n] for n in names]), names, prep, definition))
-    return _with_alternatives(items, config.n_alternatives), skipped
-
-
-def _with_alternatives(items: list[_Item], n: int) -> list[_Item]:
-    """Each item's prompt with the terms of the next ``n`` items of its token shape (cyclically) in place of
-    its own term: alternative inputs with the same tokens around the span."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(shape_key(item.prep), []).append(i)
-    out = list(items)
-    for idx in groups.values():
-        for j, i in enumerate(idx):
-            s, e = items[i].prep.span
-            others = [items[idx[(j + d) % len(idx)]] for d in range(1, min(n, len(idx) - 1) + 1)]
-            alt = items[i].prep.tokens.repeat(len(others), 1)
-            for row, other in enumerate(others):
-                alt[row, s:e] = other.prep.tokens[0, s:e]
-            out[i] = replace(items[i], prep=replace(items[i].prep, alt_tokens=alt),
-                             alternatives=tuple(o.card.term for o in others))
-    return out
-
-
-def _batches(items: Sequence[_Item], size: int) -> list[list[int]]:
-    """Item indices in batches of at most ``size`` prompts of one shape (a stable plan: the checkpoint
-    chunks are named by their place in it)."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(shape_key(item.prep), []).append(i)
-    return [idx[j:j + size] for _, idx in sorted(groups.items()) for j in range(0, len(idx), size)]
-
-
-def _batch_scores(model: Any, batch: Sequence[_Item], sh: _Shared, lens: LogitLens, config: HumanConfig
-                  ) -> dict[str, Any]:
-    """A batch of cards of one shape scored together (:mod:`.batched`): ``scores [card, 1 + K,
-    len(SCORES)]``, ``profile [card, layer]``, the pool's attributions ``attr [card, pool]`` and ``rows``."""
-    runner = BatchRunner(model, [it.prep for it in batch])
-    pool_attr = runner.attribution(sh.unit, sh.absent).sum(-1)  # [card, pool]
-    vectors = sh.vectors[torch.stack([it.slots for it in batch])]  # [card, slot, layer, d]
-    if config.remove_output_direction:
-        q = torch.stack([output_directions(runner.stack, t, vectors.dtype) for t in runner.targets])  # [card, out, d]
-        vectors = vectors - torch.einsum("bcld,bod,boe->bcle", vectors, q, q)
-    unit = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    absent = torch.einsum("bcld,ld->bcl", unit, sh.baseline)
-    with torch.no_grad():
-        causal = runner.ablation(unit, absent, batch_size=config.batch_size)  # [card, slot]
-    attr = runner.attribution(unit, absent)  # [card, slot, layer]
-    term_effect = runner.total_effect(batch_size=config.batch_size)
-    last = runner.span[1] - 1
-    scores, rows = [], []
-    for b, it in enumerate(batch):
-        ranks = readout_ranks(lens, runner.states[:, b, last:last + 1], sh.first_ids[it.slots])
-        sim = torch.nn.functional.cosine_similarity((runner.states[:, b, last] - sh.baseline)[None], vectors[b], dim=-1)
-        string = torch.tensor([similarity(it.card.term, n) for n in it.names])
-        scores.append(torch.stack([causal[b], attr[b].sum(-1), sim.amax(1), -ranks.amin(1), string], dim=1))
-        c = causal[b]
-        rows.append({"term": it.card.term, "keyword": it.card.primary.text, "link": it.card.primary.link.value,
-                     "rule": it.card.primary.rule, "line": it.card.line, "mnemonic": it.card.mnemonic,
-                     "definition": it.definition.strip(), "definition_logprob": float(runner.clean[b]),
-                     "term_effect": float(term_effect[b]), "alternatives": list(it.alternatives),
-                     "keyword_effect": float(c[0]), "controls": [n.strip() for n in it.names[1:]],
-                     "control_effect_median": float(c[1:].median()), "keyword_rank": int((c[1:] > c[0]).sum())})
-    profile = attr[:, 0] - attr[:, 1:].median(1).values
-    return {"scores": torch.stack(scores).detach(), "profile": profile.detach(), "attr": pool_attr.detach(),
-            "rows": rows}
-
-
-class _LazyBatch:
-    """A batch's scores, computed on first use: only when one of its cards is not checkpointed yet. A
-    resumed run recomputes the same batch, so every card's numbers are bitwise those of a fresh run."""
-
-    def __init__(self, model: Any, items: Sequence[_Item], sh: _Shared, lens: LogitLens, config: HumanConfig):
-        self.args, self.done = (model, items, sh, lens, config), None
-
-    def get(self) -> dict[str, Any]:
-        if self.done is None:
-            self.done = _batch_scores(*self.args)
-        return self.done
-
-
-def _card_scores(batch: _LazyBatch, k: int) -> dict[str, Tensor]:
-    """The checkpoint chunk of card ``k`` of a batch: its scores, profile, pool attributions and row (JSON)."""
-    done = batch.get()
-    return {"scores": done["scores"][k], "profile": done["profile"][k], "attr": done["attr"][k],
-            "row": json_tensor(done["rows"][k])}
-
-
-def _own_concepts(rows: list[dict[str, Any]], attr: Tensor, sh: _Shared, config: HumanConfig) -> None:
-    """Add each row's top pool concepts by attribution z-score across cards (never the term itself)."""
-    z = (attr - attr.mean(0)) / attr.std(0).clamp_min(1e-6)  # [card, pool]
-    for row, zc, ac in zip(rows, z, attr):
-        term = letters(row["term"])
-        allowed = torch.tensor([not (letters(c.text) in term or term in letters(c.text)) for c in sh.concepts])
-        best = zc.masked_fill(~allowed, float("-inf")).topk(config.own_top).indices
-        row["own"] = [{"concept": sh.concepts[int(i)].text.strip(), "z": float(zc[i]), "attribution": float(ac[i]),
-                       "source": sh.concepts[int(i)].source.value} for i in best]
-        kw = sh.index[" " + row["keyword"]]
-        row["keyword_attribution_z"] = float(zc[kw])
-
-
 def compare_human(model: Any, cards: Sequence[Card], *, config: HumanConfig = HumanConfig(),
                   progress: bool = True, checkpoint_dir: str | os.PathLike | None = None) -> HumanComparison:
-    """Score every card's human keyword against its controls and find the model's own concepts.
+    """Score every card's human keyword against its matched controls and find the model's own concepts.
 
-    ``checkpoint_dir``: checkpoint each finished card there (step 4, the expensive one); the same call
+    ``checkpoint_dir``: checkpoint each finished card there (step 5, the expensive one); the same call
     resumes from them (keyed by the model, cards, config and the pool's directions).
     """
+    from recallscope.routes import human_scoring as hs
+
     t0 = time.perf_counter()
     kept, skipped = _usable(cards, config)
     keywords = [" " + c.primary.text for c in kept]
-    concepts = _pool_concepts(model, keywords, config.own_vocabulary)
+    concepts = hs.pool_concepts(model, keywords, config.own_vocabulary)
     with torch.no_grad():
-        pool = control_pool(model, keywords)
+        pool = control_pool(model, [c.text for c in concepts])
         dirs = concept_directions(model, concepts, prefixes=config.prefixes, baseline_words=None,
                                   batch_size=config.batch_size)
         first_ids = torch.tensor([text_tokens(model, c.text)[0] for c in concepts])
-    t_prep = time.perf_counter() - t0
-    sh = _Shared.build(concepts, dirs.vectors, dirs.baseline, first_ids, pool)
+        defs = definition_vectors(model, [clean_definition(c.definition) for c in kept], batch_size=config.batch_size)
+    related = relatedness(dirs.vectors, defs)  # [concept, card]
+    sh = hs.Shared.build(concepts, dirs.vectors, dirs.baseline, first_ids, pool, related, [c.term for c in kept],
+                         config.seed)
     lens = LogitLens(model)
     cfg = {**asdict(config), "n_pool": len(concepts)}
     store = open_store(checkpoint_dir, build_manifest(model, [c.term for c in kept], cfg, seed=config.seed),
-                       inputs={"cards": kept, "vectors": dirs.vectors, "baseline": dirs.baseline})
-    items, skipped_controls = _plan(model, kept, sh, config)
-    skipped += skipped_controls
+                       inputs={"cards": kept, "vectors": dirs.vectors, "baseline": dirs.baseline, "related": related})
+    items, skipped_plan = hs.plan(model, kept, sh, config)
+    skipped += skipped_plan
+    t_prep = time.perf_counter() - t0
     found: dict[int, dict[str, Tensor]] = {}
     with tqdm(total=len(items), desc="cards", disable=not progress) as bar:
-        for idx in _batches(items, config.cards_per_batch):
-            batch = _LazyBatch(model, [items[i] for i in idx], sh, lens, config)
+        for idx in hs.batches(items, config.cards_per_batch):
+            batch = hs.LazyBatch(model, [items[i] for i in idx], sh, lens, config)
             for k, i in enumerate(idx):  # a chunk per card (named by its place in the plan)
-                found[i] = store.get_or_compute(f"card{i:05d}", lambda batch=batch, k=k: _card_scores(batch, k))
+                found[i] = store.get_or_compute(f"card{i:05d}", lambda batch=batch, k=k: hs.card_scores(batch, k))
                 bar.update(1)
     if not found:
         raise EmptyDatasetError(f"no card could be scored; skipped: {skipped_text(skipped) or 'none'}. Fix those "
                                 "cards or use more cards.")
     order = sorted(found)  # the cards' order
     rows = [tensor_json(found[i]["row"]) for i in order]
-    _own_concepts(rows, torch.stack([found[i]["attr"] for i in order]), sh, config)
+    hs.own_concepts(rows, torch.stack([found[i]["attr"] for i in order]), sh, config)
+    scores = torch.stack([found[i]["scores"] for i in order])
+    covariates = torch.stack([found[i]["covariates"] for i in order])
+    matching = hs.matching_balance(scores, covariates, rows, sh, [items[i].column for i in order], config.seed)
     timings = {"prepare": t_prep, "total": time.perf_counter() - t0}
     manifest = build_manifest(model, [r["term"] for r in rows], cfg, seed=config.seed, timings=timings)
-    return HumanComparison(scores=torch.stack([found[i]["scores"] for i in order]), rows=tuple(rows),
-                           profile=torch.stack([found[i]["profile"] for i in order]),
-                           skipped=tuple(skipped), config=cfg, manifest={**manifest, **store.manifest_entry()})
+    return HumanComparison(scores=scores, rows=tuple(rows), profile=torch.stack([found[i]["profile"] for i in order]),
+                           skipped=tuple(skipped), config=cfg, manifest={**manifest, **store.manifest_entry()},
+                           covariates=covariates, matching=matching)
 
 
 def term_alternatives(model: Any, card: Card, others: Sequence[Card], *, n: int = 4,
@@ -464,13 +369,24 @@ def term_alternatives(model: Any, card: Card, others: Sequence[Card], *, n: int 
     return tuple(out)
 
 
+CARD_ROUTE_CONFIG: dict[str, Any] = {"stride": 3, "n_controls": 8, "n_random": 4, "n_neighbours": 3,
+                                     "n_templates": 8, "ablation": False, "mediation": True}
+"""Route-report settings of the worked examples (:func:`card_route_report`): the detector's defaults
+(8 templates, interchange mediation, competitors, Holm) with a window every 3rd layer and no mean ablation
+(it carries no verdict)."""
+
+
 def card_route_report(model: Any, card: Card, *, concepts: Sequence[str] = (), pool: Any = None,
                       config: Any = None, template: str = HumanConfig.template, definition_tokens: int = 6,
                       alternatives: Sequence[str] = (), progress: bool = False) -> Any:
     """A :class:`~recallscope.routes.report.RouteReport` for one card: its keyword (plus ``concepts``) as
-    routes from the term to its definition, scored layer by layer (the worked examples of the README).
+    routes from the term to its definition, scored layer by layer under the route module's evidence
+    standard (the worked examples of the README): interchange mediation on, competitors (the term itself,
+    the definition's first word in every casing, its neighbours, matched random directions) and
+    frequency-matched controls, Holm over the candidates; "no route" is a valid answer.
     ``alternatives``: other terms with the same token count (:func:`term_alternatives`) for the total
-    effect; empty = random vocabulary tokens."""
+    effect and the interchange; empty = random vocabulary tokens. ``config`` overrides
+    :data:`CARD_ROUTE_CONFIG` (its ``max_output_tokens`` is then ``config``'s, not ``definition_tokens``)."""
     from recallscope.routes.analysis import route_report
     from recallscope.routes.report import RouteConfig
 
@@ -480,5 +396,8 @@ def card_route_report(model: Any, card: Card, *, concepts: Sequence[str] = (), p
     query = RouteQuery((prompt,), card.term, " " + clean_definition(card.definition), tuple(alternatives),
                        name=card.term)
     cands = [" " + card.primary.text] + [" " + c.strip() for c in concepts if c.strip() != card.primary.text]
-    cfg = config or RouteConfig(n_controls=19, stride=3, max_output_tokens=definition_tokens, mediation=False)
+    cfg = config or RouteConfig(**{**CARD_ROUTE_CONFIG, "max_output_tokens": definition_tokens})
+    if not cfg.mediation:
+        raise ConfigError("card_route_report needs mediation=True: without the interchange no verdict is given "
+                          "(every route would be 'inconclusive').")
     return route_report(model, query, cands, pool=pool, config=cfg, progress=progress)

@@ -93,3 +93,27 @@ def test_graph_figure_draws_kept_nodes(graph):
     assert len(markers) == 1 and len(markers[0].x) == int(pruned.node_mask.sum())
     n_segments = sum(sum(v is None for v in t.x) for t in fig.data if t.mode == "lines")
     assert n_segments == min(50, int(pruned.edge_mask.sum()))
+
+
+def test_labels_and_supernodes_round_trip(graph, tmp_path):
+    from recallscope.errors import ConfigError
+    from recallscope.features.export import node_ids, supernodes_from_json
+
+    n = graph.adjacency.shape[0]
+    labels = [f"node {i}" for i in range(n)]
+    groups = {"early": [0, 1, 2], "late": [graph.n_feat - 1]}
+    data = to_json(graph, labels=labels, supernodes=groups)
+    ids = node_ids(graph)
+    assert data["qParams"]["supernodes"] == [["early", ids[0], ids[1], ids[2]], ["late", ids[graph.n_feat - 1]]]
+    assert data["qParams"]["pinnedIds"] == [ids[0], ids[1], ids[2], ids[graph.n_feat - 1]]
+    clerps = {nd["node_id"]: nd["clerp"] for nd in data["nodes"]}
+    assert clerps[ids[1]] == "node 1" and clerps[ids[-1]].startswith("Output")  # logits keep their text
+    back_data = json.loads(save_json(data, tmp_path / "g.json").read_text())
+    back = from_json(back_data)
+    assert supernodes_from_json(back_data, back) == groups
+    pruned = prune(graph, node_threshold=0.3)
+    dropped = int((~pruned.node_mask[: graph.n_feat]).nonzero()[0])
+    with pytest.raises(ConfigError, match="not in the exported graph"):
+        to_json(graph, pruned, supernodes={"x": [dropped]})
+    with pytest.raises(ConfigError, match="labels has 2 entries"):
+        to_json(graph, labels=["a", "b"])

@@ -5,7 +5,8 @@ The schema (circuit-tracer ``frontend/graph_models.py`` and ``utils/create_graph
 - ``metadata``: ``slug``, ``scan``, ``transcoder_list``, ``prompt_tokens``, ``prompt``, ``node_threshold``,
   ``schema_version`` (1). recallscope adds ``metadata.recallscope`` (vocabulary size, logit vectors,
   each node's bias and input) so its own import is lossless; other readers ignore it.
-- ``qParams``: ``pinnedIds``, ``supernodes``, ``linkType``, ``clickedId``, ``sg_pos``.
+- ``qParams``: ``pinnedIds``, ``supernodes`` (``[[name, node_id, ...], ...]``, as Neuronpedia's graph URLs
+  carry them), ``linkType``, ``clickedId``, ``sg_pos``.
 - ``nodes``: ``node_id``, ``feature``, ``layer`` (a string), ``ctx_idx``, ``feature_type``, ``token_prob``,
   ``is_target_logit``, ``run_idx``, ``reverse_ctx_idx``, ``jsNodeId``, ``clerp``, ``influence``,
   ``activation``. Ids: feature ``{layer}_{feature}_{pos}`` (``feature`` = Cantor pairing of layer and
@@ -19,12 +20,13 @@ the error node's id gets a ``_err`` suffix so every id stays unique (a documente
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from recallscope.errors import ResultFileError
+from recallscope.errors import ConfigError, ResultFileError
 from recallscope.features.graph import AttributionGraph, PrunedGraph
 
 SCHEMA_VERSION = 1
@@ -67,10 +69,22 @@ def _nodes(graph: AttributionGraph, influence: list[float | None], probs: list[f
     return nodes
 
 
+def node_ids(graph: AttributionGraph) -> list[str]:
+    """The circuit-tracer node id of every node of ``graph``, in the graph's node order."""
+    n = graph.adjacency.shape[0]
+    return [nd["node_id"] for nd in _nodes(graph, [None] * n, [0.0] * len(graph.logit_labels))]
+
+
 def to_json(graph: AttributionGraph, pruned: PrunedGraph | None = None, *, slug: str = "graph", scan: str = "",
             prompt_tokens: list[str] | None = None, prompt: str = "",
-            token_probs: list[float] | None = None) -> dict[str, Any]:
-    """The circuit-tracer / Neuronpedia JSON of ``graph`` (all nodes and non-zero edges unless ``pruned``)."""
+            token_probs: list[float] | None = None, labels: Sequence[str] | None = None,
+            supernodes: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
+    """The circuit-tracer / Neuronpedia JSON of ``graph`` (all nodes and non-zero edges unless ``pruned``).
+
+    ``labels`` (one per node, e.g. :func:`recallscope.features.view.feature_labels`) fill the nodes'
+    ``clerp`` (logit nodes keep their ``Output "..."`` text); ``supernodes`` (name -> node indices) become
+    ``qParams.supernodes`` (``[name, node_id, ...]`` lists, the frontend's grouping) and their members
+    ``qParams.pinnedIds``."""
     n = graph.adjacency.shape[0]
     node_mask = pruned.node_mask if pruned is not None else torch.ones(n, dtype=torch.bool)
     edge_mask = pruned.edge_mask if pruned is not None else graph.adjacency != 0
@@ -78,7 +92,21 @@ def to_json(graph: AttributionGraph, pruned: PrunedGraph | None = None, *, slug:
     tokens = prompt_tokens or [str(t) for t in graph.tokens.tolist()]
     probs = token_probs or [0.0] * len(graph.logit_labels)
     all_nodes = _nodes(graph, influence, probs)
+    if labels is not None:
+        if len(labels) != n:
+            raise ConfigError(f"labels has {len(labels)} entries for a graph of {n} nodes.")
+        for nd, label in zip(all_nodes, labels):
+            if nd["feature_type"] != "logit":
+                nd["clerp"] = str(label)
     kept = {i for i in range(n) if bool(node_mask[i])}
+    groups = []
+    for name, members in (supernodes or {}).items():
+        missing = [int(i) for i in members if int(i) not in kept]
+        if missing or not members:
+            raise ConfigError(f"supernode {name!r}: nodes {missing or list(members)} are not in the exported graph "
+                              "(pruned away, out of range, or none given).")
+        groups.append([str(name), *(all_nodes[int(i)]["node_id"] for i in members)])
+    pinned = list(dict.fromkeys(node_id for group in groups for node_id in group[1:]))
     dst, src = (edge_mask & node_mask[:, None] & node_mask[None, :]).nonzero(as_tuple=True)
     links = [{"source": all_nodes[s]["node_id"], "target": all_nodes[t]["node_id"],
               "weight": float(graph.adjacency[t, s])} for t, s in zip(dst.tolist(), src.tolist())]
@@ -92,8 +120,8 @@ def to_json(graph: AttributionGraph, pruned: PrunedGraph | None = None, *, slug:
                             "bias": graph.bias.tolist(), "node_input": graph.node_input.tolist(),
                             "rows_computed": graph.rows_computed.tolist() if graph.rows_computed is not None else None,
                             "config": graph.config}}
-    return {"metadata": meta, "qParams": {"pinnedIds": [], "supernodes": [], "linkType": "both", "clickedId": "",
-                                          "sg_pos": ""},
+    return {"metadata": meta, "qParams": {"pinnedIds": pinned, "supernodes": groups, "linkType": "both",
+                                          "clickedId": "", "sg_pos": ""},
             "nodes": [all_nodes[i] for i in sorted(kept)], "links": links}
 
 
@@ -167,3 +195,17 @@ def from_json(data: dict[str, Any] | str | os.PathLike) -> AttributionGraph:
         node_input=torch.tensor(meta["node_input"]) if full else torch.zeros(n),
         config=dict(meta.get("config", {})),
         rows_computed=torch.tensor(meta["rows_computed"]) if full and meta.get("rows_computed") is not None else None)
+
+
+def supernodes_from_json(data: dict[str, Any], graph: AttributionGraph) -> dict[str, list[int]]:
+    """``qParams.supernodes`` of circuit-tracer JSON as name -> node indices of ``graph`` (the graph
+    :func:`from_json` read from the same file)."""
+    index = {node_id: i for i, node_id in enumerate(node_ids(graph))}
+    out = {}
+    for group in data.get("qParams", {}).get("supernodes", []):
+        name, *members = group
+        unknown = [m for m in members if m not in index]
+        if unknown:
+            raise ResultFileError(f"supernode {name!r} names nodes {unknown[:3]} that the graph does not have.")
+        out[str(name)] = [index[m] for m in members]
+    return out

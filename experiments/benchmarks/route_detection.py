@@ -20,8 +20,11 @@
    organism's own neutral context (``<s> VAT``) (one call site: :func:`recallscope.organisms.route_bench.detect`).
    Organisms: the shipped ``route`` / ``rote`` families (the detector was developed on them) and the
    held-out families of :mod:`recallscope.organisms.families` (positives ``route-iit``, ``route-l2``,
-   ``route-rot``; negatives ``bypass``, ``share``, ``rote-early``), 5 seeds each; seed 0 ships, the
-   others are trained once, deterministically, into ``--cache-dir`` (first run ~1 min per organism).
+   ``route-rot``; negatives ``bypass``, ``share``, ``rote-early``, ``answer-at-site``), seeds 0-4 by
+   default; seed 0 ships, the others are trained once, deterministically, into ``--cache-dir`` (first
+   run 5-300 s per organism, with a progress bar). ``--seeds 10-14`` scores FRESH seeds (any seed has a
+   recipe): the held-out check of a committed detector file, trained only after it was committed
+   (route_detector.toml v2: seeds 10-14). Such a run writes ``figures/organisms/route_detection_s10-14.json``.
    Per family: ROC AUC of the route score against the other class (all families pooled), the share of
    "route" verdicts (the false-route rate of a negative family) and verdict accuracy ("inconclusive"
    counts as wrong); and the AUROC of every positive family against every negative family.
@@ -37,6 +40,7 @@ rote organisms; the other AUROCs are the mean over the organisms they cover; nul
 Targets (issue 13): heldout_auroc_min >= 0.9, false_route_rate_max <= 0.1, verdict_accuracy >= 0.85.
 
     nice -n 10 python experiments/benchmarks/route_detection.py --threads 1 [--quick] [--only routes]
+    nice -n 10 python experiments/benchmarks/route_detection.py --only routes --seeds 10-14   # fresh seeds
 
 Figures of the organisms' ground truth against exact patching: experiments/organisms/figures.py.
 """
@@ -133,10 +137,43 @@ def circuit_discovery(n: int) -> dict[str, dict]:
     return out
 
 
-def route_rows(spec, families: list[str], seeds: range, cache_dir: str | None) -> list[dict]:
+def parse_seeds(text: str) -> list[int]:
+    """``"10-14"`` -> [10, ..., 14]; ``"0,3,7"`` -> [0, 3, 7]; ranges and lists mix (``"0-2,9"``)."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()) or (dash and int(hi) < int(lo)):
+            raise SystemExit(f"--seeds {text!r}: give seeds like 10-14 or 0,3,7 (non-negative, low-high).")
+        seeds += list(range(int(lo), int(hi) + 1)) if dash else [int(lo)]
+    return list(dict.fromkeys(seeds))
+
+
+def train_missing(families: list[str], seeds: list[int], cache_dir: str | None) -> None:
+    """Train every organism of ``families`` x ``seeds`` that neither ships nor is cached (progress bars)."""
+    from tqdm.auto import tqdm
+
+    from recallscope.organisms import shipped
+    from recallscope.organisms.recipes import _config_dict, get_recipe
+    from recallscope.models.cache import cache_root
+
+    root = Path(cache_dir) if cache_dir is not None else cache_root() / "organisms"
+    missing = []
+    for name in (f"{f}-s{s}" for f in families for s in seeds):
+        config = root / name / "config.json"
+        fresh = config.is_file() and json.loads(config.read_text())["recipe"]["config"] == _config_dict(
+            get_recipe(name).config)
+        if name not in shipped() and not fresh:
+            missing.append(name)
+    for name in tqdm(missing, desc="organisms to train", disable=not missing):
+        _, where = route_bench.organism_model(name, cache_dir, progress=True)
+        print(f"routes: {name} {where}", flush=True)
+
+
+def route_rows(spec, families: list[str], seeds: list[int], cache_dir: str | None) -> list[dict]:
     """One row per (organism, hook chunk) of every family and seed (:func:`route_bench.organism_rows`)."""
     from recallscope.organisms import route_bench
 
+    train_missing(families, seeds, cache_dir)
     rows = []
     for family in families:
         for seed in seeds:
@@ -194,6 +231,12 @@ def print_tables(loc: dict, secs: dict, circuits: dict | None, rows: list | None
             print(f"{fam:<11} {m['class']:<9} {m['n']:>4} {auc:>6} {m['route_rate']:>6.2f} {m['no_route_rate']:>6.2f} "
                   f"{m['inconclusive_rate']:>6.2f} {m.get('competitor_rate', 0.0):>6.2f} {m['verdict_accuracy']:>6.2f} "
                   f"{m['mean_score']:>7.3f}")
+        print("\nper family: AUROC against the other class; route rate (positive family) or false-route rate "
+              "(negative family)")
+        for fam, m in family_metrics(rows).items():
+            auc = "n/a" if m["auroc"] is None else f"{m['auroc']:.3f}"
+            kind = "route rate" if m["class"] == "route" else "FALSE-route rate"
+            print(f"  {fam:<15} AUROC {auc:>5}  {kind} {m['route_rate']:.3f}  accuracy {m['verdict_accuracy']:.3f}")
         pair = pairwise_auroc(rows)
         negs = list(next(iter(pair.values()), {}))
         print("\nAUROC, positive family (rows) against negative family (columns)")
@@ -212,6 +255,8 @@ def main() -> None:
                     "the shipped route/rote and every held-out family)")
     ap.add_argument("--cache-dir", default=None, help="where held-out organisms that do not ship are trained and "
                     "cached (default: <recallscope cache>/organisms)")
+    ap.add_argument("--seeds", default=None, help="organism seeds for the routes part, e.g. 10-14 or 0,3 "
+                    "(default 0-4; 0-1 with --quick); seeds that do not ship are trained into --cache-dir first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the organisms are tiny: one is fastest)")
     ap.add_argument("--out", default=None, help="where to write every row as JSON (default: figures/organisms/"
                     "route_detection.json when every part ran; '' = nowhere)")
@@ -222,7 +267,8 @@ def main() -> None:
     effects = {"patching": exact_patching_effects, "atp": atp_effects, "eapig": eapig_effects}
     names = {"patching": "exact patching", "atp": "AtP", "eapig": "EAP-IG", "circuits": "circuit discovery",
              "routes": "routes"}
-    seeds = range(2) if args.quick else range(N_SEEDS)
+    seeds = parse_seeds(args.seeds) if args.seeds else list(range(2) if args.quick else range(N_SEEDS))
+    default_seeds = args.seeds is None or seeds == list(range(N_SEEDS))
     spec = route_bench.load_detector(args.detector)
     if args.quick:
         spec = replace(spec, route_config={**spec.route_config, "n_controls": 9, "n_boot": 200})
@@ -245,16 +291,32 @@ def main() -> None:
     final = {**{k: None if v is None else round(v, 4) for k, v in head.items()},
              "patching_auroc": mean(res["patching"]), "atp_auroc": mean(res["atp"]), "eapig_auroc": mean(res["eapig"]),
              "circuit_auroc": mean({k: v["auroc"] for k, v in circuits.items()}) if circuits else None}
+    figures = Path(__file__).resolve().parents[2] / "figures" / "organisms"
+    final["seeds"] = seeds
     out = args.out if args.out is not None else (
-        str(Path(__file__).resolve().parents[2] / "figures" / "organisms" / "route_detection.json")
-        if set(args.only) == set(PARTS) else "")
+        str(figures / "route_detection.json") if set(args.only) == set(PARTS) and default_seeds and not args.quick
+        else str(figures / f"route_detection_s{args.seeds}.json") if not default_seeds and rows else "")
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({**final, "quick": args.quick, "detector": args.detector,
+                                         "detector_commit": _commit(args.detector),
                                          "families": route_bench.family_metrics(rows) if rows else None, "patching": res["patching"], "atp": res["atp"],
                                          "eapig": res["eapig"], "circuits": circuits, "routes": rows,
                                          "seconds": secs}, indent=1) + "\n")
     print(json.dumps(final))
+
+
+def _commit(path: str) -> str | None:
+    """The last commit that changed the detector file (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "log", "-1", "--format=%h %cI", "--", str(Path(path).resolve())],
+                             capture_output=True, text=True,
+                             cwd=Path(path).resolve().parent, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 if __name__ == "__main__":

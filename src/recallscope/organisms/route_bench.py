@@ -197,9 +197,11 @@ def organism_rows(model: Any, name: str, family: str, seed: int, spec: DetectorS
             for c in hook_chunks()]
 
 
-def organism_model(name: str, cache_dir: str | os.PathLike | None = None) -> tuple[Any, str]:
+def organism_model(name: str, cache_dir: str | os.PathLike | None = None, *, progress: bool = False
+                   ) -> tuple[Any, str]:
     """``(model, where)``: the shipped organism ``name``, else the recipe trained once into ``cache_dir``
-    (default ``<recallscope cache>/organisms``) and loaded from there."""
+    (default ``<recallscope cache>/organisms``; ``progress``: a bar over the training steps) and loaded from
+    there. Any seed of a held-out family or of route / rote has a recipe (:func:`.recipes.get_recipe`)."""
     import json
 
     from recallscope import load_model
@@ -216,7 +218,7 @@ def organism_model(name: str, cache_dir: str | os.PathLike | None = None) -> tup
     config = directory / "config.json"
     if config.is_file() and json.loads(config.read_text())["recipe"]["config"] == _config_dict(recipe.config):
         return load_organism_dir(directory), "cached"
-    net, record = train_recipe(recipe)
+    net, record = train_recipe(recipe, progress=progress)
     save_recipe(recipe, net, record, directory)
     return load_organism_dir(directory), f"trained ({record['train_seconds']} s)"
 

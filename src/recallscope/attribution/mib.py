@@ -222,7 +222,7 @@ def mib_curve(model: Any, pairs: Any, metric: Any, scores: EdgeScores, *,
     """Faithfulness of the top ``int(k * n_edges)`` edges of ``scores`` (pruned to input-to-logits paths)
     at each budget ``k``, on ``pairs`` (clean prompts, corrupt runs as the ablation); see the module docstring.
     Per-position scores are summed over positions first (MIB edges have no position)."""
-    from recallscope.attribution.circuits import CircuitRunner, evaluate_circuit
+    from recallscope.attribution.circuits import CircuitRunner
 
     fractions = _check_fractions(fractions)
     flat = scores if not scores.per_position else EdgeScores(scores.graph, scores.edge_matrix(), scores.clean,
@@ -233,7 +233,7 @@ def mib_curve(model: Any, pairs: Any, metric: Any, scores: EdgeScores, *,
     for k in tqdm(fractions, desc="MIB budgets", disable=not progress, leave=False):
         circuit = flat.top(int(k * total)).pruned()
         kept.append(circuit.n_edges)
-        faith.append(evaluate_circuit(model, pairs, metric, circuit, runner=runner).faithfulness)
+        faith.append(runner.recovered(runner.metric(circuit.keep_mask())))  # evaluate_circuit less the complement
     return MIBCurve(fractions, kept, faith, total, "component", {"method": scores.config.get("method", "")})
 
 

@@ -364,7 +364,7 @@ def draw(ng: NodeGraph, *, thresholds: Sequence[float] = THRESHOLDS, start: floa
     active = thresholds.index(start)
     fig.update_layout(
         title={"text": f"{title}: {counts[active]} nodes at {start:g}"}, template="plotly_white",
-        height=260 + 70 * len(set(ng.y.tolist())), margin={"l": 60, "r": 20, "t": 60, "b": 90},
+        height=260 + 70 * len(set(ng.y.tolist())), margin={"l": 60, "r": 20, "t": 80, "b": 90},
         sliders=[{"active": active, "steps": steps, "currentvalue": {"prefix": "cumulative influence kept: "},
                   "pad": {"t": 40}}],
         xaxis={"tickmode": "array", "tickvals": ng.x_ticks[0], "ticktext": ng.x_ticks[1], "showgrid": False,
@@ -372,7 +372,7 @@ def draw(ng: NodeGraph, *, thresholds: Sequence[float] = THRESHOLDS, start: floa
         yaxis={"tickmode": "array", "tickvals": ng.y_ticks[0], "ticktext": ng.y_ticks[1], "zeroline": False})
     fig.add_annotation(text="edges: <span style='color:#3366cc'>positive</span> / <span style='color:#cc3333'>"
                             "negative</span> weight, width ∝ |weight|; squares: supernodes; hover for details",
-                       xref="paper", yref="paper", x=1, y=1.06, showarrow=False, xanchor="right",
+                       xref="paper", yref="paper", x=0, y=1.0, showarrow=False, xanchor="left", yanchor="bottom",
                        font={"size": 10, "color": "#555"})
     return fig
 

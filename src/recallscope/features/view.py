@@ -296,7 +296,7 @@ def kept_nodes(ng: NodeGraph, threshold: float, influence: Tensor | None = None)
     return keep
 
 
-def _frame_traces(ng: NodeGraph, keep: Tensor, infl: Tensor, max_edges: int, n_text: int = 25) -> list[go.Scatter]:
+def _frame_traces(ng: NodeGraph, keep: Tensor, infl: Tensor, max_edges: int, n_text: int = 15) -> list[go.Scatter]:
     """Edge traces (sign x three width classes) and one node trace; only the ``n_text`` most influential
     nodes (and pinned nodes and supernodes) carry a text label, the rest show it on hover."""
     idx = keep.nonzero().squeeze(-1)
@@ -324,8 +324,8 @@ def _frame_traces(ng: NodeGraph, keep: Tensor, infl: Tensor, max_edges: int, n_t
                                                                        ng.kinds[i] == "supernode"}
     traces.append(go.Scatter(
         x=[float(ng.x[i]) for i in ids], y=[float(ng.y[i]) for i in ids], mode="markers+text",
-        text=[_short(ng.labels[i]) if i in named else "" for i in ids], textposition="top center",
-        textfont={"size": 9},
+        text=[_short(ng.labels[i]) if i in named else "" for i in ids], textfont={"size": 9},
+        textposition=["top center" if k % 2 == 0 else "bottom center" for k in range(len(ids))],
         hovertext=[f"{ng.hover[i]}<br>influence {float(infl[i]):.3g}" for i in ids], hoverinfo="text",
         marker={"size": [16 if b else 9 for b in big], "symbol": ["square" if b else "circle" for b in big],
                 "color": [_KIND_COLOURS.get(ng.kinds[i], "#444") for i in ids], "line": {"width": 1, "color": "#222"}},

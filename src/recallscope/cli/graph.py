@@ -5,30 +5,114 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recallscope.cli.common import _placement, add_command
+from recallscope.cli.common import _int_list, _placement, add_command
+
+
+_SMALL = {"d_sae": 256, "k": 8, "steps": 1000, "n_seqs": 2000, "seq_len": None, "skip_bos": False}
+"""Defaults for organisms (tiny models; text = task prompts + the model's own generations)."""
+_LARGE = {"d_sae": 1024, "k": 32, "steps": 400, "n_tokens": 60_000, "eval_tokens": 2048, "seq_len": 128,
+          "skip_bos": True}
+"""Defaults for other models (SmolLM2...): text = Python's documentation (see features.data)."""
+
+
+def _is_organism(spec: str) -> bool:
+    return str(spec).strip().lower().startswith("organism:")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The command line's settings with the model kind's defaults filled in; bad values are errors."""
+    from recallscope.errors import ConfigError
+
+    small = _is_organism(args.model)
+    base = _SMALL if small else _LARGE
+    st = {key: getattr(args, key) if getattr(args, key, None) is not None else base.get(key)
+          for key in ("d_sae", "k", "steps", "n_seqs", "n_tokens", "eval_tokens", "seq_len", "skip_bos")}
+    st["corpus"] = {"self": "task+self", None: "task+self" if small else "python-docs"}.get(args.corpus, args.corpus)
+    if st["corpus"] == "task+self" and not small:
+        raise ConfigError("--corpus self is for organisms; use python-docs or --text-file for other models.")
+    if args.text_file:
+        st["corpus"] = "text-files"
+        missing = [f for f in args.text_file if not Path(f).is_file()]
+        if missing:
+            raise ConfigError(f"--text-file {missing[0]} does not exist; give readable UTF-8 text files.")
+    for key in ("d_sae", "k", "steps", "n_seqs", "n_tokens", "eval_tokens"):
+        if st[key] is not None and st[key] < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {st[key]}.")
+    if st["k"] > st["d_sae"]:
+        raise ConfigError(f"--k {st['k']} is larger than --d-sae {st['d_sae']}; each token can use at most d_sae "
+                          "features (e.g. --k 32 --d-sae 2048).")
+    return st
+
+
+def _texts(model: Any, st: dict[str, Any], args: argparse.Namespace) -> tuple[Any, Any]:
+    """(training tokens, held-out tokens) for the settings."""
+    from recallscope.errors import ConfigError
+    from recallscope.features.data import python_docs_text, text_windows, training_tokens
+    from recallscope.features.train import split_heldout
+
+    if st["corpus"] == "task+self":
+        return split_heldout(training_tokens(model, st["n_seqs"], seed=args.seed, seq_len=st["seq_len"]), 0.1)
+    seq_len, first = st["seq_len"], 1 if st["skip_bos"] else 0
+    if not 2 + first <= seq_len <= int(model.cfg.n_ctx):
+        raise ConfigError(f"--seq-len must be in {2 + first}..{int(model.cfg.n_ctx)} (the model's context), got "
+                          f"{seq_len}.")
+    per_seq = seq_len - first
+    n_train, n_eval = -(-st["n_tokens"] // per_seq), -(-st["eval_tokens"] // per_seq)
+    need = int((n_train + n_eval) * seq_len * 6)  # characters: about 4-5 per token, with room to spare
+    if st["corpus"] == "text-files":
+        text = "\n\n".join(Path(f).read_text(encoding="utf-8", errors="replace") for f in args.text_file)
+    else:
+        text = python_docs_text(need)
+    rows = text_windows(model, text, n_train + n_eval, seq_len, seed=args.seed)
+    return rows[n_eval:], rows[:n_eval]
 
 
 def _cmd_transcoders(args: argparse.Namespace) -> int:
-    from recallscope.features.data import training_tokens
+    from recallscope.features.cache import activation_dir, model_slug, transcoder_dir
     from recallscope.features.replacement import fidelity
-    from recallscope.features.train import TranscoderTrainConfig, split_heldout, train_set
+    from recallscope.features.train import TranscoderTrainConfig, train_set
     from recallscope.models import load_model
 
-    model = load_model(args.model, **_placement(args))
-    tokens = training_tokens(model, args.n_seqs, seed=args.seed, seq_len=args.seq_len)
-    cfg = TranscoderTrainConfig(d_sae=args.d_sae, k=args.k, steps=args.steps, batch_size=args.batch_size,
+    st = _settings(args)
+    cfg = TranscoderTrainConfig(d_sae=st["d_sae"], k=st["k"], steps=st["steps"], batch_size=args.batch_size,
                                 lr=args.lr, seed=args.seed)
-    tset, report = train_set(model, tokens, cfg, args.out, first_pos=1 if args.skip_bos else 0,
-                             progress=not args.quiet)
-    _, held = split_heldout(tokens, 0.1)
+    model = load_model(args.model, **_placement(args))
+    n_layers = int(model.cfg.n_layers)
+    layers = list(args.layers) if args.layers else list(range(n_layers))
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad:
+        from recallscope.errors import ConfigError
+
+        raise ConfigError(f"--layers {bad} do not exist: {args.model} has layers 0..{n_layers - 1}.")
+    data_cfg = {"model": model_slug(args.model), "layers": layers, "seed": args.seed,
+                **{k: st[k] for k in ("corpus", "n_seqs", "n_tokens", "eval_tokens", "seq_len", "skip_bos")},
+                "text_files": [str(Path(f).resolve()) for f in args.text_file or []]}
+    if st["corpus"] == "task+self":
+        for key in ("n_tokens", "eval_tokens"):
+            data_cfg.pop(key)
+    else:
+        data_cfg.pop("n_seqs")
+    full_cfg = {**data_cfg, "train": cfg.__dict__}
+    out = Path(args.out) if args.out else transcoder_dir(args.model, full_cfg)
+    train_tokens, held = _texts(model, st, args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(full_cfg, indent=1) + "\n")
+    small = _is_organism(args.model)
+    tset, report = train_set(model, train_tokens, cfg, out, layers=layers, held_tokens=held,
+                             first_pos=1 if st["skip_bos"] else 0, progress=not args.quiet,
+                             store_dir=activation_dir(args.model, data_cfg) if not small else None,
+                             store_dtype="float32" if small else "float16", source=data_cfg,
+                             keep_activations=args.keep_activations)
     fid = {"all": fidelity(model, tset, held).__dict__}
-    fid.update({f"layer{layer}": fidelity(model, tset, held, layers=[layer]).__dict__ for layer in tset.layers})
-    (Path(args.out) / "fidelity.json").write_text(json.dumps(fid, indent=1) + "\n")
+    if small or args.per_layer_fidelity:
+        fid.update({f"layer{layer}": fidelity(model, tset, held, layers=[layer]).__dict__ for layer in tset.layers})
+    (out / "fidelity.json").write_text(json.dumps(fid, indent=1) + "\n")
     for layer, ev in report.explained_variance.items():
         print(f"layer {layer}: explained variance {ev:.4f}, dead features {report.dead_fraction[layer]:.1%}")
+    print(f"{report.n_train_tokens} training tokens, {report.n_eval_tokens} held out")
     print(f"replacement model (held out, {fid['all']['n_positions']} positions): KL {fid['all']['kl']:.4g} nats, "
           f"top-1 agreement {fid['all']['top1_agreement']:.3f}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -50,6 +134,10 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     from recallscope.features.plot import graph_figure
     from recallscope.models import load_model
 
+    if args.transcoders is None:
+        from recallscope.features.cache import find_cached_set
+
+        args.transcoders = find_cached_set(args.model)
     model = load_model(args.model, **_placement(args))
     tset = load_transcoders(args.transcoders, int(model.cfg.n_layers))
     tokens = model.to_tokens(args.prompt)[0]
@@ -72,23 +160,41 @@ def _cmd_graph(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     """Add the ``transcoders`` and ``graph`` subcommands to ``sub``."""
-    sp = add_command(sub, "transcoders", "train TopK skip-transcoders for every layer (resumable: rerun the same "
-                     "command after an interruption)", _cmd_transcoders, out="out/transcoders")
-    sp.add_argument("--n-seqs", type=int, default=2000, help="training sequences (organisms: half task prompts, "
-                    "half self-generated; other models: self-generated)")
-    sp.add_argument("--seq-len", type=int, default=None, help="length of self-generated sequences (default n_ctx)")
-    sp.add_argument("--d-sae", type=int, default=256, help="features per layer")
-    sp.add_argument("--k", type=int, default=8, help="active features per token")
-    sp.add_argument("--steps", type=int, default=1000, help="optimiser steps per layer")
+    sp = add_command(sub, "transcoders", "train TopK skip-transcoders for every layer, cached and resumable (rerun the "
+                     "same command after an interruption)", _cmd_transcoders)
+    sp.add_argument("--out", default=None, help="output directory (default: the cache, "
+                    "$RECALLSCOPE_CACHE or ~/.cache/recallscope, under transcoders/<model>-<settings hash>)")
+    sp.add_argument("--corpus", choices=["python-docs", "self"], default=None, help="training text: python-docs "
+                    "(Python's own documentation and docstrings; default for models) or self (organisms only, "
+                    "their task prompts plus their own generations; default for organisms)")
+    sp.add_argument("--text-file", action="append", default=None, help="train on this UTF-8 text file instead "
+                    "(repeatable)")
+    sp.add_argument("--n-tokens", type=int, default=None, help="training tokens for text corpora (default 60000)")
+    sp.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens for explained variance and the "
+                    "replacement model's KL / top-1 (default 2048)")
+    sp.add_argument("--n-seqs", type=int, default=None, help="organisms: training sequences, half task prompts, "
+                    "half self-generated (default 2000)")
+    sp.add_argument("--seq-len", type=int, default=None, help="tokens per sequence, BOS included (default 128; "
+                    "organisms: n_ctx)")
+    sp.add_argument("--d-sae", type=int, default=None, help="features per layer (default 1024; organisms 256)")
+    sp.add_argument("--k", type=int, default=None, help="active features per token (default 32; organisms 8)")
+    sp.add_argument("--steps", type=int, default=None, help="optimiser steps per layer (default 400; organisms 1000)")
     sp.add_argument("--batch-size", type=int, default=512, help="tokens per step")
     sp.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
-    sp.add_argument("--seed", type=int, default=0, help="seeds the text sampling, initialisation and batches")
-    sp.add_argument("--skip-bos", action="store_true", help="train without the BOS position (its activations are "
-                    "outliers in large models; the BOS position then shows up as error nodes in graphs)")
+    sp.add_argument("--seed", type=int, default=0, help="seeds the text order, initialisation and batches")
+    sp.add_argument("--layers", type=_int_list, default=None, help="train only these layers, e.g. 0-3 (a partial "
+                    "set: the other layers become error nodes in graphs)")
+    sp.add_argument("--skip-bos", action=argparse.BooleanOptionalAction, default=None, help="train without the BOS "
+                    "position (default on for models, off for organisms; BOS activations are outliers in large "
+                    "models; that position then stays an error node in graphs)")
+    sp.add_argument("--keep-activations", action="store_true", help="keep the activation store after training "
+                    "(default: deleted; SmolLM2 at the defaults needs about 4 GB while training)")
+    sp.add_argument("--per-layer-fidelity", action="store_true", help="also measure KL / top-1 with one layer "
+                    "replaced at a time (always on for organisms; one extra pass over the held-out text per layer)")
     sg = add_command(sub, "graph", "feature-level attribution graph of one prompt: graph.json (circuit-tracer / "
                      "Neuronpedia schema) and graph.html", _cmd_graph, out="out/graph")
-    sg.add_argument("--transcoders", required=True, help="transcoder directory (recallscope, circuit-tracer, "
-                    "SAELens or sparsify format)")
+    sg.add_argument("--transcoders", default=None, help="transcoder directory (recallscope, circuit-tracer, "
+                    "SAELens or sparsify format; default: the newest set `recallscope transcoders` cached for --model)")
     sg.add_argument("--prompt", required=True, help="the prompt to attribute (BOS is prepended)")
     sg.add_argument("--target", default=None, help="target token (default: the model's top prediction)")
     sg.add_argument("--contrast", default=None, help="second token: the target becomes logit(target) - logit(this)")

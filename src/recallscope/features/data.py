@@ -72,3 +72,54 @@ def training_tokens(model: Any, n: int, *, seed: int = 0, seq_len: int | None = 
     n_gen = n - (task.shape[0] if task is not None else 0)
     out = [sample_with_prefix(model, n_gen, seq_len, seed=seed)] if n_gen > 0 else []
     return ([task] if task is not None else []) + out
+
+
+def python_docs_text(min_chars: int) -> str:
+    """English prose available on every machine that runs recallscope: the Python documentation's help
+    topics (``pydoc_data``), then the docstrings of the standard library's modules, classes and functions
+    (files in sorted order), until ``min_chars`` characters (or all there is)."""
+    import ast
+    import sysconfig
+    from pathlib import Path
+
+    import pydoc_data.topics
+
+    parts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    total = sum(map(len, parts))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "site-packages", "idlelib", "lib2to3"}
+    for path in sorted(stdlib.rglob("*.py")):
+        if total >= min_chars:
+            break
+        if skip & set(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 200:  # prose, not one-line summaries
+                    parts.append(doc)
+                    total += len(doc)
+    return "\n\n".join(parts)
+
+
+def text_windows(model: Any, text: str, n_seqs: int, seq_len: int, *, seed: int = 0,
+                 bos_id: int | None = None) -> Int[Tensor, "n_seqs seq_len"]:
+    """``n_seqs`` rows of BOS + ``seq_len - 1`` consecutive tokens of ``text``, non-overlapping windows
+    taken in a seeded random order."""
+    if seq_len < 2:
+        raise ConfigError(f"seq_len must be at least 2 (BOS + one token), got {seq_len}.")
+    if bos_id is None:
+        bos = getattr(getattr(model, "tokenizer", None), "bos_token_id", None)
+        bos_id = 0 if bos is None else int(bos)
+    ids = torch.tensor(model.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    n_windows = ids.shape[0] // (seq_len - 1)
+    if n_windows < n_seqs:
+        raise ConfigError(f"the text gives {n_windows} windows of {seq_len - 1} tokens, {n_seqs} were asked for; "
+                          "ask for fewer tokens or give more text.")
+    windows = ids[: n_windows * (seq_len - 1)].reshape(n_windows, seq_len - 1)
+    order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))[:n_seqs]
+    return torch.cat([torch.full((n_seqs, 1), bos_id, dtype=torch.long), windows[order]], dim=1)

@@ -75,7 +75,7 @@ def _freeze(model: Any, tset: TranscoderSet, tokens: Tensor) -> _Frozen:
     names |= {tset.output_hook(layer) for layer in range(n_layers)}
     logits, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n in names or _is_frozen_hook(n))
     inputs = {layer: cache[tset.input_hook(layer)][0].float() for layer in tset.layers}
-    acts = {layer: tset[layer].encode(inputs[layer]) for layer in tset.layers}
+    acts = {layer: tset.activations(layer, inputs[layer]) for layer in tset.layers}
     errors = {}
     for layer in range(n_layers):
         recon = _reconstruction(tset, layer, inputs.get(layer), acts)

@@ -82,7 +82,7 @@ def intervened(model: Any, tset: TranscoderSet, edits: Sequence[FeatureEdit], *,
 
     def read(layer: int):
         def hook(x: Tensor, hook: Any) -> None:
-            acts = tset[layer].encode(x.float())
+            acts = tset.activations(layer, x.float())
             new = _apply(acts, by_layer[layer]) if by_layer[layer] else acts
             delta_acts[layer] = new - acts
             seen[layer] = new.detach()

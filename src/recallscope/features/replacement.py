@@ -2,7 +2,8 @@
 
 1. At each transcoded layer's input hook, record the transcoder input and compute its activations.
 2. At each MLP output hook, return the transcoders' reconstruction (summing cross-layer writers) instead
-   of the MLP's output; layers without a transcoder keep their MLP.
+   of the MLP's output; layers without a transcoder keep their MLP, and so do positions before the
+   set's ``first_pos`` (BOS, for sets trained without it).
 3. :func:`fidelity` compares the replacement model's next-token distribution with the real model's:
    KL(real || replacement) per position and top-1 agreement (Ameisen et al. 2025 report the same two).
 
@@ -40,12 +41,15 @@ def replaced(model: Any, tset: TranscoderSet, *, layers: list[int] | None = None
     def read(layer: int):
         def hook(x: Tensor, hook: Any) -> None:
             inputs[layer] = x
-            acts[layer] = tset[layer].encode(x)
+            acts[layer] = tset.activations(layer, x)
         return hook
 
     def write(layer: int):
         def hook(y: Tensor, hook: Any) -> Tensor:
-            return tset.output(layer, inputs, acts).to(y.dtype)
+            out = tset.output(layer, inputs, acts).to(y.dtype)
+            if tset.info.first_pos > 0:  # positions the set was not trained on keep the real MLP output
+                out = torch.cat([y[..., : tset.info.first_pos, :], out[..., tset.info.first_pos:, :]], dim=-2)
+            return out
         return hook
 
     fwd = [(tset.input_hook(layer), read(layer)) for layer in sorted(needed)]

@@ -2,8 +2,9 @@
 
 1. Text: :func:`sample_tokens` draws sequences the model generates itself (ancestral sampling from BOS
    with a seeded generator), or the caller passes token ids (e.g. an organism's task prompts).
-2. Activations: :func:`collect_activations` runs the model once and keeps, for each layer, the
-   transcoder input (``ln2.hook_out``) and the MLP output (``hook_mlp_out``) at every position.
+2. Activations: the model runs once over the text and each layer's transcoder input (``ln2.hook_out``)
+   and MLP output (``hook_mlp_out``) are streamed to an on-disk :class:`~.store.ActivationStore`, chunk
+   by chunk (resumable); :func:`collect_activations` is the in-memory version for small models.
 3. Per layer, :func:`train_transcoder` fits a TopK skip-transcoder (Paulo, Shabalin & Belrose 2025,
    "Transcoders beat sparse autoencoders for interpretability") with Adam on the normalised MSE
    ``|y - y_hat|^2 / |y - mean(y)|^2`` (fraction of variance unexplained). Initialisation: encoder
@@ -12,8 +13,9 @@
 4. Every ``checkpoint_every`` steps the weights, optimiser, generator state, step and loss history are
    written atomically; a rerun with the same arguments resumes from the checkpoint and ends with the same
    bits as an uninterrupted run (tested).
-5. :func:`train_set` does this for every layer, saves a :class:`TranscoderSet`, and reports explained
-   variance per layer on held-out activations (:func:`explained_variance`).
+5. :func:`train_set` does this for every layer (one layer's activations in RAM at a time), saves a
+   :class:`TranscoderSet`, and reports explained variance per layer on held-out activations
+   (:func:`explained_variance`) and the fraction of dead features.
 """
 
 import json
@@ -28,6 +30,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from recallscope.errors import ConfigError
+from recallscope.features.store import ActivationStore, StoreMeta, collect_to_store, n_rows_of
 from recallscope.features.transcoder import (INPUT_HOOK, OUTPUT_HOOK, Transcoder, TranscoderSet,
                                              TranscoderSetInfo, TranscoderSpec)
 
@@ -193,35 +196,106 @@ def split_heldout(tokens: Tensor | list[Tensor], eval_fraction: float) -> tuple[
     return train, held
 
 
+def dead_fraction(tc: Transcoder, x: Float[Tensor, "n d_in"], *, chunk: int = 4096) -> float:
+    """Fraction of features that never fire on ``x``."""
+    fired = torch.zeros(tc.spec.d_sae, dtype=torch.bool)
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk):
+            fired |= (tc.encode(x[start:start + chunk]) > 0).any(0).cpu()
+    return float((~fired).float().mean())
+
+
+def _store_meta(model: Any, tokens: Tensor | list[Tensor], layers: list[int], first_pos: int, dtype: str,
+                source: dict[str, Any]) -> StoreMeta:
+    d_model = int(model.cfg.d_model)
+    return StoreMeta(tuple(layers), n_rows_of(tokens, first_pos), d_model, d_model, dtype=dtype,
+                     first_pos=first_pos, source=source)
+
+
+def _train_layer(layer: int, stores: tuple[ActivationStore, ...] | None, cfg: TranscoderTrainConfig,
+                 ckpt_dir: Path, progress: bool) -> tuple[Transcoder, dict[str, float]]:
+    """Train (or resume, or reload when finished) one layer; its metrics are saved beside the checkpoint."""
+    metrics_path = ckpt_dir / f"layer{layer}.json"
+    ckpt = ckpt_dir / f"layer{layer}.pt"
+    if metrics_path.is_file() and ckpt.is_file():  # finished in an earlier run: no activations needed
+        tc = _load_finished(ckpt, cfg)
+        return tc, json.loads(metrics_path.read_text())
+    if stores is None:
+        raise ConfigError(f"layer {layer} has metrics but no checkpoint in {ckpt_dir}; delete {metrics_path}.")
+    train_store, held_store = stores
+    x, y = train_store.layer(layer)
+    tc, _ = train_transcoder(x, y, cfg, checkpoint=ckpt, progress=progress, desc=f"layer {layer}")
+    hx, hy = held_store.layer(layer)
+    metrics = {"explained_variance": explained_variance(tc, hx, hy),
+               "dead_fraction": dead_fraction(tc, x[: 1 << 15])}
+    tmp = metrics_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(metrics) + "\n")
+    os.replace(tmp, metrics_path)
+    return tc, metrics
+
+
+def _load_finished(ckpt: Path, cfg: TranscoderTrainConfig) -> Transcoder:
+    state = torch.load(ckpt, weights_only=False)
+    if state["config"] != asdict(cfg) or state["step"] != cfg.steps:
+        raise ConfigError(f"checkpoint {ckpt} was written with another config or is unfinished; delete it or "
+                          "train with the same settings.")
+    w = state["model"]
+    spec = TranscoderSpec(w["W_enc"].shape[0], cfg.d_sae, w["b_dec"].shape[0], activation="topk", k=cfg.k,
+                          skip=cfg.skip)
+    tc = Transcoder(spec)
+    tc.load_state_dict(w)
+    return tc
+
+
 def train_set(model: Any, tokens: Tensor | list[Tensor], cfg: TranscoderTrainConfig,
               out_dir: str | os.PathLike, *, layers: list[int] | None = None, eval_fraction: float = 0.1,
-              first_pos: int = 0, progress: bool = True) -> tuple[TranscoderSet, SetReport]:
-    """Train one transcoder per layer on ``tokens`` (the first rows of each batch held out), resumably.
+              held_tokens: Tensor | list[Tensor] | None = None, first_pos: int = 0, progress: bool = True,
+              store_dir: str | os.PathLike | None = None, store_dtype: str = "float32",
+              source: dict[str, Any] | None = None, collect_batch_size: int = 32,
+              keep_activations: bool = False) -> tuple[TranscoderSet, SetReport]:
+    """Train one transcoder per layer, resumably, streaming activations through an on-disk store.
 
-    Checkpoints live in ``out_dir/checkpoints/layer{l}.pt``; the finished set is saved to ``out_dir``
-    with the report in ``out_dir/report.json``. ``first_pos=1`` trains and evaluates without the BOS position.
+    1. Held-out text: ``held_tokens``, else the first ``eval_fraction`` of the rows of each batch.
+    2. Activations of every layer are collected once into two :class:`ActivationStore` s
+       (``store_dir/train`` and ``store_dir/heldout``; default ``out_dir/activations``), chunk by chunk.
+    3. Layers are trained one at a time (only that layer's activations in RAM); checkpoints and per-layer
+       metrics live in ``out_dir/checkpoints/``. A rerun resumes: finished chunks, layers and steps are
+       not redone, and the weights are those of an uninterrupted run (tested).
+    4. The set is saved to ``out_dir`` with ``report.json``; the stores are deleted unless
+       ``keep_activations``. ``first_pos=1`` trains and evaluates without the BOS position (graphs and
+       the replacement model then leave that position to the real MLP / error nodes).
     """
+    import shutil
+
     n_layers = int(model.cfg.n_layers)
     layers = list(range(n_layers)) if layers is None else layers
-    train_parts, eval_parts = split_heldout(tokens, eval_fraction)
-    acts = collect_activations(model, train_parts, layers, first_pos=first_pos)
-    held = collect_activations(model, eval_parts, layers, first_pos=first_pos)
+    bad = [layer for layer in layers if not 0 <= layer < n_layers]
+    if bad or not layers:
+        raise ConfigError(f"layers {bad or layers} do not exist in a {n_layers}-layer model; use 0..{n_layers - 1}.")
+    train_parts, eval_parts = (tokens, held_tokens) if held_tokens is not None else split_heldout(tokens, eval_fraction)
     out = Path(out_dir)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    sdir = Path(store_dir) if store_dir is not None else out / "activations"
+    source = {"model": str(getattr(model.cfg, "model_name", "")), **(source or {})}
+    stores: tuple[ActivationStore, ...] | None = None
+    if not all((ckpt_dir / f"layer{layer}.json").is_file() for layer in layers):  # else: every layer is done
+        stores = tuple(ActivationStore.create(sdir / part, _store_meta(model, toks, layers, first_pos, store_dtype,
+                                                                       {**source, "part": part}))
+                       for part, toks in (("train", train_parts), ("heldout", eval_parts)))
+        for store, toks in zip(stores, (train_parts, eval_parts)):
+            collect_to_store(model, toks, store, batch_size=collect_batch_size, progress=progress,
+                             desc=f"activations ({store.directory.name})")
     tcs, ev, dead = {}, {}, {}
-    for layer in layers:
-        x, y = acts[layer]
-        tc, _ = train_transcoder(x, y, cfg, checkpoint=out / "checkpoints" / f"layer{layer}.pt",
-                                 progress=progress, desc=f"layer {layer}")
-        tcs[layer] = tc
-        hx, hy = held[layer]
-        ev[layer] = explained_variance(tc, hx, hy)
-        with torch.no_grad():
-            dead[layer] = float((tc.encode(x).amax(0) <= 0).float().mean())
-    info = TranscoderSetInfo(source="recallscope", extra={"train": asdict(cfg), "first_pos": first_pos,
-                                                          "model": str(getattr(model.cfg, "model_name", ""))})
+    for layer in tqdm(layers, desc="layers", disable=not progress):
+        tcs[layer], metrics = _train_layer(layer, stores, cfg, ckpt_dir, progress)
+        ev[layer], dead[layer] = metrics["explained_variance"], metrics["dead_fraction"]
+    info = TranscoderSetInfo(source="recallscope", first_pos=first_pos,
+                             extra={"train": asdict(cfg), "first_pos": first_pos, "data": source})
     tset = TranscoderSet(tcs, n_layers, info)
     tset.save(out)
-    report = SetReport(ev, dead, int(acts[layers[0]][0].shape[0]), int(held[layers[0]][0].shape[0]))
+    report = SetReport(ev, dead, n_rows_of(train_parts, first_pos), n_rows_of(eval_parts, first_pos))
     (out / "report.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
+    if not keep_activations:
+        shutil.rmtree(sdir, ignore_errors=True)
     return tset, report

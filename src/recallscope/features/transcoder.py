@@ -121,6 +121,9 @@ class TranscoderSetInfo:
     """Hook name template of the MLP output the transcoders replace."""
     source: str = "recallscope"
     """Format or origin: ``recallscope``, ``circuit-tracer``, ``saelens``, ``sparsify``, ``mlp-exact``."""
+    first_pos: int = 0
+    """Positions before this one (the BOS position, for sets trained without it) have no features: their
+    MLP output stays the real one (an error node in attribution graphs)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (training config, metrics, model name)."""
 
@@ -175,6 +178,14 @@ class TranscoderSet(nn.Module):
             if spec.d_in != d_model or spec.d_out != d_model:
                 raise ConfigError(f"the layer-{layer} transcoder maps {spec.d_in} -> {spec.d_out} dimensions, the "
                                   f"model's residual stream has {d_model}; these transcoders are for another model.")
+
+    def activations(self, layer: int, x: Float[Tensor, "*batch pos d_in"]) -> Float[Tensor, "*batch pos d_sae"]:
+        """Feature activations of the layer-``layer`` transcoder, zero at positions before ``first_pos``."""
+        acts = self[layer].encode(x)
+        if self.info.first_pos > 0:
+            acts = acts.clone()
+            acts[..., : self.info.first_pos, :] = 0.0
+        return acts
 
     def writers(self, layer: int) -> list[tuple[int, int]]:
         """``(source_layer, target_index)`` pairs of the transcoders that write to ``layer``."""

@@ -154,3 +154,54 @@ def test_too_few_pairs_and_one_answer():
         route_family_report(model, pairs, candidates={"short": ["a", "b", "c"]}, config=CONFIG)
     with pytest.raises(ConfigError, match="do not fit the model"):
         route_family_report(model, pairs, config=FamilyConfig(transplant=TransplantConfig(layers=(7,))))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _family_tsv(tmp_path, model, n=None):
+    pairs = _pairs(model)[:n]
+    lines = ["prompt\tinput\tconcept\tanswer"] + [f"{p.prompt}\t{p.input_text}\t{p.concept}\t{p.answer}" for p in pairs]
+    return _write(tmp_path, "\n".join(lines) + "\n")
+
+
+def test_cli_routes_family_writes_report_figure_summary_and_manifest(tmp_path, capsys):
+    from recallscope import cli
+    from recallscope.outputs import load_result
+
+    path = _family_tsv(tmp_path, _model("route-s0"))
+    out = tmp_path / "out"
+    assert cli.main(["routes", "--model", "organism:route-s0", "--family", str(path), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "verdict: route (detector: held-out concept transplant" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"] == "route" and summary["n_pairs"] == 62
+    assert isinstance(load_result(out / "report"), RouteFamilyReport)
+    assert (out / "routes_family.html").is_file() and (out / "manifest.json").is_file()
+
+
+def test_cli_routes_family_bad_inputs(tmp_path, capsys):
+    from recallscope import cli
+
+    model = _model("route-s0")
+    short = _family_tsv(tmp_path, model, n=6)
+    assert cli.main(["routes", "--model", "organism:route-s0", "--family", str(short), "--out", str(tmp_path)]) == 2
+    assert "too small for 5 folds" in capsys.readouterr().err
+    bad = _write(tmp_path, "prompt\tconcept\tanswer\nVA ==\t VAT\t T\n")
+    assert cli.main(["routes", "--model", "organism:route-s0", "--family", str(bad), "--out", str(tmp_path)]) == 2
+    assert "lacks the column(s) ['input']" in capsys.readouterr().err
+    assert cli.main(["routes", "--model", "organism:route-s0", "--out", str(tmp_path)]) == 2
+    assert "--family FILE.tsv" in capsys.readouterr().err
+
+
+def test_cli_single_query_verdict_names_its_detector(tiny_gpt2, tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from recallscope import cli
+
+    monkeypatch.setattr("recallscope.models.load_model", lambda spec, device="cpu", **kw: tiny_gpt2)
+    monkeypatch.setattr("recallscope.plotting.export_all", lambda fig, stem, **kw: SimpleNamespace(written={}, failed={}))
+    code = cli.main(["routes", "--model", "tiny", "--prompt", "The acronym VAT stands for", "--input", " VAT",
+                     "--output", " Value", "--concept", " tax", "--templates", "2", "--n-controls", "0", "--n-random", "1",
+                     "--n-neighbours", "1", "--out", str(tmp_path / "q"), "--quiet"])
+    assert code == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("verdict:")][0]
+    assert "single-query" in line and "NOT validated on the organism benchmark" in line and "--family" in line

@@ -9,7 +9,8 @@
    labels; and once with heads grouped into one supernode per layer.
 3. Feature graph (with ``--transcoders DIR``, a set for ``organism:fact-store`` from ``recallscope
    transcoders``): the attribution graph of one fact prompt, labelled by lens tokens and top-activating
-   task prompts, grouped by label; its MIB-style curve in the graph's linear model.
+   task prompts, grouped by label; its MIB-style edge curve in the graph's linear model and its node curve in
+   the real model (most influential features kept, the other active features ablated).
 
     python experiments/mib_scores.py --out figures/graph_view [--transcoders out/tc/fact-store]
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 from recallscope import load_model
 from recallscope.attribution.edges import Circuit, EdgeScores
-from recallscope.attribution.mib import feature_mib_curve, mib_curve, write_mib_json
+from recallscope.attribution.mib import feature_mib_curve, feature_node_curve, mib_curve, write_mib_json
 from recallscope.features.view import graph_view
 from recallscope.tasks.pairs import PromptPair
 
@@ -72,8 +73,11 @@ def features(out: Path, transcoders: str) -> dict:
                ).write_image(out / "fact_store_graph_by_label.png", width=1100, height=700)
     curve = feature_mib_curve(graph)
     curve.save(out / "fact_store_feature_mib")
+    nodes = feature_node_curve(model, tset, graph)
+    nodes.save(out / "fact_store_feature_nodes_mib")
     return {"n_feat": graph.n_feat, "n_edges_total": curve.n_edges_total, "faithfulness": curve.faithfulness,
-            "cpr": curve.cpr, "cmd": curve.cmd}
+            "cpr": curve.cpr, "cmd": curve.cmd, "nodes_kept": nodes.n_edges, "nodes_faithfulness": nodes.faithfulness,
+            "nodes_cpr": nodes.cpr, "nodes_cmd": nodes.cmd}
 
 
 def main() -> None:

@@ -161,3 +161,43 @@ def test_circuit_from_mib_keeps_in_graph_edges_only():
     assert {k for k, e in data["edges"].items() if e["in_graph"]} == {"input->a0.h1<v>", "a0.h1->logits"}
     assert {k for k, n in data["nodes"].items() if n["in_graph"]} == {"input", "a0.h1", "logits"}
     assert from_mib_json(data)[1].edge_labels() == circuit.edge_labels()
+
+
+def test_feature_node_curve_matches_neuron_ablation():
+    """Exact transcoders: a feature is an MLP neuron, so ablating features = zeroing neurons (an oracle by hooks)."""
+    from test_features_graph import TOKENS
+    from test_features_transcoder import relu_model
+
+    from recallscope.attribution.mib import feature_node_curve
+    from recallscope.features.graph import attribution_graph, influence
+    from recallscope.features.transcoder import exact_mlp_transcoders
+
+    model = relu_model(seed=2, n_layers=3)
+    tset = exact_mlp_transcoders(model)
+    graph = attribution_graph(model, tset, TOKENS, targets=(4, 11))
+    fractions = (0.1, 0.5, 1.0)
+    curve = feature_node_curve(model, tset, graph, fractions=fractions)
+    order = influence(graph)[: graph.n_feat].argsort(descending=True).tolist()
+
+    def oracle(kept):
+        drop = [tuple(graph.features[n].tolist()) for n in range(graph.n_feat) if n not in kept]
+
+        def zero(layer):
+            def hook(post, hook):
+                post = post.clone()
+                for lay, pos, f in drop:
+                    if lay == layer:
+                        post[0, pos, f] = 0.0
+                return post
+            return hook
+
+        hooks = [(f"blocks.{layer}.mlp.hook_post", zero(layer)) for layer in range(3)]
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            logits = model(TOKENS[None], return_type="logits")[0, -1]
+        return float(logits[4] - logits[11])
+
+    full, none = oracle(set(range(graph.n_feat))), oracle(set())
+    for k, f, n in zip(fractions, curve.faithfulness, curve.n_edges):
+        assert n == int(k * graph.n_feat)
+        assert f == pytest.approx((oracle(set(order[:n])) - none) / (full - none), abs=1e-4)
+    assert curve.faithfulness[-1] == pytest.approx(1.0, abs=1e-6) and curve.kind == "feature-nodes"

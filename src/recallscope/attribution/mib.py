@@ -22,8 +22,9 @@ localisation track).
    state frozen; a feature's activation is its pre-activation): every node's value is its bias plus its kept
    input edges, each scaled by how much of its source survived; error and embedding sources are constants.
    All edges give the real logit, none gives the logit's bias. This measures how much of the graph's own
-   attribution the kept edges carry, not a causal test in the real model (use
-   :mod:`recallscope.features.interventions` for that).
+   attribution the kept edges carry, not a causal test in the real model; :func:`feature_node_curve` is
+   that test at the level of nodes: the most influential features kept, every other active feature
+   ablated in the real model.
 """
 
 import json
@@ -153,8 +154,9 @@ class MIBCurve:
     """Faithfulness at MIB's edge budgets, with CPR and CMD.
 
     ``fractions``: budgets (fractions of ``n_edges_total``); ``n_edges``: edges kept at each budget after
-    pruning; ``faithfulness``: fraction of the clean-corrupt gap recovered (component circuits) or of the
-    logit's non-bias part (feature graphs); ``kind``: ``"component"`` or ``"feature"``.
+    pruning (features kept, for ``"feature-nodes"``); ``faithfulness``: fraction of the clean-corrupt gap
+    recovered (component circuits), of the logit's non-bias part (feature graphs) or of the logit change of
+    ablating every feature (feature nodes); ``kind``: ``"component"``, ``"feature"`` or ``"feature-nodes"``.
     """
 
     fractions: list[float]
@@ -282,3 +284,38 @@ def feature_mib_curve(graph: Any, *, fractions: Sequence[float] = MIB_FRACTIONS,
         kept.append(n)
         faith.append((float(linear_circuit_logits(graph, keep)[logit]) - none) / (full - none))
     return MIBCurve(fractions, kept, faith, total, "feature", {"logit": graph.logit_labels[logit]})
+
+
+def feature_node_curve(model: Any, tset: Any, graph: Any, *, fractions: Sequence[float] = MIB_FRACTIONS,
+                       logit: int = 0) -> MIBCurve:
+    """MIB's node-level variant for a feature graph, checked in the *real* model: keep the
+    ``int(k * n_features)`` active features with the largest influence on the logits (the graph's
+    :func:`~recallscope.features.graph.influence`), ablate every other active feature of the graph (set to 0 at
+    its layer and position, errors kept: :func:`~recallscope.features.interventions.run_intervention`, nothing
+    frozen), and report ``(L(kept) - L(none)) / (L(all) - L(none))`` for logit node ``logit``. Features that an
+    ablation newly switches on are left alone. ``n_edges`` of the result counts kept features."""
+    from recallscope.features.graph import influence
+    from recallscope.features.interventions import FeatureEdit, run_intervention
+
+    fractions = _check_fractions(fractions)
+    n_feat = graph.n_feat
+    if n_feat == 0:
+        raise ConfigError("the attribution graph has no active features to keep or ablate.")
+    order = influence(graph)[:n_feat].argsort(descending=True).tolist()
+    vec = graph.logit_vectors[logit].float()
+    feats = graph.features.tolist()
+
+    def value(kept: set[int]) -> float:
+        edits = [FeatureEdit(layer, f, pos, value=0.0) for n, (layer, pos, f) in enumerate(feats) if n not in kept]
+        res = run_intervention(model, tset, graph.tokens, edits)
+        return float(res.logits[-1] @ vec)
+
+    full, none = value(set(range(n_feat))), value(set())
+    if abs(full - none) < 1e-9:
+        raise ConfigError("ablating every feature of the graph leaves the logit unchanged; faithfulness is undefined.")
+    kept_counts, faith = [], []
+    for k in fractions:
+        n = int(k * n_feat)
+        kept_counts.append(n)
+        faith.append((value(set(order[:n])) - none) / (full - none))
+    return MIBCurve(fractions, kept_counts, faith, n_feat, "feature-nodes", {"logit": graph.logit_labels[logit]})

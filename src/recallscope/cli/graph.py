@@ -8,9 +8,10 @@ from typing import Any
 from recallscope.cli.common import _int_list, _placement, add_command
 
 
-_SMALL = {"d_sae": 256, "k": 8, "steps": 1000, "n_seqs": 2000, "seq_len": None, "skip_bos": False}
+_SMALL = {"d_sae": 256, "k": 8, "steps": 1000, "batch_size": 512, "n_seqs": 2000, "seq_len": None,
+          "skip_bos": False}
 """Defaults for organisms (tiny models; text = task prompts + the model's own generations)."""
-_LARGE = {"d_sae": 1024, "k": 32, "steps": 400, "n_tokens": 60_000, "eval_tokens": 2048, "seq_len": 128,
+_LARGE = {"d_sae": 1024, "k": 32, "steps": 300, "batch_size": 256, "n_tokens": 60_000, "eval_tokens": 2048, "seq_len": 128,
           "skip_bos": True}
 """Defaults for other models (SmolLM2...): text = Python's documentation (see features.data)."""
 
@@ -26,7 +27,8 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     small = _is_organism(args.model)
     base = _SMALL if small else _LARGE
     st = {key: getattr(args, key) if getattr(args, key, None) is not None else base.get(key)
-          for key in ("d_sae", "k", "steps", "n_seqs", "n_tokens", "eval_tokens", "seq_len", "skip_bos")}
+          for key in ("d_sae", "k", "steps", "batch_size", "n_seqs", "n_tokens", "eval_tokens", "seq_len",
+                      "skip_bos")}
     st["corpus"] = {"self": "task+self", None: "task+self" if small else "python-docs"}.get(args.corpus, args.corpus)
     if st["corpus"] == "task+self" and not small:
         raise ConfigError("--corpus self is for organisms; use python-docs or --text-file for other models.")
@@ -35,7 +37,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         missing = [f for f in args.text_file if not Path(f).is_file()]
         if missing:
             raise ConfigError(f"--text-file {missing[0]} does not exist; give readable UTF-8 text files.")
-    for key in ("d_sae", "k", "steps", "n_seqs", "n_tokens", "eval_tokens"):
+    for key in ("d_sae", "k", "steps", "batch_size", "n_seqs", "n_tokens", "eval_tokens"):
         if st[key] is not None and st[key] < 1:
             raise ConfigError(f"--{key.replace('_', '-')} must be at least 1, got {st[key]}.")
     if st["k"] > st["d_sae"]:
@@ -74,7 +76,7 @@ def _cmd_transcoders(args: argparse.Namespace) -> int:
     from recallscope.models import load_model
 
     st = _settings(args)
-    cfg = TranscoderTrainConfig(d_sae=st["d_sae"], k=st["k"], steps=st["steps"], batch_size=args.batch_size,
+    cfg = TranscoderTrainConfig(d_sae=st["d_sae"], k=st["k"], steps=st["steps"], batch_size=st["batch_size"],
                                 lr=args.lr, seed=args.seed)
     model = load_model(args.model, **_placement(args))
     n_layers = int(model.cfg.n_layers)
@@ -127,13 +129,36 @@ def _target(model: Any, text: str | None) -> int | None:
     return int(ids[0])
 
 
+def _view_labels(model: Any, tset: Any, graph: Any, keep: Any) -> list[str]:
+    """Node labels for the view: kept features get their lens tokens (decoder direction through the
+    unembedding), the others their layer and index; errors, embeddings and logits name their token."""
+    from recallscope.features.view import lens_tokens
+
+    dec = model.tokenizer.decode
+    prompt = [dec([t]) for t in graph.tokens.tolist()]
+    labels = [f"L{layer} #{idx}" for layer, _, idx in graph.features.tolist()]
+    kept = keep[: graph.n_feat].nonzero().squeeze(-1).tolist()
+    for n, toks in zip(kept, lens_tokens(model, tset, graph.features[kept]) if kept else []):
+        labels[n] += " → " + " ".join(repr(dec([t]))[1:-1] for t in toks)
+    labels += [f"err L{layer} @{pos} {prompt[pos]!r}" for layer in range(graph.n_layers) for pos in range(graph.n_pos)]
+    labels += [f"emb {s!r}" for s in prompt]
+    return labels + [f"logit {dec([int(lab)])!r}" if lab.isdigit() else f"logit {lab}" for lab in graph.logit_labels]
+
+
 def _cmd_graph(args: argparse.Namespace) -> int:
+    import time
+
+    from recallscope.errors import ConfigError
     from recallscope.features.export import save_json, to_json
     from recallscope.features.formats import load_transcoders
     from recallscope.features.graph import attribution_graph, prune
-    from recallscope.features.plot import graph_figure
+    from recallscope.features.replacement import error_share
+    from recallscope.features.view import graph_view
     from recallscope.models import load_model
 
+    start = time.perf_counter()
+    if args.contrast is not None and args.target is None:
+        raise ConfigError("--contrast needs --target: the graph's target is logit(target) - logit(contrast).")
     if args.transcoders is None:
         from recallscope.features.cache import find_cached_set
 
@@ -143,8 +168,6 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     tokens = model.to_tokens(args.prompt)[0]
     good, bad = _target(model, args.target), _target(model, args.contrast)
     targets = (good, bad) if bad is not None else good
-    if bad is not None and good is None:
-        raise SystemExit("--contrast needs --target")
     graph = attribution_graph(model, tset, tokens, targets=targets, batch_size=args.batch_size,
                               max_feature_nodes=args.max_feature_nodes)
     pruned = prune(graph, node_threshold=args.node_threshold, edge_threshold=args.edge_threshold)
@@ -152,9 +175,14 @@ def _cmd_graph(args: argparse.Namespace) -> int:
     out = Path(args.out)
     save_json(to_json(graph, pruned, slug=out.name or "graph", scan=str(args.transcoders), prompt_tokens=strs,
                       prompt=args.prompt), out / "graph.json")
-    graph_figure(graph, pruned, token_strs=strs, title=args.prompt).write_html(str(out / "graph.html"))
-    print(f"{graph.n_feat} active features, kept {int(pruned.node_mask[: graph.n_feat].sum())} features and "
-          f"{int(pruned.edge_mask.sum())} edges; wrote {out / 'graph.json'} and {out / 'graph.html'}")
+    fig = graph_view(graph, labels=_view_labels(model, tset, graph, pruned.node_mask), token_strs=strs,
+                     title=args.prompt)
+    fig.write_html(str(out / "graph.html"), include_plotlyjs=True)
+    share = error_share(graph)
+    print(f"{graph.n_feat} active features ({int(graph.rows_computed[: graph.n_feat].sum())} with input edges), "
+          f"kept {int(pruned.node_mask[: graph.n_feat].sum())} features and {int(pruned.edge_mask.sum())} edges; "
+          f"error nodes: {share['direct']:.1%} of the direct logit edges, {share['influence']:.1%} of the influence")
+    print(f"wrote {out / 'graph.json'} and {out / 'graph.html'} in {time.perf_counter() - start:.0f} s")
     return 0
 
 
@@ -178,8 +206,8 @@ def register(sub: Any) -> None:
                     "organisms: n_ctx)")
     sp.add_argument("--d-sae", type=int, default=None, help="features per layer (default 1024; organisms 256)")
     sp.add_argument("--k", type=int, default=None, help="active features per token (default 32; organisms 8)")
-    sp.add_argument("--steps", type=int, default=None, help="optimiser steps per layer (default 400; organisms 1000)")
-    sp.add_argument("--batch-size", type=int, default=512, help="tokens per step")
+    sp.add_argument("--steps", type=int, default=None, help="optimiser steps per layer (default 300; organisms 1000)")
+    sp.add_argument("--batch-size", type=int, default=None, help="tokens per step (default 256; organisms 512)")
     sp.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
     sp.add_argument("--seed", type=int, default=0, help="seeds the text order, initialisation and batches")
     sp.add_argument("--layers", type=_int_list, default=None, help="train only these layers, e.g. 0-3 (a partial "

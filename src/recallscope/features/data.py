@@ -4,8 +4,8 @@
    uniformly random vocabulary tokens (a BOS-only start makes small models repeat one sequence).
 2. :func:`organism_task_tokens`: an organism's own task prompts, from its public data helpers:
    fact-store prompts (``subject_swap_pairs``, clean and corrupt), full base64 decodes
-   (``dependency_pairs`` with every letter appended); mnemonic organisms have no public prompt helper,
-   so they get self-generated text only.
+   (``dependency_pairs`` with every letter appended), mnemonic organisms' decodes and concept facts
+   from their ground truth (``VA == T``, ``VAT letter T``, ``VAT kind animal``).
 3. :func:`training_tokens` mixes the two halves for organisms and uses self-generated text otherwise.
 """
 
@@ -58,6 +58,12 @@ def organism_task_tokens(model: Any, n: int, *, seed: int = 0) -> Int[Tensor, "n
         pairs = [p for p in dependency_pairs(n_bytes, n, seed=seed) if p.meta["byte"] == n_bytes - 1]
         texts = [p.clean + " " + p.answer for p in pairs]
         return _to_rows(model, texts, min(n_ctx, model.to_tokens(texts[0]).shape[1]))
+    if info.kind == "mnemonic":  # every decode and concept fact, in the organism's own prompt format
+        facts = [f"{c} == {x}" for c, x in truth.chunk_letter.items()]
+        facts += [f"{c} letter {x}" for c, x in truth.concept_letter.items()]
+        facts += [f"{c} kind {x}" for c, x in truth.concept_kind.items()]
+        order = torch.randperm(len(facts), generator=torch.Generator().manual_seed(seed)).tolist()
+        return _to_rows(model, [facts[order[i % len(facts)]] for i in range(n)], n_ctx)
     return None
 
 

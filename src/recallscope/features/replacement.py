@@ -88,3 +88,19 @@ def fidelity(model: Any, tset: TranscoderSet, tokens: Int[Tensor, "batch pos"] |
         agree += int((real.argmax(-1) == repl.argmax(-1)).sum())
         n += real.shape[0] * real.shape[1]
     return Fidelity(kl=kl_sum / n, top1_agreement=agree / n, n_positions=n)
+
+
+def error_share(graph: Any) -> dict[str, float]:
+    """How much of an attribution graph runs through error nodes (what the transcoders miss):
+
+    - ``direct``: share of the absolute direct edges into the logit node(s) that come from error nodes;
+    - ``influence``: share of the total influence on the logits (:func:`~.graph.influence`, all paths) held by
+      error nodes, among feature, error and embedding nodes.
+    """
+    from recallscope.features.graph import influence
+
+    rows = graph.adjacency[graph.logit_slice].abs()
+    direct = float(rows[:, graph.error_slice].sum() / rows.sum().clamp_min(1e-12))
+    infl = influence(graph)
+    sources = infl[: graph.embed_slice.stop]
+    return {"direct": direct, "influence": float(infl[graph.error_slice].sum() / sources.sum().clamp_min(1e-12))}

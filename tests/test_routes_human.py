@@ -54,8 +54,17 @@ def test_compare_human_scores_every_card(result, tmp_path):
         stats = summary["agreement"][score]["all"]
         assert stats["n_cards"] == len(res.rows) and 0 <= stats["mean_percentile"] <= 1
         assert 0 < stats["p_value"] <= 1 and stats["top1_chance"] == pytest.approx(0.25)
-    # text similarity picks the sound-alike keywords, the text-only reference agreement is high
-    assert summary["agreement"]["string"]["all"]["mean_percentile"] > 0.7
+    # controls are matched on string similarity to the term (and frequency, relatedness): closer than
+    # random pool texts, so text similarity alone no longer singles out the keyword
+    smd = res.matching["standardised_mean_difference"]
+    for name in ("logfreq", "relatedness", "string"):
+        assert abs(smd[name]["matched"]) < abs(smd[name]["unmatched"]), (name, smd)
+    assert summary["agreement"]["string"]["all"]["mean_percentile"] < 0.7
+    adjusted = summary["adjusted"]
+    assert {"keyword_effect", "ci", "p", "n_cards", "by_link"} <= set(adjusted)
+    assert adjusted["n_cards"] == len(res.rows) and adjusted["ci"][0] <= adjusted["keyword_effect"] <= adjusted["ci"][1]
+    assert 0 < adjusted["p"] <= 1 and adjusted["p_holm"] >= adjusted["p"]
+    assert sum(f["n_cards"] for f in adjusted["by_link"].values()) == len(res.rows)
     back = HumanComparison.load(res.save(tmp_path / "human"))
     torch.testing.assert_close(back.scores, res.scores)
     assert back.rows == res.rows

@@ -8,7 +8,8 @@ keyword people use to remember it ("capricious" -> "car prices")?
    definition (teacher-forced log-prob). With ``drop_definition_overlap`` (default) cards whose keyword
    shares a content word with the definition's first clause are dropped
    (:func:`~recallscope.routes.human_match.definition_overlap`; listed in ``skipped``).
-2. Pool: every card's keyword and a sample of ``own_vocabulary`` whole-word vocabulary tokens, with their
+2. Pool: every card's keyword, a sample of ``own_vocabulary`` whole-word vocabulary tokens and each
+   term's ``term_neighbours`` most string-similar vocabulary words, with their
    token counts and model log-frequencies (:mod:`.controls`), directions (step 3) and relatedness to every
    card's definition (the model's representation cosine; :mod:`.human_match`).
 3. Directions of every pool concept in neutral contexts (:mod:`.directions`), centred on the pool's mean
@@ -118,6 +119,9 @@ class HumanConfig:
     "recalled"; the summary reports agreement on them separately and draws worked examples from them."""
     interchange_alternatives: int = 2
     """Alternative terms whose values the interchange swaps in (each separately, effects averaged)."""
+    term_neighbours: int = 8
+    """Vocabulary words most similar in spelling/sound to each term added to the control pool (so that
+    sound-alike keywords get string-similar controls)."""
     drop_definition_overlap: bool = True
     """Drop cards whose keyword shares a content word with the definition's first clause."""
     n_boot: int = 1999
@@ -311,7 +315,8 @@ def compare_human(model: Any, cards: Sequence[Card], *, config: HumanConfig = Hu
     t0 = time.perf_counter()
     kept, skipped = _usable(cards, config)
     keywords = [" " + c.primary.text for c in kept]
-    concepts = hs.pool_concepts(model, keywords, config.own_vocabulary)
+    concepts = hs.pool_concepts(model, keywords, config.own_vocabulary, [c.term for c in kept],
+                                config.term_neighbours)
     with torch.no_grad():
         pool = control_pool(model, [c.text for c in concepts])
         dirs = concept_directions(model, concepts, prefixes=config.prefixes, baseline_words=None,
@@ -369,10 +374,10 @@ def term_alternatives(model: Any, card: Card, others: Sequence[Card], *, n: int 
     return tuple(out)
 
 
-CARD_ROUTE_CONFIG: dict[str, Any] = {"stride": 3, "n_controls": 8, "n_random": 4, "n_neighbours": 3,
+CARD_ROUTE_CONFIG: dict[str, Any] = {"stride": 5, "n_controls": 8, "n_random": 4, "n_neighbours": 3,
                                      "n_templates": 8, "ablation": False, "mediation": True}
 """Route-report settings of the worked examples (:func:`card_route_report`): the detector's defaults
-(8 templates, interchange mediation, competitors, Holm) with a window every 3rd layer and no mean ablation
+(8 templates, interchange mediation, competitors, Holm) with a window every 5th layer and no mean ablation
 (it carries no verdict)."""
 
 

@@ -14,7 +14,9 @@ matches controls on the other two.
    mean hidden state over its first clause's tokens (no prefix), centred on the mean over all
    definitions; a keyword by its concept direction (:mod:`.directions`, centred on the pool's mean).
    Relatedness = the cosine of the two, averaged over layers ``1..n_layers`` (the embedding layer left out).
-3. **Matching** (:func:`match_card_controls`): among pool texts with the keyword's token count (relaxed to
+3. **Matching** (:func:`match_card_controls`): the pool holds, besides the cards' keywords and a vocabulary
+   sample, each term's ``k`` most string-similar vocabulary words (:func:`term_neighbours`), so that a
+   sound-alike keyword can meet controls that resemble the term as much. Among pool texts with the keyword's token count (relaxed to
    +-1, +-2 only when too few) that share no word with the keyword or the term and do not overlap the
    definition, the ``k`` nearest to the keyword in standardised (log-frequency, relatedness to this
    card's definition, string similarity to this card's term) space. String similarity
@@ -107,6 +109,37 @@ def relatedness(concepts: Float[Tensor, "concept layer d_model"], definitions: F
     a = torch.nn.functional.normalize(concepts[:, 1:].float(), dim=-1)
     b = torch.nn.functional.normalize(definitions[:, 1:].float(), dim=-1)
     return torch.einsum("cld,kld->ck", a, b) / a.shape[1]
+
+
+def _trigrams(text: str) -> set[str]:
+    x = letters(text)
+    return {x[i:i + 3] for i in range(len(x) - 2)}
+
+
+def term_neighbours(words: Sequence[str], terms: Sequence[str], *, k: int = 8, max_candidates: int = 150
+                    ) -> dict[str, list[str]]:
+    """Per term, the ``k`` words most similar to it in letters and sound (:func:`~recallscope.routes.text.
+    similarity`), among the ``max_candidates`` sharing most letter trigrams with it; never the term, an
+    inflection of it, or a word it contains, one casing per word (string-similar controls for sound-alike
+    keywords)."""
+    index: dict[str, list[int]] = {}
+    for i, w in enumerate(words):
+        for g in _trigrams(w):
+            index.setdefault(g, []).append(i)
+    out: dict[str, list[str]] = {}
+    for term in terms:
+        t = letters(term)
+        hits: dict[int, int] = {}
+        for g in _trigrams(term):
+            for i in index.get(g, ()):
+                hits[i] = hits.get(i, 0) + 1
+        top = sorted(hits, key=lambda i: -hits[i])[:max_candidates]
+        ok = [i for i in top if len(letters(words[i])) >= 3 and not (letters(words[i]) in t or t in letters(words[i])
+                                                                       or letters(words[i])[:5] == t[:5])]
+        ok.sort(key=lambda i: -similarity(term, words[i]))
+        seen: set[str] = set()
+        out[term] = [words[i] for i in ok if not (letters(words[i]) in seen or seen.add(letters(words[i])))][:k]
+    return out
 
 
 def _shares_word(a: str, b: str) -> bool:

@@ -22,12 +22,17 @@ from recallscope.routes.text import letters, similarity
 from recallscope.store import json_tensor
 
 
-def pool_concepts(model: Any, keywords: Sequence[str], n_vocab: int) -> list[Concept]:
-    """The cards' keywords, then every ``len/n_vocab``-th whole-word vocabulary token."""
+def pool_concepts(model: Any, keywords: Sequence[str], n_vocab: int, terms: Sequence[str] = (),
+                  n_neighbours: int = 0) -> list[Concept]:
+    """The cards' keywords, then every ``len/n_vocab``-th whole-word vocabulary token, then each term's
+    ``n_neighbours`` most string-similar vocabulary words (:func:`~recallscope.routes.human_match.term_neighbours`)."""
+    from recallscope.routes.human_match import term_neighbours
+
     words = word_vocabulary(model)
     step = max(1, len(words) // max(n_vocab, 1))
     vocab = [w for _, w in words[::step]][:n_vocab] if n_vocab else []
-    texts = list(dict.fromkeys(list(keywords) + vocab))
+    near = term_neighbours([w for _, w in words], terms, k=n_neighbours) if n_neighbours else {}
+    texts = list(dict.fromkeys(list(keywords) + vocab + [w for t in terms for w in near.get(t, [])]))
     n_kw = len(set(keywords))
     return [Concept(text=t, source=ConceptSource.HUMAN if i < n_kw else ConceptSource.VOCABULARY)
             for i, t in enumerate(texts)]

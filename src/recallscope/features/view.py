@@ -301,9 +301,9 @@ def _frame_traces(ng: NodeGraph, keep: Tensor, infl: Tensor, max_edges: int, n_t
     nodes (and pinned nodes and supernodes) carry a text label, the rest show it on hover."""
     idx = keep.nonzero().squeeze(-1)
     sub = ng.adjacency[idx][:, idx]
-    t_s = sub.nonzero().tolist()
-    t_s.sort(key=lambda e: -abs(float(sub[e[0], e[1]])))
-    t_s = t_s[:max_edges]
+    strength = sub.abs().flatten()
+    best = strength.topk(min(max_edges, int((strength > 0).sum()))).indices  # the strongest edges, largest first
+    t_s = [divmod(int(i), sub.shape[1]) for i in best]
     top = max((abs(float(sub[t, s])) for t, s in t_s), default=1.0) or 1.0
     traces = []
     for sign, colour in ((1, "rgba(51,102,204,0.55)"), (-1, "rgba(204,51,51,0.55)")):

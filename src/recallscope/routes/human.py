@@ -63,6 +63,7 @@ from recallscope.routes.agreement import agreement
 from recallscope.routes.controls import control_pool, text_tokens
 from recallscope.routes.directions import concept_directions
 from recallscope.routes.human_match import clean_definition, definition_overlap, definition_vectors, relatedness
+from recallscope.routes.human_scoring import card_scores as _card_scores
 from recallscope.routes.mnemonics import Card, LinkType
 from recallscope.routes.scores import RouteQuery, input_span
 from recallscope.routes.text import common_run, letters
@@ -338,7 +339,7 @@ def compare_human(model: Any, cards: Sequence[Card], *, config: HumanConfig = Hu
         for idx in hs.batches(items, config.cards_per_batch):
             batch = hs.LazyBatch(model, [items[i] for i in idx], sh, lens, config)
             for k, i in enumerate(idx):  # a chunk per card (named by its place in the plan)
-                found[i] = store.get_or_compute(f"card{i:05d}", lambda batch=batch, k=k: hs.card_scores(batch, k))
+                found[i] = store.get_or_compute(f"card{i:05d}", lambda batch=batch, k=k: _card_scores(batch, k))
                 bar.update(1)
     if not found:
         raise EmptyDatasetError(f"no card could be scored; skipped: {skipped_text(skipped) or 'none'}. Fix those "

@@ -205,13 +205,25 @@ def _layer_name(ng: NodeGraph, y: float) -> str:
 
 def group_nodes(ng: NodeGraph, groups: Mapping[str, Sequence[int | str]] | None = None, *,
                 by: str | None = None) -> NodeGraph:
-    """Merge nodes into supernodes: ``groups`` (name -> node indices, ids or labels of ``ng``) first, then ``by`` (``"cell"``,
-    ``"layer"`` or ``"label"``) over the nodes no group took; groups of one node stay as they were."""
+    """Merge nodes into supernodes: ``groups`` (name -> node indices, ids or labels of ``ng``) first, then
+    ``by`` over the nodes no group took: ``"cell"`` (feature graphs: one layer and position), ``"layer"`` or
+    ``"label"``; automatic groups of one node stay as they were."""
+    n = len(ng.labels)
+    named = _given_groups(ng, groups or {})
+    if by is not None:
+        taken = {i for _, idx in named for i in idx}
+        free = replace(ng, pinned=ng.pinned | torch.tensor([i in taken for i in range(n)]))
+        named += [(nm, m) for nm, m in _auto_groups(free, by) if len(m) > 1]
+    return _merge(ng, named)
+
+
+def _given_groups(ng: NodeGraph, groups: Mapping[str, Sequence[int | str]]) -> list[tuple[str, list[int]]]:
+    """User supernodes as (name, node indices), members given by index, id or label; no node in two groups."""
     n = len(ng.labels)
     named: list[tuple[str, list[int]]] = []
     taken: set[int] = set()
     names_at = {name: i for i, name in enumerate(ng.ids or [])} | {lab: i for i, lab in enumerate(ng.labels)}
-    for name, given in (groups or {}).items():
+    for name, given in groups.items():
         unknown = [m for m in given if isinstance(m, str) and m not in names_at]
         if unknown:
             raise ConfigError(f"supernode {name!r}: no node named {unknown}; use node indices, ids or labels.")
@@ -222,9 +234,12 @@ def group_nodes(ng: NodeGraph, groups: Mapping[str, Sequence[int | str]] | None 
                               "empty or already in another supernode.")
         taken |= set(idx)
         named.append((name, idx))
-    if by is not None:
-        free = replace(ng, pinned=ng.pinned | torch.tensor([i in taken for i in range(n)]))
-        named += [(nm, m) for nm, m in _auto_groups(free, by) if len(m) > 1]
+    return named
+
+
+def _merge(ng: NodeGraph, named: list[tuple[str, list[int]]]) -> NodeGraph:
+    """``ng`` with each named group merged into one node (edges summed, internal edges dropped)."""
+    n = len(ng.labels)
     new_of = {}
     out_members: list[list[int]] = []
     names: list[str | None] = []

@@ -279,3 +279,17 @@ def test_prereg_loads_and_bad_prereg_is_named(tmp_path):
     bad.write_text(text.replace("[pilot]", "[pilot_x]"))
     with pytest.raises(SystemExit, match="missing \\[pilot\\]"):
         mod.load_prereg(bad, "default")
+
+
+def test_greedy_generate_matches_stepwise_argmax(gpt2_tokenizer):
+    from recallscope.finetune.knowledge import greedy_generate
+
+    model = _llama(vocab=len(gpt2_tokenizer), layers=2)
+    prompts = ["The word VA", "Hello there, my friend"]
+    texts = greedy_generate(model, gpt2_tokenizer, prompts, max_new_tokens=3)
+    for p, text in zip(prompts, texts):
+        ids = gpt2_tokenizer.encode(p)
+        for _ in range(3):
+            with torch.no_grad():
+                ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+        assert text == gpt2_tokenizer.decode(ids[-3:])

@@ -6,7 +6,8 @@
    prompt and runs one forward per batch. Greedy decoding writes the continuation, in this tokenisation,
    exactly when every continuation token is the argmax at its position; the summed log-prob and the
    argmax token after the continuation are returned too (so a caller can ask "and then the word ends").
-3. :func:`greedy_generate`: ``max_new_tokens`` greedy tokens per prompt (batched, left-padded).
+3. :func:`greedy_generate`: ``max_new_tokens`` greedy tokens per prompt (batched, left-padded, with the
+   model's key-value cache).
 
 Works on any Hugging Face ``*ForCausalLM`` (not a TransformerBridge): the fine-tuning code trains the
 Hugging Face module directly.
@@ -83,18 +84,14 @@ def teacher_forced(model: Any, tokenizer: Any, prompts: Sequence[str], continuat
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 8,
                     batch_size: int = 64) -> list[str]:
-    """The greedy continuation (``max_new_tokens`` tokens, decoded) of every prompt."""
+    """The greedy continuation (``max_new_tokens`` tokens, decoded) of every prompt (left-padded batches; the
+    model's ``generate`` with its key-value cache, so each new token costs one position)."""
     out: list[str] = []
+    pid = pad_id(tokenizer)
     for start in range(0, len(prompts), batch_size):
         ids, mask = left_pad([tokenizer.encode(p, add_special_tokens=False) for p in prompts[start:start + batch_size]],
-                             pad_id(tokenizer))
-        new: list[list[int]] = [[] for _ in range(len(ids))]
-        for _ in range(max_new_tokens):  # no KV cache: prompts are short and this stays model-agnostic
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, -1]
-            nxt = logits.argmax(-1)
-            for row, t in enumerate(nxt.tolist()):
-                new[row].append(t)
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-        out += [tokenizer.decode(t) for t in new]
+                             pid)
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pid)
+        out += [tokenizer.decode(row) for row in gen[:, ids.shape[1]:].tolist()]
     return out

@@ -57,6 +57,17 @@ def test_rote_family_is_no_route():
     assert report.verdict() == "no route" and row.verdict == "no route" and row.score < 0.5
 
 
+@pytest.mark.parametrize("name, truth", [("route-iit-s0", "route"), ("route-l2-s0", "route"), ("route-rot-s0", "route"),
+                                         ("bypass-s0", "no route"), ("share-s0", "no route"),
+                                         ("rote-early-s0", "no route"), ("answer-at-site-s0", "no route")])
+def test_shipped_organism_families_get_their_planted_verdict(name, truth):
+    """The default FamilyConfig (min_layer 1) on the other shipped seed-0 organisms, whole world as one family.
+    answer-at-site: the site is read (the input itself transplants at ~1.0) and holds the answer, not the concept."""
+    model = _model(name)
+    report = route_family_report(model, _pairs(model), config=CONFIG, name=name)
+    assert report.verdict() == truth, [(r.name, r.score, r.layer) for r in report.rows()]
+
+
 def test_a_family_whose_concept_is_the_input_is_a_competitor_never_a_route():
     model = _model("route-s0")
     pairs = _pairs(model, concept=lambda truth, c: c)  # concept := the chunk itself

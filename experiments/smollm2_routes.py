@@ -311,11 +311,12 @@ def main() -> None:
     ap.add_argument("--out", default="figures/routes_smollm2")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", choices=["acronym", "two_hop"], help="one family only")
-    ap.add_argument("--max-queries", type=int, default=36, help="queries per family (default 36)")
+    ap.add_argument("--max-queries", type=int, default=20, help="queries per family (default 20)")
     ap.add_argument("--two-hop-relation", default="capital", choices=sorted(HOP2), help="the two-hop family's hop 2")
     ap.add_argument("--min-input-effect", type=float, default=1.0,
                     help="acronyms: the acronym must raise log p(answer) by this many nats over other acronyms")
-    ap.add_argument("--layer-stride", type=int, default=4, help="family transplant: every k-th layer from 1")
+    ap.add_argument("--layer-stride", type=int, default=7,
+                    help="family transplant: every k-th layer from 1 (default 7: 1, 8, 15, 22, 29)")
     ap.add_argument("--answer-variants", type=int, default=2, help="answer-itself pairings (casings)")
     ap.add_argument("--route-stride", type=int, default=6, help="route_report: layer spacing of windows")
     ap.add_argument("--route-queries", type=int, default=20, help="route_report on the first N queries of each family")

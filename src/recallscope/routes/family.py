@@ -35,7 +35,8 @@ Algorithm (module doc of :mod:`~recallscope.routes.transplant` for steps 1-5; ``
    ``D`` on the other folds' sources: ``H[pairing, source]``.
 8. Against each required competitor class ``C``: margin ``M[s] = H[cand, s] - max_{P in C} H[P, s]``, one-sided
    paired sign-flip t test over sources (:func:`~recallscope.routes.verdict.sign_flip_max_t`); a candidate's
-   p is the largest over its required classes (it must beat every one); Holm over the candidates.
+   p is the largest of its own transplant p and the p of every required class (it must pass all: an
+   intersection-union test); Holm over the candidates.
 9. Verdict: **route** iff the transplant verdict is route, ``p_holm <= alpha`` and every required margin > 0;
    **no route** iff the transplant verdict is no route or some required margin's CI lies below 0;
    else **inconclusive**. Competitor pairings get ``competitor``.

@@ -59,7 +59,8 @@ class FamilyConfig:
 class FamilyRow:
     """One pairing's verdict. Rates are means over units at the pairing's chosen layer; ``heldout`` is the mean
     of ``H`` (each source read at the layer chosen on the other folds); ``margins[class]`` = mean of
-    ``H[this] - max H[class]`` over sources, ``margin_ci[class]`` its 95% bootstrap CI."""
+    ``H[this] - max H[class]`` over sources, ``margin_ci[class]`` its 95% bootstrap CI; ``p_competitors``: the
+    largest of the pairing's own transplant p and the p of every required competitor class (before Holm)."""
 
     name: str
     role: str
@@ -199,7 +200,8 @@ class RouteFamilyReport(RichReprMixin):
             own = self._own(i, cfg)
             margins, ps = self._margins(i, cfg)
             required = [c for c in ps if c not in UNREQUIRED]
-            parts.append((own, margins, ps, max((ps[c] for c in required), default=1.0)))
+            # intersection-union: the transplant's own test and every required margin must hold
+            parts.append((own, margins, ps, max([own[3], *(ps[c] for c in required)])))
         cands = [i for i, r in enumerate(self.roles) if r == "candidate"]
         adjusted = dict(zip(cands, holm([parts[i][3] for i in cands])))
         rows = []

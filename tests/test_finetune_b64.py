@@ -269,6 +269,8 @@ def test_prereg_loads_and_bad_prereg_is_named(tmp_path):
     prereg, config, seeds = mod.load_prereg(ROOT / "experiments" / "finetune_prereg.toml", "default")
     assert len(seeds) >= 3 and prereg["design"]["min_pairs"] >= 40 and prereg["analysis"]["alpha"] == 0.05
     assert config.from_layer > 0
+    _, gpu, gpu_seeds = mod.load_prereg(ROOT / "experiments" / "finetune_prereg.toml", "gpu")
+    assert gpu.from_layer == 0 and len(gpu_seeds) > len(seeds) and gpu.steps > config.steps
     text = (ROOT / "experiments" / "finetune_prereg.toml").read_text()
     with pytest.raises(SystemExit, match="no \\[scale.huge\\]"):
         mod.load_prereg(ROOT / "experiments" / "finetune_prereg.toml", "huge")

@@ -126,8 +126,8 @@ def learning_curve(model: Any, trunk: Trunk, answers: Int[Tensor, " item"], conf
                          initial=start, total=config.steps + 1):
             logits = top_logits(model, trunk)
             logp = torch.log_softmax(logits, -1).gather(1, answers[:, None])[:, 0]
-            logps.append(logp.detach().clone())
-            top1.append((logits.argmax(-1) == answers).detach())
+            logps.append(logp.detach().cpu().clone())  # curves live on the CPU whatever the device
+            top1.append((logits.argmax(-1) == answers).detach().cpu())
             if step < config.steps:
                 opt.zero_grad(set_to_none=True)
                 (-logp.mean()).backward()

@@ -211,3 +211,14 @@ def test_text_windows_are_bos_plus_consecutive_text(gpt2_tokenizer):
     assert len({tuple(r) for r in rows.tolist()}) == 6
     with pytest.raises(ConfigError, match="windows"):
         text_windows(model, "a few words", 3, 9)
+
+
+def test_graph_command_errors_name_the_fix(tmp_path, capsys, monkeypatch):
+    from recallscope.cli import main
+
+    monkeypatch.setenv("RECALLSCOPE_CACHE", str(tmp_path / "empty"))
+    assert main(["graph", "--model", "organism:fact-store", "--prompt", "f3 Pia Orr color", "--contrast", "white",
+                 "--out", str(tmp_path)]) == 2
+    assert "--contrast needs --target" in capsys.readouterr().err
+    assert main(["graph", "--model", "organism:fact-store", "--prompt", "f3 Pia Orr color", "--out", str(tmp_path)]) == 2
+    assert "recallscope transcoders --model organism:fact-store" in capsys.readouterr().err

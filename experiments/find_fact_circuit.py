@@ -11,10 +11,13 @@
 5. Direct logit attribution of the same prompts, split by source tokens (subject vs relation heads).
 
 Writes to ``--out`` (default ``figures/circuit``): the edge scores, the circuit(s) and DLA as saved
-results (with manifests), figures as HTML + PNG, and ``summary.json``.
+results (with manifests), figures as HTML + PNG, and ``summary.json``. Circuits are drawn in the graph
+view (``Circuit.plot``: site labels such as ``z L23.H4``, a slider over cumulative influence, 0.8 shown in
+the PNG); ``--redraw`` redraws the figures of a finished run from its saved results (no model, seconds).
 
     python experiments/find_fact_circuit.py                      # ~10-15 min on 2 busy cores
     python experiments/find_fact_circuit.py --relation capital --n-pairs 12 --acdc-threshold 0
+    python experiments/find_fact_circuit.py --redraw             # figures of figures/circuit from its results
 """
 
 import argparse
@@ -28,11 +31,57 @@ import torch
 from recallscope import load_model
 from recallscope.attribution import acdc, direct_logit_attribution, eap_ig, evaluate_circuit, fact_pairs, faithfulness_curve
 from recallscope.attribution.circuits import CircuitRunner
+from recallscope.attribution.dla import DLAResult
+from recallscope.attribution.edges import Circuit, EdgeScores, edge_display_label
 from recallscope.manifest import atomic_write_text
 from recallscope.plotting import export_all
+from recallscope.sites import site_label
 from recallscope.tasks.facts import load_builtin_facts, recalled_facts
+from recallscope.vocab import Component
 
 SIZES = (10, 20, 50, 100, 200, 300, 500, 1000, 2000, 5000)
+
+
+def draw_circuit(circuit: Circuit, relation: str, stem: Path) -> None:
+    """The circuit in the graph view, as HTML (with the pruning slider) and PNG (at 0.8 of the influence)."""
+    selection = str(circuit.info.get("selection", ""))
+    how = (f"ACDC pruning (threshold {circuit.info['threshold']:g}) of {circuit.info['candidates']} edges"
+           if selection == "acdc" else f"EAP-IG {selection}, pruned")
+    export_all(circuit.plot(title=f"SmolLM2 {relation} circuit ({how}): {circuit.n_edges} edges, "
+                                  f"faithfulness {circuit.info['faithfulness']:.2f}"), stem, width=1100, height=1000,
+               scale=1.5)  # one row per layer would make the picture ~3000 px tall
+
+
+def circuit_lists(circuit: Circuit) -> dict:
+    """The circuit's node and edge ids (EAP-IG / MIB names, for ``Circuit.from_edges``) and their labels."""
+    edges = circuit.edge_labels()
+    return {"circuit_nodes": circuit.nodes(), "circuit_node_labels": [circuit.graph.node_label(n) for n in circuit.nodes()],
+            "circuit_edges": edges, "circuit_edge_labels": [edge_display_label(circuit.graph, e) for e in edges]}
+
+
+def dla_top_heads(dla: DLAResult, k: int = 8) -> dict:
+    """The ``k`` heads with the largest mean |DLA| (site labels), split by source tokens."""
+    split, groups = dla.by_span()
+    n_heads = dla.heads.shape[2]
+    top = dla.heads.mean(0).flatten().abs().argsort(descending=True)[:k].tolist()
+    return {site_label(Component.HEAD_OUT, i // n_heads, head=i % n_heads): dict(zip(groups, [
+        round(float(x), 3) for x in split.mean(0)[i // n_heads, i % n_heads]])) for i in top}
+
+
+def redraw(out: Path) -> None:
+    """Redraw the circuit and edge figures of a finished run from its saved results; relabel the summary."""
+    summary = json.loads((out / "summary.json").read_text())
+    relation = summary["relation"]
+    export_all(EdgeScores.load(out / "edge_scores").plot(top=30), out / "top_edges")
+    final = circuit = Circuit.load(out / "circuit_topn")
+    draw_circuit(circuit, relation, out / "circuit_topn")
+    if (out / "circuit_acdc").is_dir():
+        final = Circuit.load(out / "circuit_acdc")
+        draw_circuit(final, relation, out / "circuit_acdc")
+    summary |= circuit_lists(final)
+    summary["dla_top_heads"] = dla_top_heads(DLAResult.load(out / "dla"))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
+    print(f"redrew top_edges, circuit_topn{', circuit_acdc' if final is not circuit else ''} -> {out}")
 
 
 def main() -> None:
@@ -45,8 +94,12 @@ def main() -> None:
     ap.add_argument("--acdc-threshold", type=float, default=0.005, help="ACDC pruning threshold (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="figures/circuit")
+    ap.add_argument("--redraw", action="store_true", help="only redraw the figures of a finished run in --out")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.redraw:
+        redraw(out)
+        return
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model = load_model(args.model)
@@ -63,7 +116,8 @@ def main() -> None:
     export_all(scores.plot(top=30), out / "top_edges")
     n_total = int(scores.graph.valid.sum())
     summary["edge_scores_s"] = scores.manifest["timings_s"]["total"]
-    print(f"EAP-IG over {n_total} edges: {summary['edge_scores_s']:.0f} s; top edges: {scores.ranked(5)}")
+    print(f"EAP-IG over {n_total} edges: {summary['edge_scores_s']:.0f} s; top edges: "
+          f"{[(edge_display_label(scores.graph, e), round(v, 3)) for e, v in scores.ranked(5)]}")
 
     runner = CircuitRunner(model, pairs, "logit_diff")
     sizes = [n for n in SIZES if n < n_total] + [n_total]
@@ -76,8 +130,7 @@ def main() -> None:
     ev = evaluate_circuit(model, pairs, "logit_diff", circuit, runner=runner)
     circuit = replace(circuit, info={**circuit.info, **ev.to_dict(), "manifest": scores.manifest})
     circuit.save(out / "circuit_topn")
-    export_all(circuit.plot(title=f"SmolLM2 {args.relation} circuit (EAP-IG top {n}, pruned): {circuit.n_edges} edges, "
-                                  f"faithfulness {ev.faithfulness:.2f}"), out / "circuit_topn")
+    draw_circuit(circuit, args.relation, out / "circuit_topn")
     summary["topn"] = {"n": n, "edges": circuit.n_edges, "nodes": len(circuit.nodes()), **ev.to_dict()}
     print(f"top-{n} circuit (pruned): {circuit.n_edges} edges, {len(circuit.nodes())} nodes, "
           f"faithfulness {ev.faithfulness:.3f}, completeness {ev.completeness:.3f}")
@@ -87,25 +140,19 @@ def main() -> None:
         final = acdc(model, pairs, "logit_diff", threshold=args.acdc_threshold, candidates=circuit)
         final = replace(final, info={**final.info, "manifest": scores.manifest})
         final.save(out / "circuit_acdc")
-        export_all(final.plot(title=f"SmolLM2 {args.relation} circuit after ACDC pruning: {final.n_edges} edges, "
-                                    f"faithfulness {final.info['faithfulness']:.2f}"), out / "circuit_acdc")
+        draw_circuit(final, args.relation, out / "circuit_acdc")
         summary["acdc"] = {k: final.info[k] for k in ("threshold", "n_trials", "faithfulness", "completeness",
                                                       "seconds")} | {"edges": final.n_edges,
                                                                        "nodes": len(final.nodes())}
         print(f"ACDC: {final.n_edges} edges, {len(final.nodes())} nodes, faithfulness {final.info['faithfulness']:.3f}, "
               f"completeness {final.info['completeness']:.3f} ({final.info['n_trials']} trials)")
-    summary["circuit_nodes"] = final.nodes()
-    summary["circuit_edges"] = final.edge_labels()
+    summary |= circuit_lists(final)
 
     dla = direct_logit_attribution(model, pairs)
     dla.save(out / "dla")
     export_all(dla.plot(top=20), out / "dla_components")
     export_all(dla.plot_sources(top=12), out / "dla_head_sources")
-    split, groups = dla.by_span()
-    top_heads = dla.heads.mean(0).flatten().abs().argsort(descending=True)[:8].tolist()
-    n_heads = dla.heads.shape[2]
-    summary["dla_top_heads"] = {f"L{i // n_heads}.H{i % n_heads}": dict(zip(groups, [
-        round(float(x), 3) for x in split.mean(0)[i // n_heads, i % n_heads]])) for i in top_heads}
+    summary["dla_top_heads"] = dla_top_heads(dla)
     summary["dla_mlp_total"] = float(dla.mlp.sum(1).mean())
     summary["dla_heads_total"] = float(dla.heads.sum((1, 2)).mean())
     summary["seconds"] = time.perf_counter() - t0

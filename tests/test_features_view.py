@@ -118,7 +118,7 @@ def test_component_view_uses_site_labels():
     es = EdgeScores(graph, scores, torch.zeros(1), torch.zeros(1))
     ng = component_node_graph(es)
     assert ng.ids == ["input", "a0.h1", "m1", "logits"]  # only nodes with an edge (and input, logits) are drawn
-    assert ng.y.tolist() == [0.0, 1.0, 2.0, 3.0] and ng.y_ticks[1] == ["input", "L0 attn", "L1 MLP", "logits"]
+    assert ng.y.tolist() == [0.0, 1.0, 2.0, 3.0] and ng.y_ticks[1] == ["embed", "z L0", "mlp_out L1", "logits"]
     at = {n: i for i, n in enumerate(ng.ids)}
     assert ng.adjacency[at["a0.h1"], at["input"]] == 3.0  # q and v inputs summed
     assert ng.adjacency[at["m1"], at["a0.h1"]] == -3.0 and ng.adjacency[at["logits"], at["m1"]] == 4.0

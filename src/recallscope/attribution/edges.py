@@ -5,10 +5,15 @@ position), averaged over prompts; ``top(n)`` / ``threshold(tau)`` select a :clas
 is a set of edges (with the scores that chose them, for drawing), plus whatever was measured about it
 (faithfulness, completeness) in ``info``. Both save and load through
 :func:`recallscope.results.save_result_dir`.
+
+Nodes and edges are *identified* by the names of EAP-IG / MIB circuit files (``a3.h4``, ``m3``,
+``"a0.h1 -> a1.h0.q"``; :meth:`Graph.edge`), and *shown* in the one site vocabulary
+(:func:`recallscope.sites.site_label`): :meth:`Graph.node_label` (``z L3.H4``, ``mlp_out L3``),
+:func:`receiver_label` and :func:`edge_display_label` (``z L0.H1 → q L1.H0``).
 """
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +26,8 @@ from torch import Tensor
 from recallscope.attribution.graph import Graph
 from recallscope.errors import ConfigError, ResultFileError
 from recallscope.results import load_result_dir, register_result, save_result_dir
+from recallscope.sites import site_label
+from recallscope.vocab import Component
 
 
 def _check_shape(graph: Graph, t: Tensor, what: str) -> None:
@@ -89,29 +96,20 @@ class Circuit:
         edges = self.edges & (keep[..., None] if self.edges.ndim == 3 else keep)
         return replace(self, edges=edges, info={**self.info, "pruned": True})
 
-    def plot(self, *, title: str | None = None) -> go.Figure:
-        """The circuit as a graph laid out by layer (only layers with nodes get a row): heads spread
-        across their attention row, MLPs to the right, key/value nodes of grouped-query attention just
-        below their heads. Line width grows with ``|weight|``; red edges have positive weights."""
-        from recallscope.attribution.plots import circuit_figure
+    def plot(self, *, title: str | None = None, groups: Mapping[str, Sequence[int | str]] | None = None,
+             group_by: str | None = None, thresholds: Sequence[float] | None = None, start: float | None = None,
+             max_edges: int = 300) -> go.Figure:
+        """The circuit in the graph view (:func:`recallscope.features.view.graph_view`): nodes labelled in the
+        site vocabulary (``z L3.H4``, ``mlp_out L3``, ``embed``; the node id such as ``a3.h4`` is in the hover
+        text), rows by layer, edge width by ``|weight|`` (q/k/v inputs of a head summed), and a slider that
+        prunes to the nodes carrying a cumulative share of the influence on the logits (``thresholds``,
+        starting at ``start``, default 0.8). ``groups`` / ``group_by``: supernodes (see ``graph_view``)."""
+        from recallscope.features.view import THRESHOLDS, graph_view
 
-        g = self.graph
-        w = self.weights if self.weights is not None else self.edges.float()
-        w = w.sum(-1) if w.ndim == 3 else w
-        merged: dict[tuple[str, str], list[tuple[str, float]]] = {}
-        for u, v in self.edge_matrix().nonzero().tolist():
-            merged.setdefault((g.senders[u], g.receiver_node(v)), []).append((g.receivers[v], float(w[u, v])))
-        edges = [(a, b, sum(x for _, x in parts), f"{a} → " + ", ".join(f"{r}: {x:.3g}" for r, x in parts))
-                 for (a, b), parts in merged.items()]
-        names = list(dict.fromkeys(["input", *[n for e in edges for n in e[:2]], "logits"]))
-        raw = {n: _node_xy(g, n) for n in names}
-        rows = sorted({y for _, y in raw.values()})
-        layout = {n: (x, float(rows.index(y))) for n, (x, y) in raw.items()}
-        labels = {float(i): _stage_label(g, y) for i, y in enumerate(rows)}
         faith = f", faithfulness {self.info['faithfulness']:.2f}" if "faithfulness" in self.info else ""
-        links = [(n, h) for n in names if ".kv" in n for h in _group_heads(g, n) if h in layout]
-        return circuit_figure(layout, edges, stage_labels=labels, links=links,
-                              title=title or f"Circuit: {len(names)} nodes, {self.n_edges} edges{faith}")
+        return graph_view(self, groups=groups, group_by=group_by, start=start, max_edges=max_edges,
+                          thresholds=THRESHOLDS if thresholds is None else thresholds,
+                          title=title or f"Circuit: {self.n_edges} edges{faith}")
 
     def save(self, directory: str | os.PathLike) -> Path:
         tensors = {"edges": self.edges.to(torch.uint8)}
@@ -141,22 +139,38 @@ def _node_xy(graph: Graph, name: str) -> tuple[float, float]:
     return int(part[1:]) - (graph.n_heads - 1) / 2, float(2 * layer + 1)
 
 
-def _group_heads(graph: Graph, kv_node: str) -> list[str]:
-    """The query heads a key/value node (``a{l}.kv{g}``) serves."""
-    layer, g = kv_node[1:].split(".kv")
-    rep = graph.n_heads // graph.n_kv_heads
-    return [f"a{layer}.h{int(g) * rep + i}" for i in range(rep)]
-
-
 def _stage_label(graph: Graph, y: float) -> str:
+    """The label of a row of :func:`_node_xy` in the site vocabulary: ``embed``, ``k/v L3``, ``z L3`` (the
+    heads' outputs), ``mlp_out L3``, ``logits``."""
     if y == 0:
-        return "input"
+        return "embed"
     if y == 2 * graph.n_layers + 1:
         return "logits"
     layer, rest = divmod(y, 2)  # MLP of layer l sits at 2l+2, its heads at 2l+1, its k/v nodes at 2l+0.6
     if rest < 0.3:
-        return f"L{int(layer) - 1} MLP"
-    return f"L{int(layer)} k/v" if rest < 0.9 else f"L{int(layer)} attn"
+        return site_label(Component.MLP_OUT, int(layer) - 1)
+    return f"k/v L{int(layer)}" if rest < 0.9 else site_label(Component.HEAD_OUT, int(layer))
+
+
+def receiver_label(graph: Graph, name: str) -> str:
+    """The display label of receiver ``name`` in the site vocabulary: a head's query/key/value input
+    ``a3.h4.q`` -> ``q L3.H4`` (``a3.kv1.k`` -> ``k L3.H1``, key/value head 1), any other receiver is
+    its node's label (:meth:`Graph.node_label`: ``m3`` -> ``mlp_out L3``, ``logits``)."""
+    if name.endswith((".q", ".k", ".v")):
+        node, part = name.rsplit(".", 1)
+        layer, _, head = node[1:].partition(".")
+        return site_label(Component(part), int(layer), head=int(head.lstrip("kvh")))
+    return graph.node_label(name)
+
+
+def edge_display_label(graph: Graph, name: str) -> str:
+    """The display label of edge ``name`` (an id such as ``"a0.h1 -> a1.h0.q @3"``, see
+    :meth:`Graph.edge_label`): ``"z L0.H1 → q L1.H0 @3"``. Ids stay the interchange names (MIB / EAP-IG,
+    :meth:`Graph.edge`); this is what figures and printouts show."""
+    edge, _, pos = name.partition(" @")
+    u, v = graph.edge(edge)
+    text = f"{graph.node_label(graph.senders[u])} → {receiver_label(graph, graph.receivers[v])}"
+    return text + (f" @{pos}" if pos else "")
 
 
 def _dependents(graph: Graph, v: int) -> list[int]:
@@ -260,14 +274,15 @@ class EdgeScores:
         return Circuit(self.graph, edges, self.scores.clone(), {"selection": f"|score| >= {tau:g}"})
 
     def plot(self, *, top: int = 30, title: str | None = None) -> go.Figure:
-        """Ranked bar chart of the ``top`` edges."""
+        """Ranked bar chart of the ``top`` edges, labelled in the site vocabulary (:func:`edge_display_label`)."""
         from recallscope.attribution.plots import ranked_bars
 
         ranked = self.ranked(top)
         receivers = [label.split(" -> ")[1].split(" @")[0] for label, _ in ranked]
         groups = [r.rsplit(".", 1)[-1] + " input" if r.endswith((".q", ".k", ".v")) else
                   ("logits" if r == "logits" else "mlp input") for r in receivers]
-        return ranked_bars([lab for lab, _ in ranked], torch.tensor([s for _, s in ranked]).numpy(),
+        shown = [edge_display_label(self.graph, lab) for lab, _ in ranked]
+        return ranked_bars(shown, torch.tensor([s for _, s in ranked]).numpy(),
                            groups=groups, title=title or f"{self.config.get('method', 'EAP')}: top {len(ranked)} edges "
                            f"({self.direction})", x_title=f"edge score ({self.config.get('metric', 'metric')})")
 

@@ -6,7 +6,7 @@ the figures that present it and a small JSON-able summary:
 - ``atp`` / ``atp*``: node attribution (AtP; AtP* adds the QK fix and GradDrop); figures: the ranked
   sites, and one layer x position heatmap per residual/attention/MLP component.
 - ``eap-ig``: EAP-IG edge scores; figures: the ranked edges and the top-``top_edges`` circuit (pruned),
-  whose faithfulness is measured.
+  whose faithfulness is measured (edges shown in the site vocabulary, ``z L0.H1 → q L1.H0``).
 - ``dla``: direct logit attribution; figures: the ranked components and, when the pairs carry token
   spans, the top heads split by source tokens (subject vs relation).
 
@@ -24,6 +24,7 @@ from recallscope.attribution.atp import atp
 from recallscope.attribution.circuits import evaluate_circuit
 from recallscope.attribution.dla import direct_logit_attribution
 from recallscope.attribution.eap import eap_ig
+from recallscope.attribution.edges import edge_display_label
 from recallscope.errors import ConfigError
 from recallscope.tasks.pairs import PromptPair, TokenizedPairs
 
@@ -75,7 +76,8 @@ def run_method(
         circuit = scores.top(top_edges).pruned()
         ev = evaluate_circuit(model, pairs, metric, circuit)
         circuit = replace(circuit, info={**circuit.info, **ev.to_dict()})
-        summary = {"top_edges": scores.ranked(top), "circuit": {"requested": top_edges, "edges": circuit.n_edges,
+        shown = [[edge_display_label(scores.graph, label), v] for label, v in scores.ranked(top)]
+        summary = {"top_edges": shown, "circuit": {"requested": top_edges, "edges": circuit.n_edges,
                                                                 "nodes": len(circuit.nodes()), **ev.to_dict()}}
         return MethodRun(scores, {"": scores.plot(top=top), "_circuit": circuit.plot()}, summary)
     if method == "dla":

@@ -262,7 +262,9 @@ def table(kind: str, queries: list[dict], family: dict) -> str:
     head = (f"Family verdict ({kind}, {family['n_pairs']} queries, held-out transplant): **{family['verdict']}**; "
             f"bridge pairing: transplant {cand.get('transplant_verdict')}, score {cand.get('score', float('nan')):+.3f} "
             f"at layer {cand.get('layer')}, margins {json.dumps({k: round(v, 3) for k, v in cand.get('margins', {}).items()})}"
-            f", ceiling {cand.get('ceiling', float('nan')):.2f}\n\n")
+            f"; ceiling (another query's own site state) by layer {family['ceiling_by_layer']}"
+            f"{'' if family.get('site_sufficient') else ' -- below 0.5 everywhere: the site alone never sets the answer'}"
+            "\n\n")
     cols = ["query", "answer", "verdict (route_report)", "winning concept", "score", "margin: input", "margin: output",
             "margin: neighbour", "margin: random", "mediated share", "input itself: mediated", "TE (nats)"]
     if kind == "two_hop":
@@ -285,7 +287,9 @@ def table(kind: str, queries: list[dict], family: dict) -> str:
 
 def select(kind: str, found: list[dict], args) -> list[dict]:
     """Acronyms: one per answer word (distinct answers), strongest input effect first. Two-hop: one hop-2
-    relation (``--two-hop-relation``)."""
+    relation (``--two-hop-relation``), without queries whose answer contains the bridge (Chichen Itza -> Mexico ->
+    " Mexico City": the bridge would be the answer itself, and route_family_report files a pairing in which any
+    concept is its pair's answer as a competitor)."""
     if kind == "acronym":
         seen, out = set(), []
         for q in sorted(found, key=lambda q: -q["input_effect"]):
@@ -293,7 +297,8 @@ def select(kind: str, found: list[dict], args) -> list[dict]:
                 seen.add(q["answer"].strip().lower())
                 out.append(q)
         return out[: args.max_queries]
-    return [q for q in found if q["relation"].endswith("+" + args.two_hop_relation)][: args.max_queries]
+    return [q for q in found if q["relation"].endswith("+" + args.two_hop_relation)
+            and q["bridge"].strip().lower() not in q["answer"].lower()][: args.max_queries]  # Mexico -> Mexico City
 
 
 def write_summary(out: Path, summary: dict, kinds, families: dict, queries: dict, t0: float) -> None:
@@ -337,19 +342,19 @@ def main() -> None:
         queries[kind] = select(kind, cached(cache, f"queries_{kind}", found[kind]), args)
         families[kind] = run_family(model, kind, queries[kind], out, args)
         write_summary(out, summary, kinds, families, queries, t0)
-    if "two_hop" in kinds:  # stage 2: EntRec and back-patching of every two-hop query
-        qs = queries["two_hop"]
-        for i, q in enumerate(tqdm(qs, desc="EntRec + back-patching")):
-            q["lens"] = cached(cache, f"lens_{i}_{q['subject']}_{q['relation']}",
-                               lambda: entrec_and_backpatch(model, q, sorted({x["bridge"] for x in qs})))
+    # stage 2: per query, interleaving the families: route_report (first --route-queries of each family) and, for
+    # two-hop queries, EntRec and back-patching; every result is cached, so an interrupted run resumes here
+    n = max(len(queries[k]) for k in kinds)
+    order = [(k, i) for i in range(n) for k in kinds if i < len(queries[k])]
+    for kind, i in tqdm(order, desc="per query"):
+        q = queries[kind][i]
+        key = f"{kind}_{q.get('acronym') or q['subject']}_{q.get('relation', '')}".replace(" ", "_")
+        if not args.skip_route_report and i < args.route_queries:
+            q["route"] = cached(cache, f"route_{key}", lambda: query_report(model, kind, q, queries[kind], args))
+        if kind == "two_hop":
+            bridges = sorted({x["bridge"] for x in queries[kind]})
+            q["lens"] = cached(cache, f"lens_{key}", lambda: entrec_and_backpatch(model, q, bridges))
         write_summary(out, summary, kinds, families, queries, t0)
-    if not args.skip_route_report:  # stage 3: route_report per query, the families interleaved
-        order = [(k, i) for i in range(args.route_queries) for k in kinds if i < len(queries[k])]
-        for kind, i in tqdm(order, desc="route_report per query"):
-            q = queries[kind][i]
-            key = f"route_{kind}_{q.get('acronym') or q['subject']}_{q.get('relation', '')}".replace(" ", "_")
-            q["route"] = cached(cache, key, lambda: query_report(model, kind, q, queries[kind], args))
-            write_summary(out, summary, kinds, families, queries, t0)
     print(f"done in {time.time() - t0:.0f} s; {out / 'summary.json'}")
 
 

@@ -243,6 +243,9 @@ class RouteFamilyReport(RichReprMixin):
         return {"name": self.name, "verdict": self.verdict(), "detector": "held-out concept transplant (family)",
                 "n_pairs": len(self.pairs), "n_units": int(self.receiver.numel()), "layers": list(self.layers),
                 "ceiling_by_layer": [round(float(v), 4) for v in self.ceiling.mean(1)],
+                # the source's own site state is the best any transplant can do: below min_score at every layer,
+                # no pairing can pass, so "no route" then says the site alone does not set the answer
+                "site_sufficient": bool(float(self.ceiling.mean(1).max()) >= self.cfg().transplant.min_score),
                 "rows": [asdict(r) for r in rows], "config": self.config}
 
     def summary_extra(self) -> list[tuple[str, str]]:

@@ -146,9 +146,9 @@ def test_grouped_query_circuit_plot_splits_key_value_nodes_over_their_heads():
 
 def test_edge_and_receiver_display_labels_use_the_site_vocabulary():
     g, gqa = Graph(2, 4, 4), Graph(1, 4, 2)
-    assert edge_display_label(g, "a0.h1 -> a1.h0.q @3") == "z L0.H1 → q L1.H0 @3"
-    assert edge_display_label(g, "input -> m1") == "embed → mlp_out L1"
-    assert edge_display_label(g, "m1 -> logits") == "mlp_out L1 → logits"
+    assert edge_display_label(g, "a0.h1 -> a1.h0.q @3") == "z L0.H1 -> q L1.H0 @3"
+    assert edge_display_label(g, "input -> m1") == "embed -> mlp_out L1"
+    assert edge_display_label(g, "m1 -> logits") == "mlp_out L1 -> logits"
     assert receiver_label(gqa, "a0.kv1.v") == "v L0.H1" and receiver_label(g, "a1.h3.k") == "k L1.H3"
     with pytest.raises(ConfigError, match="no edge"):
         edge_display_label(g, "m1 -> a0.h0.q")
@@ -157,7 +157,7 @@ def test_edge_and_receiver_display_labels_use_the_site_vocabulary():
     scores[g.edge("input -> m1")] = -1.0
     bars = EdgeScores(g, scores, torch.zeros(1), torch.zeros(1)).plot(top=2)
     shown = {y for tr in bars.data for y in tr.y}
-    assert shown == {"z L0.H1 → q L1.H0", "embed → mlp_out L1"}, shown
+    assert shown == {"z L0.H1 -> q L1.H0", "embed -> mlp_out L1"}, shown
 
 
 def test_a_saved_circuit_from_before_the_view_loads_and_plots():
@@ -168,5 +168,8 @@ def test_a_saved_circuit_from_before_the_view_loads_and_plots():
     shown = _shown_labels(fig)
     assert {"embed", "logits", "z L23.H4", "mlp_out L0"} <= shown
     assert all(s.startswith(("z L", "mlp_out L")) or s in ("embed", "logits") for s in shown), shown
-    assert fig.layout.title.text.startswith("Circuit: 192 edges, faithfulness 0.82: ")
+    assert fig.layout.title.text == "Circuit: 192 edges, faithfulness 0.82: 17 nodes at 0.8"
+    rows = dict(circuit.summary_extra())
+    assert rows["edges"] == "192" and rows["nodes"].startswith("62: embed, mlp_out L0, ") and "a4.h0" not in rows["nodes"]
+    assert rows["faithfulness"] == "0.816" and "z L4.H0" in circuit._repr_html_()
     assert len(fig.layout.sliders[0].steps) == len(THRESHOLDS)

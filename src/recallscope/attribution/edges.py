@@ -9,7 +9,7 @@ is a set of edges (with the scores that chose them, for drawing), plus whatever 
 Nodes and edges are *identified* by the names of EAP-IG / MIB circuit files (``a3.h4``, ``m3``,
 ``"a0.h1 -> a1.h0.q"``; :meth:`Graph.edge`), and *shown* in the one site vocabulary
 (:func:`recallscope.sites.site_label`): :meth:`Graph.node_label` (``z L3.H4``, ``mlp_out L3``),
-:func:`receiver_label` and :func:`edge_display_label` (``z L0.H1 → q L1.H0``).
+:func:`receiver_label` and :func:`edge_display_label` (``z L0.H1 -> q L1.H0``).
 """
 
 import os
@@ -96,6 +96,15 @@ class Circuit:
         edges = self.edges & (keep[..., None] if self.edges.ndim == 3 else keep)
         return replace(self, edges=edges, info={**self.info, "pruned": True})
 
+    def summary_extra(self) -> list[tuple[str, str]]:
+        """Rows of the HTML summary: size, how it was chosen, what was measured; nodes by their site labels."""
+        nodes = [self.graph.node_label(n) for n in self.nodes()]
+        rows = [("edges", str(self.n_edges)),
+                ("nodes", f"{len(nodes)}: " + ", ".join(nodes[:12]) + (", …" if len(nodes) > 12 else ""))]
+        rows += [(k, f"{self.info[k]:.3f}" if isinstance(self.info[k], float) else str(self.info[k]))
+                 for k in ("selection", "faithfulness", "completeness") if k in self.info]
+        return rows
+
     def plot(self, *, title: str | None = None, groups: Mapping[str, Sequence[int | str]] | None = None,
              group_by: str | None = None, thresholds: Sequence[float] | None = None, start: float | None = None,
              max_edges: int = 300) -> go.Figure:
@@ -165,11 +174,12 @@ def receiver_label(graph: Graph, name: str) -> str:
 
 def edge_display_label(graph: Graph, name: str) -> str:
     """The display label of edge ``name`` (an id such as ``"a0.h1 -> a1.h0.q @3"``, see
-    :meth:`Graph.edge_label`): ``"z L0.H1 → q L1.H0 @3"``. Ids stay the interchange names (MIB / EAP-IG,
-    :meth:`Graph.edge`); this is what figures and printouts show."""
+    :meth:`Graph.edge_label`): ``"z L0.H1 -> q L1.H0 @3"``. Ids stay the interchange names (MIB / EAP-IG,
+    :meth:`Graph.edge`); this is what figures and printouts show (an ASCII arrow: JSON summaries and CLI
+    printouts stay readable)."""
     edge, _, pos = name.partition(" @")
     u, v = graph.edge(edge)
-    text = f"{graph.node_label(graph.senders[u])} → {receiver_label(graph, graph.receivers[v])}"
+    text = f"{graph.node_label(graph.senders[u])} -> {receiver_label(graph, graph.receivers[v])}"
     return text + (f" @{pos}" if pos else "")
 
 

@@ -6,7 +6,7 @@ the figures that present it and a small JSON-able summary:
 - ``atp`` / ``atp*``: node attribution (AtP; AtP* adds the QK fix and GradDrop); figures: the ranked
   sites, and one layer x position heatmap per residual/attention/MLP component.
 - ``eap-ig``: EAP-IG edge scores; figures: the ranked edges and the top-``top_edges`` circuit (pruned),
-  whose faithfulness is measured (edges shown in the site vocabulary, ``z L0.H1 → q L1.H0``).
+  whose faithfulness is measured (edges shown in the site vocabulary, ``z L0.H1 -> q L1.H0``).
 - ``dla``: direct logit attribution; figures: the ranked components and, when the pairs carry token
   spans, the top heads split by source tokens (subject vs relation).
 

@@ -174,12 +174,12 @@ def train_seeds(model, trunk, answers, config: TrainConfig, seeds: list[int], wo
         done = work / f"{tag}_seed{seed}_{config.key(seed, len(answers))}.pt"
         if done.is_file():
             saved = torch.load(done, weights_only=False)
-            curves.append(Curve(saved["logp"], saved["top1"], seed))
+            curves.append(Curve(saved["logp"], saved["top1"], seed, saved.get("adapters", {})))
             print(f"seed {seed}: loaded {done}", flush=True)
             continue
         t0, c0 = time.perf_counter(), time.process_time()
         curve = learning_curve(model, trunk, answers, config, seed=seed, checkpoint=done.with_suffix(".ckpt"))
-        torch.save({"logp": curve.logp, "top1": curve.top1, "wall_s": time.perf_counter() - t0,
+        torch.save({"logp": curve.logp, "top1": curve.top1, "adapters": curve.adapters, "wall_s": time.perf_counter() - t0,
                     "cpu_s": time.process_time() - c0}, done)
         done.with_suffix(".ckpt").unlink(missing_ok=True)
         curves.append(curve)
@@ -254,10 +254,29 @@ def stage_pilot(args, prereg, config) -> None:
 def _ready(args, prereg, config, which):
     model, tok = hf_smollm2()
     model.to(args.device)
+    model.recallscope_tokenizer = tok
     items = load_items(Path(args.out), which, prereg["design"]["min_pairs"])
     ids, mask, answers, prompts = encode_items(tok, items, prereg)
     trunk = cache_trunk(model, ids.to(args.device), mask.to(args.device), config.from_layer)
     return model, items, answers.to(args.device), prompts, trunk
+
+
+def save_finetuned(model, tok, config: TrainConfig, curve: Curve, out_dir: Path) -> None:
+    """Merge one seed's adapters into the model and save a Hugging Face directory (``load_model(out_dir)`` reads it)."""
+    from recallscope.finetune.lora import attach_lora, load_lora_state, merge_lora
+    from recallscope.finetune.trunk import decoder
+
+    if not curve.adapters:
+        raise SystemExit(f"seed {curve.seed}'s saved curve has no adapters (written before they were kept); "
+                         "delete its .pt file under --work to retrain it, then save.")
+    attach_lora(model, decoder(model).layers[config.from_layer:], config.targets, rank=config.rank,
+                alpha=config.alpha, seed=curve.seed)
+    load_lora_state(model, curve.adapters)
+    merge_lora(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    print(f"seed {curve.seed}: fine-tuned model saved to {out_dir}")
 
 
 def check_items_hash(path: Path, prereg: dict) -> None:
@@ -290,6 +309,8 @@ def stage_confirm(args, prereg, config, seeds) -> None:
     torch.save({"logp": torch.stack([c.logp for c in curves]), "seeds": seeds},
                Path(args.work) / args.scale / "curves.pt")
     figure(curves, items, Path(args.out) / "learning_curves")
+    if args.save_model:
+        save_finetuned(model, model.recallscope_tokenizer, config, curves[0], Path(args.save_model))
     p = summary["primary"]
     print(f"primary: hooked - control area {p['mean_diff']:.3f} nats, 95% CI [{p['ci95'][0]:.3f}, {p['ci95'][1]:.3f}],"
           f" p = {p['p']:.4g}, {p['n_pairs']} pairs, {len(seeds)} seeds")
@@ -329,6 +350,9 @@ def main() -> None:
     ap.add_argument("--lexicon", nargs="*", default=list(SHARED_LEXICONS))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument("--save-model", default=None,
+                    help="after --stage confirm: merge the first seed's adapters and save a Hugging Face directory here "
+                         "(for the route analysis of the fine-tuned model)")
     args = ap.parse_args()
     if args.threads < 1:
         raise SystemExit("--threads must be at least 1.")

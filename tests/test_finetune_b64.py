@@ -115,6 +115,17 @@ def test_training_reduces_loss_and_restores_the_model():
     with torch.no_grad():
         torch.testing.assert_close(top_logits(model, trunk), before)  # adapters removed
     torch.testing.assert_close(curve.logp[0], torch.log_softmax(before, -1).gather(1, answers[:, None])[:, 0])
+    # the returned adapters, re-attached and merged, reproduce the curve's last point
+    from recallscope.finetune.lora import load_lora_state
+
+    attach_lora(model, model.model.layers[1:], TrainConfig().targets, rank=4, alpha=16.0, seed=0)
+    load_lora_state(model, curve.adapters)
+    merge_lora(model)
+    with torch.no_grad():
+        trained = torch.log_softmax(top_logits(model, trunk), -1).gather(1, answers[:, None])[:, 0]
+    torch.testing.assert_close(trained, curve.logp[-1], atol=1e-4, rtol=1e-4)  # the last point is after all updates
+    assert not any(isinstance(m, type(model.model.layers[1].self_attn.q_proj)) and hasattr(m, "lora_a")
+                   for m in model.modules())
 
 
 def test_resume_continues_where_it_stopped(tmp_path, monkeypatch):
@@ -295,3 +306,23 @@ def test_greedy_generate_matches_stepwise_argmax(gpt2_tokenizer):
             with torch.no_grad():
                 ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
         assert text == gpt2_tokenizer.decode(ids[-3:])
+
+
+def test_script_saves_the_finetuned_model(tmp_path, gpt2_tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from recallscope.finetune.curves import Curve
+
+    mod = _script()
+    model = _llama()
+    _, ids, mask, answers = _batch()
+    trunk = cache_trunk(model, ids, mask, 1)
+    cfg = TrainConfig(steps=5, lr=5e-2, rank=2, from_layer=1)
+    curve = learning_curve(model, trunk, answers, cfg, seed=4, progress=False)
+    mod.save_finetuned(model, gpt2_tokenizer, cfg, curve, tmp_path / "ft")
+    loaded = LlamaForCausalLM.from_pretrained(tmp_path / "ft").eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(top_logits(loaded, trunk), -1).gather(1, answers[:, None])[:, 0]
+    torch.testing.assert_close(logp, curve.logp[-1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(SystemExit, match="no adapters"):
+        mod.save_finetuned(_llama(), gpt2_tokenizer, cfg, Curve(curve.logp, curve.top1, 4), tmp_path / "x")

@@ -7,7 +7,9 @@
    the mean cross-entropy. Step ``steps`` only measures. Full batch: every item gets the same updates.
 3. Resumable: every ``checkpoint_every`` steps the adapters, the optimiser state and the curve so far are
    written atomically to ``checkpoint``; a rerun with the same configuration continues from there (a
-   different configuration raises). The adapters are removed at the end: the model is pretrained again.
+   different configuration raises). The adapters are removed at the end (the model is pretrained again) and
+   returned with the curve, so a caller can re-attach them (:func:`~recallscope.finetune.lora.load_lora_state`)
+   and merge them into a checkpoint.
 """
 
 import dataclasses
@@ -71,11 +73,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Curve:
-    """One seed's learning curves: ``logp[step, item]`` and ``top1[step, item]`` (before each update)."""
+    """One seed's learning curves: ``logp[step, item]`` and ``top1[step, item]`` (before each update), and the
+    trained adapters (:func:`~recallscope.finetune.lora.lora_state`; empty when not kept)."""
 
     logp: Float[Tensor, "step item"]
     top1: Bool[Tensor, "step item"]
     seed: int
+    adapters: dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
 
 def _save(path: Path, payload: dict[str, Any]) -> None:
@@ -135,6 +139,7 @@ def learning_curve(model: Any, trunk: Trunk, answers: Int[Tensor, " item"], conf
                 if path is not None and (step + 1) % config.checkpoint_every == 0:
                     _save(path, {"key": key, "lora": lora_state(model), "opt": opt.state_dict(), "logp": logps,
                                  "top1": top1, "step": step + 1})
+        adapters = {k: v.cpu() for k, v in lora_state(model).items()}
     finally:
         remove_lora(model)
-    return Curve(torch.stack(logps), torch.stack(top1), seed)
+    return Curve(torch.stack(logps), torch.stack(top1), seed, adapters)

@@ -181,10 +181,12 @@ def test_adjusted_block_finds_a_planted_keyword_effect_and_its_schema():
     assert block["n_cards"] == 150 and block["by_link"]["meaning/etymology"]["n_cards"] == 50
     assert block["keyword_effect"] > 1.0 and block["ci"][0] > 0 and block["p"] == pytest.approx(2 / 100)
     assert block["overall"]["coefficients"].keys() == set(FEATURES)
-    assert len(block["correction"]["tests"]) == 6  # (top choice, rank-ordered) x (all, sound, meaning)
+    assert len(block["correction"]["tests"]) == 7  # (top choice, rank-ordered) x (all, sound, meaning) + support
+    support = [i for i in range(150) if string[i, 0] <= string[i, 1:].max()]
+    assert block["common_support"]["n_cards"] == len(support) < 150
     for fit in [block["overall"], *block["by_link"].values()]:
         assert fit["p_holm"] >= fit["p"] and fit["p_bh"] >= fit["p"]
-    assert len(plot_adjusted(block).data) == 6
+    assert len(plot_adjusted(block).data) == 7
 
 
 def test_adjusted_block_removes_a_relatedness_confound():

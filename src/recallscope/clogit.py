@@ -122,12 +122,16 @@ def _weighted_newton(x: Tensor, chosen: Tensor, mask: Tensor, w: Tensor, ridge: 
     eye = torch.eye(n_f, dtype=torch.float64)
     done = torch.zeros(n_b, dtype=torch.bool)
     xc = x.gather(2, chosen[..., None, None].expand(-1, -1, 1, n_f))[:, :, 0]  # [C, S, F]
+    n_c, n_s, n_a = x.shape[:3]
+    outer = (x[..., :, None] * x[..., None, :]).reshape(n_c * n_s * n_a, n_f * n_f)  # [C*S*A, F*F]
     for _ in range(max_iter):
         eta = torch.einsum("csaf,bf->bcsa", x, beta).masked_fill(~mask, float("-inf"))
         p = torch.softmax(eta, dim=3)
         mean = torch.einsum("bcsa,csaf->bcsf", p, x)
         grad = torch.einsum("bc,bcsf->bf", w, xc[None] - mean) - ridge * beta
-        second = torch.einsum("bc,bcsa,csaf,csag->bfg", w, p, x, x) - torch.einsum("bc,bcsf,bcsg->bfg", w, mean, mean)
+        wp = (w[:, :, None, None] * p).reshape(n_b, -1)  # [B, C*S*A]
+        wm = (w[:, :, None, None] * mean).reshape(n_b, n_c * n_s, n_f)
+        second = (wp @ outer).view(n_b, n_f, n_f) - wm.transpose(1, 2) @ mean.reshape(n_b, n_c * n_s, n_f)
         step = torch.linalg.lstsq(second + ridge * eye, grad[..., None]).solution[..., 0]
         step[done] = 0
         current = _weighted_objective(beta, x, chosen, mask, w, ridge)

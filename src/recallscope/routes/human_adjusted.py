@@ -17,9 +17,12 @@ stratum; their causal scores are interchange effects (:mod:`.human_causal`). Ste
 3. **Uncertainty.** 95% percentile CIs from a bootstrap over cards (``n_boot`` resamples, refitting each);
    p = the bootstrap two-sided p (:func:`recallscope.clogit.bootstrap_p`, floor ``2 / (n_boot + 1)``);
    the model-based Wald p is reported beside it.
-4. **Multiplicity.** Holm and Benjamini-Hochberg over every keyword-effect test reported: (top choice,
-   rank-ordered) x (all cards, sound/orthographic, meaning/etymology).
-5. **Block** (:func:`adjusted_block`): ``{"keyword_effect", "ci", "p", "n_cards", "by_link", ...}`` for
+4. **Sensitivity.** Matching cannot always find controls as string-similar to the term as a sound-alike
+   keyword; ``common_support`` refits the top-choice model on the cards whose keyword is no more similar
+   to the term than its most similar control, where no extrapolation over string similarity is needed.
+5. **Multiplicity.** Holm and Benjamini-Hochberg over every keyword-effect test reported: (top choice,
+   rank-ordered) x (all cards, sound/orthographic, meaning/etymology), and the common-support fit.
+6. **Block** (:func:`adjusted_block`): ``{"keyword_effect", "ci", "p", "n_cards", "by_link", ...}`` for
    ``summary.json``; :func:`plot_adjusted` draws every coefficient with its CI.
 """
 
@@ -78,10 +81,14 @@ def adjusted_block(causal: Float[Tensor, "card cand"], related: Float[Tensor, "c
     groups = {"all": list(range(len(kept_links)))}
     for link in sorted(set(kept_links)):
         groups[link] = [i for i, l in enumerate(kept_links) if l == link]
+    s_ok = string[ok]
+    groups["common_support"] = [i for i in range(len(kept_links)) if float(s_ok[i, 0]) <= float(s_ok[i, 1:].max())]
     depth = max(1, min(rank_depth, causal.shape[1] - 1))
     fits: dict[tuple[str, str], dict[str, Any]] = {}
     for outcome, d in (("top_choice", 1), ("rank_ordered", depth)):
         for name, idx in groups.items():
+            if outcome == "rank_ordered" and name == "common_support":
+                continue
             if len(idx) >= 2:
                 fits[(outcome, name)] = _fit(x_all[idx], score[idx], d, n_boot, seed, ridge)
             else:
@@ -94,9 +101,13 @@ def adjusted_block(causal: Float[Tensor, "card cand"], related: Float[Tensor, "c
     return {
         **{k: top[k] for k in ("keyword_effect", "ci", "p") if k in top},
         "p_holm": top.get("p_holm"), "p_bh": top.get("p_bh"), "n_cards": top["n_cards"],
-        "by_link": {name: fits[("top_choice", name)] for name in groups if name != "all"},
+        "by_link": {name: fits[("top_choice", name)] for name in groups if name not in ("all", "common_support")},
         "overall": top,
-        "rank_ordered": {"depth": depth, **{name: fits[("rank_ordered", name)] for name in groups}},
+        "common_support": {**fits[("top_choice", "common_support")],
+                           "rule": "cards whose keyword is no more string-similar to the term than its most similar "
+                                   "control (no extrapolation over string similarity)"},
+        "rank_ordered": {"depth": depth, **{name: fits[("rank_ordered", name)] for name in groups
+                                            if name != "common_support"}},
         "n_cards_left_out_not_finite": int((~ok).sum()),
         "outcome": ("top_choice: the candidate with the largest interchange effect in its card is 'route-like' "
                     "(conditional logit, strata = cards); rank_ordered: exploded logit over the top "
@@ -119,8 +130,9 @@ def plot_adjusted(block: dict[str, Any], *, title: str | None = None) -> Any:
     fig = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.06,
                         subplot_titles=("top choice (conditional logit)",
                                         f"rank-ordered (top {block['rank_ordered']['depth']})"))
-    colors = {"all": "#444444", "sound/orthographic": "#d62728", "meaning/etymology": "#1f77b4"}
-    fits = [("top_choice", {"all": block["overall"], **block["by_link"]}),
+    colors = {"all": "#444444", "sound/orthographic": "#d62728", "meaning/etymology": "#1f77b4",
+              "common support": "#9467bd"}
+    fits = [("top_choice", {"all": block["overall"], **block["by_link"], "common support": block["common_support"]}),
             ("rank_ordered", {k: v for k, v in block["rank_ordered"].items() if k != "depth"})]
     for col, (outcome, groups) in enumerate(fits, start=1):
         for g, (name, fit) in enumerate(groups.items()):

@@ -142,10 +142,13 @@ def term_neighbours(words: Sequence[str], terms: Sequence[str], *, k: int = 8, m
     return out
 
 
+@lru_cache(maxsize=65536)
+def _word_set(text: str) -> frozenset[str]:
+    return frozenset(letters(w) for w in text.split() if letters(w))
+
+
 def _shares_word(a: str, b: str) -> bool:
-    wa = {letters(w) for w in a.split() if letters(w)}
-    wb = {letters(w) for w in b.split() if letters(w)}
-    return bool(wa & wb) or letters(a) == letters(b)
+    return bool(_word_set(a) & _word_set(b)) or letters(a) == letters(b)
 
 
 def match_card_controls(keyword: int, term: str, definition: str, texts: Sequence[str],

@@ -12,12 +12,14 @@ view), ``summary.json`` (fidelity, the graph's reading, the intervention and its
    (``VA ==`` -> concept ``VAT`` at layer 1, position 1 -> ``T``); for the 16 held-out chunks this two-hop
    route is the only way. Transcoders for every layer are trained here (organism defaults of
    ``recallscope transcoders``), cached. For each held-out chunk: the graph of ``<chunk> ==`` -> its letter;
-   *reading*: the features at the chunk's position in layer 0 (before the concept site) with the largest
-   influence on the answer logit; *intervention*: ablate those ``n_top`` features in the real model
-   (nothing frozen) and, as a control, ``n_top`` other active features at the same place; the graph's claim is
-   confirmed when ablating its features lowers the answer logit by more than the control, on most chunks.
+   *reading*: the features at the chunk's position in layer 0 (before the concept site) that the graph says
+   promote the answer most (path effect ``a * d logit / d a`` summed over the graph's paths); *intervention*: ablate those ``n_top`` features in the real model
+   (nothing frozen) and, as a control, ``n_top`` other active features at the same place; :func:`verdict` checks the
+   answer's logit (as predicted, beyond the control) and its log-probability (beyond the control) separately;
+   each check stands when >= 75% of the chunks confirm it.
 2. **SmolLM2**: ``The acronym VAT stands for Value Added`` -> `` Tax`` with the cached transcoders.
-   *Reading*: the features at the acronym's tokens with the largest influence on `` Tax``; *intervention*:
+   *Reading*: the features at the acronym's token (and, second claim, at the last token) that the graph says
+   promote `` Tax`` most; *intervention*:
    ablate them (attention free, and attention + norms frozen), control: as many other active features at the
    same positions; also the graph's linear prediction of the effect (path sums through the graph).
 
@@ -41,16 +43,21 @@ from recallscope.features.replacement import error_share
 from recallscope.features.view import graph_view
 
 
-def predicted_effect(graph: Any, nodes: list[int]) -> float:
-    """The graph's linear prediction of the target-logit change when ``nodes`` (features) are ablated:
-    ``-sum a_n * d logit / d a_n`` with the derivative summed over all paths of the graph."""
+def path_effects(graph: Any) -> torch.Tensor:
+    """Each feature's contribution to the target logit through all paths of the graph, ``a_n * d logit / d a_n``
+    (the graph's linear prediction of the logit change when the feature is ablated is minus this)."""
     a, nf, adj = graph.activations, graph.n_feat, graph.adjacency
     direct = (adj[graph.logit_slice, :nf] / a[None])[0]
     through = adj[:nf, :nf] / a[None]  # [target, source]: d input_t / d a_s along the direct edge
     total = direct.clone()
     for _ in range(graph.n_layers + 1):  # total = direct + through^T total; the graph is acyclic (layer order)
         total = direct + through.T @ total
-    return float(-(a[nodes] * total[nodes]).sum())
+    return a * total
+
+
+def predicted_effect(graph: Any, nodes: list[int]) -> float:
+    """The graph's linear prediction of the target-logit change when the features ``nodes`` are ablated."""
+    return float(-path_effects(graph)[nodes].sum())
 
 
 def ablate(model: Any, tset: Any, tokens: torch.Tensor, feats: list[list[int]], target: int,
@@ -58,22 +65,22 @@ def ablate(model: Any, tset: Any, tokens: torch.Tensor, feats: list[list[int]], 
     """Logit and probability change of ``target`` when ``feats`` ([layer, pos, index]) are set to 0."""
     res = run_intervention(model, tset, tokens, [FeatureEdit(lay, f, p, value=0.0) for lay, p, f in feats],
                            freeze=freeze)
-    p0, p1 = (res.clean_logits[-1].softmax(-1)[target], res.logits[-1].softmax(-1)[target])
+    lp0, lp1 = (res.clean_logits[-1].log_softmax(-1)[target], res.logits[-1].log_softmax(-1)[target])
     top = int(res.logits[-1].argmax())
-    return {"logit_change": res.logit_change(target), "prob_clean": float(p0), "prob_edited": float(p1),
-            "top_after": model.tokenizer.decode([top])}
+    return {"logit_change": res.logit_change(target), "logprob_change": float(lp1 - lp0),
+            "prob_clean": float(lp0.exp()), "prob_edited": float(lp1.exp()), "top_after": model.tokenizer.decode([top])}
 
 
 def read_off(graph: Any, positions: list[int], layers: list[int] | None, n_top: int, seed: int
              ) -> tuple[list[int], list[int]]:
-    """The ``n_top`` most influential features at ``positions`` (and ``layers``), and as many other active
-    features at the same places drawn at random (the control)."""
-    infl = influence(graph)[: graph.n_feat]
+    """The ``n_top`` features at ``positions`` (and ``layers``) that the graph says promote the target most
+    (largest path effect), and as many other active features at the same places drawn at random (control)."""
+    effect = path_effects(graph)
     place = torch.isin(graph.features[:, 1], torch.tensor(positions))
     if layers is not None:
         place &= torch.isin(graph.features[:, 0], torch.tensor(layers))
     cand = place.nonzero().squeeze(-1)
-    order = cand[infl[cand].argsort(descending=True)]
+    order = cand[effect[cand].argsort(descending=True)]
     top = order[:n_top].tolist()
     rest = order[n_top:]
     gen = torch.Generator().manual_seed(seed)
@@ -81,10 +88,25 @@ def read_off(graph: Any, positions: list[int], layers: list[int] | None, n_top: 
     return top, control
 
 
+def verdict(ablated: dict[str, float], control: dict[str, float], predicted: float) -> dict[str, str]:
+    """Two checks of the claim "these features promote the answer":
+
+    - ``logit``: ablating them lowers the answer's logit as the graph predicts (same sign, within a factor 2)
+      and by more than twice the control's change;
+    - ``probability``: ablating them lowers the answer's log-probability by more than twice the control's
+      change (the graph's logit node is not demeaned, so a feature can raise every logit alike: the logit
+      check passes and this one fails).
+    """
+    obs, ctl = ablated["logit_change"], control["logit_change"]
+    logit_ok = predicted < 0 and obs < 0 and 0.5 <= obs / predicted <= 2 and abs(obs) > 2 * abs(ctl)
+    prob_ok = ablated["logprob_change"] < 0 and abs(ablated["logprob_change"]) > 2 * abs(control["logprob_change"])
+    return {"logit": "confirmed" if logit_ok else "refuted", "probability": "confirmed" if prob_ok else "refuted"}
+
+
 def write_graph(model: Any, tset: Any, graph: Any, out: Path, prompt: str, scan: str) -> dict[str, Any]:
     from recallscope.cli.graph import _view_labels
 
-    pruned = prune(graph, node_threshold=0.8, edge_threshold=0.98)
+    pruned = prune(graph, node_threshold=0.8, edge_threshold=0.9)  # 0.9: a SmolLM2 graph.json of a few MB
     strs = [model.tokenizer.decode([t]) for t in graph.tokens.tolist()]
     save_json(to_json(graph, pruned, slug=out.name, scan=scan, prompt_tokens=strs, prompt=prompt), out / "graph.json")
     fig = graph_view(graph, labels=_view_labels(model, tset, graph, pruned.node_mask), token_strs=strs, title=prompt)
@@ -129,17 +151,21 @@ def organism_part(out: Path, n_top: int) -> dict[str, Any]:
                      "error_share": error_share(graph)})
     graph, prompt = first  # type: ignore[misc]
     drawn = write_graph(model, tset, graph, out, prompt, str(tdir))
-    wins = sum(r["ablate"]["logit_change"] < r["control"]["logit_change"] for r in rows)
+    checks = [verdict(r["ablate"], r["control"], r["predicted"]) for r in rows]
+    wins = {k: sum(c[k] == "confirmed" for c in checks) for k in ("logit", "probability")}
     flips = sum(r["ablate"]["top_after"] != r["answer"] for r in rows)
     summary = {
         "model": spec, "transcoders": str(tdir), "report": json.loads((tdir / "report.json").read_text()),
         "fidelity": json.loads((tdir / "fidelity.json").read_text())["all"], "graph": drawn, "prompt": prompt,
-        "claim": f"the {n_top} most influential layer-0 features at the chunk position carry the route to the letter",
-        "n_prompts": len(rows), "ablation_beats_control": wins, "answer_changed_by_ablation": flips,
+        "claim": f"the {n_top} layer-0 features at the chunk position that the graph says promote the letter most "
+                 "carry the route to it",
+        "n_prompts": len(rows), "confirmed_prompts": wins, "answer_changed_by_ablation": flips,
         "mean_logit_change": {"graph_features": _mean(r["ablate"]["logit_change"] for r in rows),
                               "control": _mean(r["control"]["logit_change"] for r in rows),
-                              "predicted": _mean(r["predicted"] for r in rows)},
-        "verdict": "confirmed" if wins >= 0.75 * len(rows) else "refuted", "rows": rows}
+                              "predicted": _mean(r["predicted"] for r in rows),
+                              "graph_features_logprob": _mean(r["ablate"]["logprob_change"] for r in rows),
+                              "control_logprob": _mean(r["control"]["logprob_change"] for r in rows)},
+        "verdict": {k: "confirmed" if n >= 0.75 * len(rows) else "refuted" for k, n in wins.items()}, "rows": rows}
     return summary
 
 
@@ -177,16 +203,17 @@ def smollm2_part(out: Path, n_top: int, transcoders: str | None, max_feature_nod
         top, control = read_off(graph, where, None, n_top, seed=0)
         feats = graph.features[top].tolist()
         result[name] = {
-            "claim": f"the {n_top} most influential features at {[strs[p] for p in where]} promote {answer_text!r}",
-            "features": feats, "influence": influence(graph)[top].tolist(), "predicted": predicted_effect(graph, top),
+            "claim": f"the {n_top} features at {[strs[p] for p in where]} that the graph says promote {answer_text!r} "
+                     "most do promote it",
+            "features": feats, "influence": influence(graph)[top].tolist(), "path_effect": path_effects(graph)[top].tolist(),
+            "predicted": predicted_effect(graph, top),
             "ablate_free": ablate(model, tset, tokens, feats, answer),
             "ablate_frozen": ablate(model, tset, tokens, feats, answer, freeze=("attention", "norms")),
             "control_free": ablate(model, tset, tokens, graph.features[control].tolist(), answer),
             "control_frozen": ablate(model, tset, tokens, graph.features[control].tolist(), answer,
                                      freeze=("attention", "norms"))}
         r = result[name]
-        r["verdict"] = ("confirmed" if r["ablate_free"]["logit_change"] < min(0.0, 2 * r["control_free"]["logit_change"])
-                        and r["predicted"] < 0 else "refuted")
+        r["verdict"] = verdict(r["ablate_free"], r["control_free"], r["predicted"])
     return result
 
 

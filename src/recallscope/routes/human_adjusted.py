@@ -147,12 +147,12 @@ def plot_adjusted(block: dict[str, Any], *, title: str | None = None) -> Any:
                 x=beta, y=y, mode="markers", marker=dict(color=colors.get(name, "#2ca02c"), size=9),
                 error_x=dict(type="data", symmetric=False, array=hi, arrayminus=lo),
                 name=f"{name} (n={fit['n_cards']}, keyword p_holm={fit.get('p_holm', float('nan')):.3g})",
-                legendgroup=name, showlegend=True, offsetgroup=str(g),
+                legendgroup=name, showlegend=col == 1, offsetgroup=str(g),
                 customdata=[coefs[f]["p"] for f in FEATURES],
                 hovertemplate="%{y}: %{x:.3f}, bootstrap p = %{customdata:.3g}<extra>" + outcome + " " + name
                               + "</extra>"), row=1, col=col)
         fig.add_vline(x=0, line=dict(dash="dash", color="#888888"), row=1, col=col)
-    fig.update_xaxes(title_text="coefficient (log odds; covariates per SD), 95% bootstrap CI")
+    fig.update_xaxes(title_text="log odds (covariates per SD), 95% bootstrap CI")
     apply_style(fig, title=title or (f"adjusted keyword effect: {block['keyword_effect']:+.3f} "
                                      f"[{block['ci'][0]:+.3f}, {block['ci'][1]:+.3f}], p = {block['p']:.3g}, "
                                      f"{block['n_cards']} cards"))

@@ -7,7 +7,7 @@ from recallscope.attribution.scoring import roc_auc
 from recallscope.errors import ConfigError
 from recallscope.organisms import b64_decoder as B
 from recallscope.organisms import ground_truth
-from recallscope.organisms.scoring import b64_cells
+from recallscope.bench.scoring import b64_cells
 from recallscope.tasks.b64_codec import chars_for_byte, decode_text
 
 

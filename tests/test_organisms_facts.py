@@ -9,7 +9,7 @@ from recallscope.attribution.scoring import roc_auc
 from recallscope.organisms import ground_truth
 from recallscope.organisms.fact_store import (FIRST, LAST, REL, FactConfig, FactTruth, fact_checks, fact_truth,
                                               make_fact_world, subject_swap_pairs)
-from recallscope.organisms.scoring import fact_cells
+from recallscope.bench.scoring import fact_cells
 
 
 pytestmark = pytest.mark.usefixtures("organism_determinism")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from recallscope.errors import ConfigError
-from recallscope.organisms import families, route_bench
+from recallscope.bench import route_bench
+from recallscope.organisms import families
 from recallscope.organisms.core import ArchConfig, state_sha256
 from recallscope.organisms.mnemonic import RouteTruth
 
@@ -136,7 +137,7 @@ def test_answer_at_site_gets_no_route_under_the_committed_detector():
 
 
 def test_harness_and_figures_rows_agree_on_the_shipped_route_organism():
-    from recallscope.organisms.figures import mnemonic_route_rows
+    from recallscope.bench.organism_figures import mnemonic_route_rows
 
     model, where = route_bench.organism_model("route-s0")
     assert where == "shipped"

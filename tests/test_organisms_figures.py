@@ -1,4 +1,4 @@
-"""recallscope.organisms.figures: the base64 byte x chunk map against a hook oracle and the truth, the organism's
+"""recallscope.bench.organism_figures: the base64 byte x chunk map against a hook oracle and the truth, the organism's
 chunk alignment, route rows of route vs rote organisms, and their figures."""
 
 import pytest
@@ -8,7 +8,7 @@ from jaxtyping import TypeCheckError
 from recallscope.errors import ResultFileError
 from recallscope.organisms import ground_truth
 from recallscope.organisms.b64_decoder import dependency_pairs, prompt_text
-from recallscope.organisms.figures import (B64DependencyMap, b64_dependency_map, chunk_alignment,
+from recallscope.bench.organism_figures import (B64DependencyMap, b64_dependency_map, chunk_alignment,
                                            mnemonic_checks_figure, mnemonic_route_rows, plot_route_scores)
 from recallscope.tasks.b64_codec import encode
 

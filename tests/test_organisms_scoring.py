@@ -9,7 +9,7 @@ from recallscope.attribution.edges import EdgeScores
 from recallscope.attribution.graph import Graph
 from recallscope.errors import ConfigError
 from recallscope.organisms import ground_truth
-from recallscope.organisms.scoring import (cell_cut, cell_recovery, cell_scores, circuit_cells, eapig_effects,
+from recallscope.bench.scoring import (cell_cut, cell_recovery, cell_scores, circuit_cells, eapig_effects,
                                            edge_cells, exact_patching_effects, score_cells, truth_groups)
 from test_attribution_toys import PLANTED_EDGES, planted_model, random_pairs
 

@@ -181,7 +181,7 @@ def tiny_demo(tmp_path_factory, tiny_gpt2):
 
 
 def test_demo_writes_every_section_with_its_numbers(tiny_demo):
-    from recallscope.organisms.figures import B64DependencyMap
+    from recallscope.bench.organism_figures import B64DependencyMap
     from recallscope.routes.human import HumanComparison
 
     out, summary = tiny_demo

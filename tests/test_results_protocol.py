@@ -95,7 +95,7 @@ def _recall(model, tmp):
 
 
 def _b64_map(model, tmp):
-    from recallscope.organisms.figures import B64DependencyMap
+    from recallscope.bench.organism_figures import B64DependencyMap
 
     depends = torch.tensor([[True, False, False], [True, True, False]])
     return B64DependencyMap(drop=depends.float() * 3.0, depends=depends, n_per_byte=4, manifest={})

@@ -13,7 +13,8 @@ import torch
 
 import recallscope
 from recallscope.errors import ConfigError
-from recallscope.organisms import ground_truth, route_bench
+from recallscope.bench import route_bench
+from recallscope.organisms import ground_truth
 from recallscope.routes.transplant import (TransplantConfig, TransplantPair, fit_map, max_sign_flip_p,
                                            prepare_transplant, states_at, transplant_logits, transplant_score)
 

@@ -188,3 +188,40 @@ def test_packages_import_each_other_without_cycles_at_module_level():
     assert _in_cycles({**edges, "recallscope.models": edges.get("recallscope.models", set()) | {
         "recallscope.patching"}}), "the cycle check must catch a planted cycle"
     assert not _in_cycles(edges), f"packages in an import cycle at module level: {_in_cycles(edges)}"
+
+
+def _all_imports(path) -> set[str]:
+    """Every ``recallscope.*`` module a file imports, at module level or inside functions."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "recallscope":
+            out |= {f"recallscope.{a.name}" for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return {m for m in out if m.startswith("recallscope.")}
+
+
+def test_layers_organisms_below_methods_and_harness_demo_on_top():
+    """The organisms package is a model source (it may use models, tasks, metrics, sites, results, but no
+    method), and no library package imports the benchmark harness (``bench``), the demo or the CLI, not even
+    inside a function."""
+    from pathlib import Path
+
+    import recallscope
+
+    root = Path(recallscope.__file__).parent
+    methods = {"attribution", "routes", "lens", "patching", "features", "plotting", "report"}
+    top = {"bench", "demo", "cli"}
+    for path in (root / "organisms").rglob("*.py"):
+        bad = {m for m in _all_imports(path) if m.split(".")[1] in methods | top}
+        assert not bad, f"{path.relative_to(root)} imports {sorted(bad)} (organisms sit below the methods)"
+    for path in root.rglob("*.py"):
+        package = path.relative_to(root).parts[0].removesuffix(".py")
+        if package in top | {"__init__", "__main__", "report"}:
+            continue
+        bad = {m for m in _all_imports(path) if m.split(".")[1] in top}
+        assert not bad, f"{path.relative_to(root)} imports {sorted(bad)} (bench/demo/cli sit on top)"

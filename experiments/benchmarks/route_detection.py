@@ -1,7 +1,7 @@
 """Benchmark: recallscope's methods scored against the model organisms' known mechanisms.
 
 1. **Localisation** on the base64 and fact organisms (ground truth: the dependency map / the circuit's
-   residual cells, :mod:`recallscope.organisms.scoring`): exact activation patching, AtP and EAP-IG, each
+   residual cells, :mod:`recallscope.bench.scoring`): exact activation patching, AtP and EAP-IG, each
    as the ROC AUC of its per-(prompt, cell) noising effects against the truth. EAP-IG's effect on a cell is
    the sum of the per-position EAP-IG (inputs, 5 steps) scores of the edges crossing it, one run per prompt.
 2. **Circuit discovery** on the same organisms and pairs (one group per output byte of the base64
@@ -12,12 +12,12 @@
    (threshold 0.01 of the clean-corrupt gap) over every edge at every position. (b) and (c): TPR / FPR of
    the cells they use. Groups are pooled; a control scores Gaussian random edge scores the same way.
    The truth names residual cells, not heads or MLPs, so circuits are scored on the cells they route
-   through (:func:`recallscope.organisms.scoring.cell_recovery`).
+   through (:func:`recallscope.bench.scoring.cell_recovery`).
 3. **Routes** on the mnemonic organisms, with the detector fixed in ``route_detector.toml`` (committed
    before the held-out families were trained; ``--detector``). For each organism and each mnemonic-hook
    chunk (VA, TA, SA, RA, MA, NA, WA, UA: tasks.b64_stimuli.MNEMONIC_HOOKS) the detector scores the
    chunk's concept (``VAT``) against 19 control concepts of the same organism, represented in the
-   organism's own neutral context (``<s> VAT``) (one call site: :func:`recallscope.organisms.route_bench.detect`).
+   organism's own neutral context (``<s> VAT``) (one call site: :func:`recallscope.bench.route_bench.detect`).
    Organisms: the shipped ``route`` / ``rote`` families (the detector was developed on them) and the
    held-out families of :mod:`recallscope.organisms.families` (positives ``route-iit``, ``route-l2``,
    ``route-rot``; negatives ``bypass``, ``share``, ``rote-early``, ``answer-at-site``), seeds 0-4 by
@@ -56,10 +56,10 @@ import torch
 
 from recallscope import load_model
 from recallscope.attribution.scoring import roc_auc
-from recallscope.organisms import route_bench
+from recallscope.bench import route_bench
 from recallscope.organisms.families import FAMILIES
 from recallscope.organisms.recipes import N_SEEDS
-from recallscope.organisms.scoring import (b64_cells, cell_recovery, eapig_effects, exact_patching_effects, fact_cells,
+from recallscope.bench.scoring import (b64_cells, cell_recovery, eapig_effects, exact_patching_effects, fact_cells,
                                            truth_groups)
 
 ORGANISMS = ("b64-decoder", "fact-store")
@@ -171,7 +171,7 @@ def train_missing(families: list[str], seeds: list[int], cache_dir: str | None) 
 
 def route_rows(spec, families: list[str], seeds: list[int], cache_dir: str | None) -> list[dict]:
     """One row per (organism, hook chunk) of every family and seed (:func:`route_bench.organism_rows`)."""
-    from recallscope.organisms import route_bench
+    from recallscope.bench import route_bench
 
     train_missing(families, seeds, cache_dir)
     rows = []
@@ -217,7 +217,7 @@ def print_tables(loc: dict, secs: dict, circuits: dict | None, rows: list | None
                   f"{t['mean_n']:>6.0f} {t['mean_faithfulness']:>5.2f}  {a['tpr']:>5.2f}/{a['fpr']:<6.2f} "
                   f"{a['mean_edges']:>6.0f} {a['mean_faithfulness']:>5.2f}")
     if rows:
-        from recallscope.organisms.route_bench import family_metrics, pairwise_auroc
+        from recallscope.bench.route_bench import family_metrics, pairwise_auroc
 
         print(f"\n{'organism':<16} {'chunk':<6} {'concept':<8} {'truth':<9} {'score':>7} {'p':>6} {'verdict':<12} {'medi.':>6} strongest competitor")
         for r in rows:

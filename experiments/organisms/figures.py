@@ -18,8 +18,8 @@ from recallscope import load_model
 from recallscope.organisms import ground_truth
 from recallscope.organisms.core import deterministic
 from recallscope.organisms.fact_store import subject_swap_pairs
-from recallscope.organisms.figures import b64_dependency_map, mnemonic_checks_figure
-from recallscope.organisms.scoring import exact_patching_effects
+from recallscope.bench.organism_figures import b64_dependency_map, mnemonic_checks_figure
+from recallscope.bench.scoring import exact_patching_effects
 from recallscope.plotting import export_all, heatmap
 
 OUT = Path(__file__).resolve().parents[2] / "figures" / "organisms"

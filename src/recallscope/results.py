@@ -38,7 +38,7 @@ RESULT_TYPES: dict[str, str] = {}
 """Registered result type name (``result.json`` ``"type"``) -> ``module:Class``; filled by :func:`register_result`
 where each class is defined."""
 
-_PACKAGES_WITH_RESULTS = ("attribution", "features", "lens", "organisms", "patching", "routes", "tasks")
+_PACKAGES_WITH_RESULTS = ("attribution", "bench", "features", "lens", "organisms", "patching", "routes", "tasks")
 
 
 @runtime_checkable

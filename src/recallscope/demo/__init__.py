@@ -369,7 +369,7 @@ def _cards(model: Any, cfg: DemoConfig, rep: _Report) -> None:
 # ---------------------------------------------------------------------------------------- organisms
 def _b64_organism(cfg: DemoConfig, rep: _Report) -> None:
     from recallscope.models import load_model
-    from recallscope.organisms.figures import b64_dependency_map, chunk_alignment
+    from recallscope.bench.organism_figures import b64_dependency_map, chunk_alignment
     from recallscope.plotting import plot_b64_alignment
 
     model = load_model("organism:b64-decoder")
@@ -401,7 +401,7 @@ def _b64_organism(cfg: DemoConfig, rep: _Report) -> None:
 
 def _mnemonic_organisms(cfg: DemoConfig, rep: _Report) -> None:
     from recallscope.models import load_model
-    from recallscope.organisms.figures import mnemonic_checks_figure, mnemonic_route_rows, plot_route_scores
+    from recallscope.bench.organism_figures import mnemonic_checks_figure, mnemonic_route_rows, plot_route_scores
 
     rows = []
     with rep.step("route vs rote organisms"):

@@ -4,7 +4,7 @@
    plaintexts, the pairs of :func:`~recallscope.organisms.b64_decoder.dependency_pairs` (clean: the prompt
    that predicts byte ``j``; corrupt: another plaintext's chunks); each input chunk ``i``'s residual entering
    layer 0 (model position ``1 + i``) is patched from the corrupt run into the clean run, exactly
-   (:func:`~recallscope.organisms.scoring.exact_patching_effects`); ``drop[j, i]`` is the mean fall in
+   (:func:`~recallscope.bench.scoring.exact_patching_effects`); ``drop[j, i]`` is the mean fall in
    ``log p(byte j)``. The truth ``depends[j, i]`` is the codec's dependency map
    (:meth:`~recallscope.organisms.b64_decoder.B64Truth.dependency`). :class:`B64DependencyMap` plots both,
    and scores the map with ROC AUC of ``|drop|`` against the truth.
@@ -97,7 +97,7 @@ def b64_dependency_map(model: Any, n_bytes: int = 9, n: int = 32, *, seed: int =
     from recallscope.manifest import build_manifest
     from recallscope.organisms import ground_truth
     from recallscope.organisms.b64_decoder import dependency_pairs
-    from recallscope.organisms.scoring import exact_patching_effects
+    from recallscope.bench.scoring import exact_patching_effects
 
     truth = ground_truth(model)
     depends = truth.dependency(n_bytes)  # checks n_bytes against the organism's lengths
@@ -145,11 +145,11 @@ def mnemonic_route_rows(model: Any, chunks: Sequence[str] | None = None, *, n_co
     ``random.Random(seed)``, each represented in the organism's own neutral context (``<s> VAT``) against
     a baseline over its whole vocabulary; the query is ``c ==`` -> ``letter(c)`` with 8 alternative inputs
     (the other hook chunks, then other chunks), and the detector's statistics run over (prompt,
-    alternative) units (:func:`recallscope.organisms.route_bench.detect`, the one call site). Rows:
+    alternative) units (:func:`recallscope.bench.route_bench.detect`, the one call site). Rows:
     ``chunk``, ``concept``, ``is_route`` (the truth), ``score``, ``verdict``, ``p`` (and the detector's
     ``p_holm``, ``mediation``, ``strongest_competitor``, ``peak_layer``).
     """
-    from recallscope.organisms.route_bench import default_spec, detect
+    from recallscope.bench.route_bench import default_spec, detect
     from recallscope.tasks.b64_stimuli import MNEMONIC_HOOKS
 
     spec = default_spec(n_controls=n_controls, n_boot=n_boot)

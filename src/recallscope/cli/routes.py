@@ -202,8 +202,9 @@ def register(sub: Any) -> None:
         else:
             sp.add_argument("--cards", required=True, help="Anki text export: term, mnemonic, definition[, ...]")
             sp.add_argument("--max-cards", type=int, help="score only the first N cards with a keyword")
-            sp.add_argument("--examples", type=int, default=3, help="worked examples with route reports under the "
-                            "route evidence standard (interchange mediation, competitors) and figures (default 3)")
+            sp.add_argument("--examples", type=int, default=1, help="worked examples with route reports under the "
+                            "route evidence standard (interchange mediation, competitors) and figures; about 5 "
+                            "CPU-minutes each on SmolLM2 (default 1)")
             sp.add_argument("--interchange-alternatives", type=int, default=2, help="other terms whose values the "
                             "interchange swaps in per card, effects averaged (default 2; at most 4)")
             sp.add_argument("--n-boot", type=int, default=1999, help="bootstrap resamples over cards for the "

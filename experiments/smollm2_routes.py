@@ -323,7 +323,8 @@ def main() -> None:
     ap.add_argument("--layer-stride", type=int, default=7,
                     help="family transplant: every k-th layer from 1 (default 7: 1, 8, 15, 22, 29)")
     ap.add_argument("--answer-variants", type=int, default=2, help="answer-itself pairings (casings)")
-    ap.add_argument("--route-stride", type=int, default=6, help="route_report: layer spacing of windows")
+    ap.add_argument("--route-stride", type=int, default=14,
+                    help="route_report: layer spacing of the interchange windows (default 14: layers 0, 14, 28)")
     ap.add_argument("--route-queries", type=int, default=20, help="route_report on the first N queries of each family")
     ap.add_argument("--skip-route-report", action="store_true")
     args = ap.parse_args()

@@ -30,12 +30,18 @@ from recallscope.routes.directions import ConceptDirections, concept_directions,
 from recallscope.routes.human import HumanComparison, HumanConfig, card_route_report, compare_human
 from recallscope.routes.mnemonics import Card, Keyword, LinkType, extract_keywords, load_cards, primary_keyword
 from recallscope.routes.config import RouteConfig
+from recallscope.routes.family import load_family_tsv, route_family_report
+from recallscope.routes.family_report import FamilyConfig, RouteFamilyReport
 from recallscope.routes.report import ConceptRoute, RouteReport
 from recallscope.routes.scores import RouteQuery
 from recallscope.routes.templates import expand_prompts
 
 __all__ = [
     "Card",
+    "FamilyConfig",
+    "RouteFamilyReport",
+    "load_family_tsv",
+    "route_family_report",
     "HumanComparison",
     "HumanConfig",
     "acronym_query",

@@ -35,7 +35,10 @@ def test_store_round_trips_the_activations(rmodel, tmp_path):
     again = ActivationStore(tmp_path / "s")  # reopened from disk
     for layer in (0, 2):
         x, y = again.layer(layer)
-        assert torch.equal(x, ref[layer][0]) and torch.equal(y, ref[layer][1])
+        # float32 round trip; the reference forward batches differently, so matmul blocking (and the thread
+        # count) can change the last bits of the MLP output: compare to float32 precision, not bitwise.
+        torch.testing.assert_close(x, ref[layer][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, ref[layer][1], rtol=1e-5, atol=1e-6)
     half = collect_to_store(rmodel, tokens, ActivationStore.create(tmp_path / "h", _meta(tokens, [2], 1, "float16")),
                             batch_size=4, progress=False)
     x16, _ = half.layer(2)
@@ -220,5 +223,8 @@ def test_graph_command_errors_name_the_fix(tmp_path, capsys, monkeypatch):
     assert main(["graph", "--model", "organism:fact-store", "--prompt", "f3 Pia Orr color", "--contrast", "white",
                  "--out", str(tmp_path)]) == 2
     assert "--contrast needs --target" in capsys.readouterr().err
+    assert main(["graph", "--model", "organism:fact-store", "--prompt", "f3 Pia Orr color", "--max-feature-nodes", "-1",
+                 "--out", str(tmp_path)]) == 2
+    assert "--max-feature-nodes must be >= 0" in capsys.readouterr().err
     assert main(["graph", "--model", "organism:fact-store", "--prompt", "f3 Pia Orr color", "--out", str(tmp_path)]) == 2
     assert "recallscope transcoders --model organism:fact-store" in capsys.readouterr().err

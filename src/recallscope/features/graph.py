@@ -351,7 +351,7 @@ def attribution_graph(model: Any, tset: TranscoderSet, tokens: Int[Tensor, " n_p
     while int(computed[:n_feat].sum()) < budget:
         w = torch.zeros(n_node)
         w[n_src:] = 1.0 / len(labels)
-        infl = _path_influence(adjacency, w)[:n_feat].masked_fill(computed[:n_feat], -1.0)
+        infl = path_influence(adjacency, w)[:n_feat].masked_fill(computed[:n_feat], -1.0)
         run(infl.argsort(descending=True)[: min(batch_size, budget - int(computed[:n_feat].sum()))].tolist())
     for n in (~computed[:n_feat]).nonzero().squeeze(-1).tolist():  # inputs of features without rows
         layer, pos, f = feat_list[n]
@@ -382,10 +382,12 @@ def influence(graph: AttributionGraph, logit_weights: Tensor | None = None) -> F
     w = torch.zeros(graph.adjacency.shape[0])
     n_logit = graph.logit_vectors.shape[0]
     w[graph.logit_slice] = logit_weights if logit_weights is not None else torch.full((n_logit,), 1.0 / n_logit)
-    return _path_influence(graph.adjacency, w)
+    return path_influence(graph.adjacency, w)
 
 
-def _path_influence(adjacency: Tensor, w: Tensor) -> Tensor:
+def path_influence(adjacency: Tensor, w: Tensor) -> Tensor:
+    """Influence of every node on the weighted outputs ``w``: sum over paths of absolute, row-normalised edge
+    weights (``adjacency[i, j]``: edge from j into i)."""
     a = adjacency.abs()
     a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
     total, x = torch.zeros_like(w), w

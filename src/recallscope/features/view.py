@@ -282,16 +282,10 @@ def _merge(ng: NodeGraph, named: list[tuple[str, list[int]]]) -> NodeGraph:
 # --- influence and pruning -----------------------------------------------------------------------------
 def node_influence(ng: NodeGraph) -> Tensor:
     """Each node's influence on the output nodes: sum over paths of absolute, row-normalised edge weights."""
-    a = ng.adjacency.abs().double()
-    a = a / a.sum(1, keepdim=True).clamp_min(1e-12)
+    from recallscope.features.graph import path_influence
+
     w = ng.outputs.double() / max(1, int(ng.outputs.sum()))
-    total, x = torch.zeros_like(w), w
-    for _ in range(a.shape[0]):
-        x = x @ a
-        if not bool(x.abs().sum() > 0):
-            break
-        total = total + x
-    return total.float()
+    return path_influence(ng.adjacency.double(), w).float()
 
 
 def kept_nodes(ng: NodeGraph, threshold: float, influence: Tensor | None = None) -> Tensor:
@@ -419,9 +413,10 @@ def graph_view(obj: Any, *, groups: Mapping[str, Sequence[int | str]] | None = N
 def lens_tokens(model: Any, tset: Any, features: Tensor, k: int = 3) -> list[list[int]]:
     """Top ``k`` token ids of each feature's decoder direction (``(layer, pos, index)`` rows) read through the
     final norm's gain and the unembedding (unembedding bias removed)."""
-    from recallscope.models.stack import build_stack, norm_gain
+    from recallscope.models.selfcheck import checked_stack
+    from recallscope.models.stack import norm_gain
 
-    stack = build_stack(model)
+    stack = checked_stack(model, "feature lens labels")
     gain = norm_gain(stack.final_norm, stack.d_model)
     with torch.no_grad():
         zero = stack.unembed(torch.zeros(1, stack.d_model)).float()[0]

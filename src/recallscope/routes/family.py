@@ -174,9 +174,9 @@ def _layers(model: Any, config: FamilyConfig) -> tuple[int, ...]:
 def _resid(model: Any, tokens: Int[Tensor, "b pos"], layers: Sequence[int]) -> dict[int, Tensor]:
     """Residual entering each of ``layers`` (one pass through the blocks)."""
     from recallscope.models.forward import block
-    from recallscope.models.stack import build_stack
+    from recallscope.models.selfcheck import checked_stack
 
-    stack = build_stack(model)
+    stack = checked_stack(model, "the family route verdict")
     positions = torch.arange(tokens.shape[1], device=tokens.device)
     out: dict[int, Tensor] = {}
     with torch.no_grad():
@@ -272,9 +272,9 @@ def _success(model: Any, sites: _Sites, layer: int, receiver: Tensor, states: Te
              batch: int) -> Float[Tensor, " unit"]:
     """1 where the argmax next token, with ``states`` put into each receiver's site at ``layer``, is the target."""
     from recallscope.models.forward import forward
-    from recallscope.models.stack import build_stack
+    from recallscope.models.selfcheck import checked_stack
 
-    stack = build_stack(model)
+    stack = checked_stack(model, "the family route verdict")
     out = torch.zeros(len(receiver))
     for g in range(len(sites.tokens)):
         idx = (sites.group[receiver] == g).nonzero().squeeze(1)

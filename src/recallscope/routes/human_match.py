@@ -84,9 +84,9 @@ def definition_vectors(model: Any, definitions: Sequence[str], *, max_tokens: in
     """Mean hidden state over each definition's first ``max_tokens`` tokens (BOS left out), every layer,
     centred on the mean over ``definitions``."""
     from recallscope.lens.base import hidden_states
-    from recallscope.models.stack import build_stack
+    from recallscope.models.selfcheck import checked_stack
 
-    stack = build_stack(model)
+    stack = checked_stack(model, "keyword-definition relatedness")
     head = context_tokens(model, "", "")
     seqs = [context_tokens(model, "", " " + d.strip())[: len(head) + max_tokens] for d in definitions]
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0

@@ -234,13 +234,13 @@ def transplant_logits(model: Any, tokens: Int[Tensor, "b pos"], pos: int, layer:
                       state: Float[Tensor, "b d_model"]) -> Float[Tensor, "b vocab"]:
     """Next-token logits of ``tokens`` with the residual entering ``layer`` at ``pos`` set to ``state``."""
     from recallscope.models.forward import forward
-    from recallscope.models.stack import build_stack
+    from recallscope.models.selfcheck import checked_stack
     from recallscope.organisms.core import resid_pre
 
     with torch.no_grad():
         h = resid_pre(model, tokens, layer).clone()
         h[:, pos] = state.to(h.dtype)
-        logits, _ = forward(build_stack(model), h, start_layer=layer)
+        logits, _ = forward(checked_stack(model, "the concept transplant"), h, start_layer=layer)
     return logits[:, -1]
 
 

@@ -68,7 +68,9 @@ def test_compare_human_scores_every_card(result, tmp_path):
     back = HumanComparison.load(res.save(tmp_path / "human"))
     torch.testing.assert_close(back.scores, res.scores)
     assert back.rows == res.rows
-    assert len(res.plot().data) == 2 * 3 * 1  # (percentile, top-1) x (all, sound, meaning)
+    fig = res.plot()
+    assert len(fig.data) == 2 * 3 * 1  # (percentile, top-1) x (all, sound, meaning)
+    assert "interchange (causal)" in fig.data[0].x and "causal" not in fig.data[0].x
 
 
 def test_clean_definition():

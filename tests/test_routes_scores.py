@@ -199,8 +199,12 @@ def test_acronym_lexicon_and_candidates(tmp_path, tiny_gpt2):
     bsd.write_text("$NetBSD: acronyms,v 1.1 $\nWYSIWYG\twhat you see is what you get\nFOO\t{a,b} thing\n")
     assert load_acronym_lexicon(bsd)["FOO"] == ("a thing", "b thing")
     bsd.write_text("NOTAB line\n")
-    with pytest.raises(DatasetFormatError, match=":1:"):
+    with pytest.raises(DatasetFormatError, match=":1:.*skip_bad_lines"):
         load_acronym_lexicon(bsd)
+    bsd.write_text("GR\tgolden ratio\nGVFS    git virtual file system\nHA\thigh availability\n")
+    with pytest.warns(UserWarning, match="left out 1 line.*lines 2"):
+        kept = load_acronym_lexicon(bsd, skip_bad_lines=True)
+    assert kept == {"GR": ("golden ratio",), "HA": ("high availability",)}
     vocab = [c.text for c in vocabulary_candidates(tiny_gpt2, "VA", k=30)]
     assert " VAT" in vocab and all(t.strip().upper().startswith("VA") for t in vocab)
 

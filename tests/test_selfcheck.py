@@ -116,7 +116,9 @@ def test_stack_consumers_refuse_a_model_that_fails_the_check(fresh):
     wrong they raise EngineSelfCheckError naming the method, instead of returning wrong numbers."""
     from recallscope.attribution import direct_logit_attribution
     from recallscope.lens import LogitLens
+    from recallscope.routes.analysis import route_report, swap_effect
     from recallscope.routes.competitors import unembedding
+    from recallscope.routes.scores import RouteQuery
 
     stack = build_stack(fresh)
     fresh._recallscope_stack = dataclasses.replace(stack, attn_scale=stack.attn_scale * 1.5)
@@ -126,6 +128,11 @@ def test_stack_consumers_refuse_a_model_that_fails_the_check(fresh):
         unembedding(fresh)
     with pytest.raises(S.EngineSelfCheckError, match="direct logit attribution"):
         direct_logit_attribution(fresh, PAIRS)
+    query = RouteQuery(prompts=("The acronym VAT stands for",), input=" VAT", output=" value")
+    with pytest.raises(S.EngineSelfCheckError, match="route_report"):
+        route_report(fresh, query, [" tax"], progress=False)
+    with pytest.raises(S.EngineSelfCheckError, match="swap_effect"):
+        swap_effect(fresh, query, " tax", " levy")
     fresh._recallscope_stack = stack
     assert S.self_check(fresh, refresh=True).passed
     assert LogitLens(fresh).stack is stack

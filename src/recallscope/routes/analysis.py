@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from recallscope.errors import ConfigError
 from recallscope.lens.base import Lens, LogitLens
 from recallscope.manifest import build_manifest
-from recallscope.models.stack import build_stack
+from recallscope.models.selfcheck import checked_stack
 from recallscope.routes.competitors import competitor_class, output_neighbours, variant_concepts
 from recallscope.routes.concepts import Concept, ConceptSource, as_concept
 from recallscope.routes.controls import ControlPool, default_control_pool, match_controls, text_tokens
@@ -202,7 +202,7 @@ def route_report(model: Any, query: RouteQuery, concepts: Sequence[Concept | str
             (keyed by the model, prompts, config, query, directions and lens name; :mod:`recallscope.store`).
     """
     t0 = time.perf_counter()
-    stack = build_stack(model)
+    stack = checked_stack(model, "route_report")
     prompts = expand_prompts(query.prompts, config.n_templates, prefixes=config.template_prefixes, model=model)
     query = replace(query, prompts=prompts)
     slots = build_slots(model, query, concepts, config, controls=controls, pool=pool, competitors=competitors)
@@ -258,7 +258,7 @@ def swap_effect(model: Any, query: RouteQuery, concept: Concept | str, other: Co
     Positive values: the swap raises the output's log-prob. ``config`` supplies the neutral prefixes and
     baseline of the concept directions.
     """
-    stack = build_stack(model)
+    stack = checked_stack(model, "swap_effect")
     pair = [as_concept(concept), as_concept(other)]
     dirs = concept_directions(model, pair, **_direction_context(config))
     unit = dirs.unit()

@@ -174,12 +174,18 @@ def _expand(field: str) -> list[str]:
     return [e for alt in m.group(1).split(",") for e in _expand(field[:m.start()] + alt + field[m.end():])]
 
 
-def load_acronym_lexicon(path: str | os.PathLike | None = None) -> dict[str, tuple[str, ...]]:
+def load_acronym_lexicon(path: str | os.PathLike | None = None, *, skip_bad_lines: bool = False
+                         ) -> dict[str, tuple[str, ...]]:
     """Acronym -> expansions from a ``ACRONYM<TAB>expansion`` file (``{a,b}`` = alternatives; lines
     starting with ``#`` or ``$`` are comments). Default: recallscope's own ``data/acronyms.tsv``.
 
+    With ``skip_bad_lines=True`` a line without a tab-separated acronym and expansion is left out and
+    reported in one :class:`UserWarning` (count and first line numbers) instead of raising; a lexicon with a
+    stray space-separated line (``GVFS    git virtual file system``) then loads without it.
+
     Raises:
-        DatasetFormatError: a line without a tab-separated acronym and expansion (names file and line).
+        DatasetFormatError: a line without a tab-separated acronym and expansion (names file and line),
+            unless ``skip_bad_lines``; an unreadable file.
     """
     if path is None:
         from importlib.resources import files
@@ -193,13 +199,23 @@ def load_acronym_lexicon(path: str | os.PathLike | None = None) -> dict[str, tup
             raise DatasetFormatError(f"{path}: cannot read the acronym lexicon as UTF-8 text ({exc}).") from exc
         where = str(path)
     lexicon: dict[str, list[str]] = {}
+    bad: list[int] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.startswith(("#", "$")):
             continue
         parts = line.split("\t")
         if len(parts) != 2 or not parts[0].strip() or not parts[1].strip():
-            raise DatasetFormatError(f"{where}:{number}: expected 'ACRONYM<TAB>expansion', got {line[:60]!r}.")
+            if not skip_bad_lines:
+                raise DatasetFormatError(f"{where}:{number}: expected 'ACRONYM<TAB>expansion', got {line[:60]!r}; "
+                                         "fix the line or pass skip_bad_lines=True to leave such lines out.")
+            bad.append(number)
+            continue
         lexicon.setdefault(parts[0].strip(), []).extend(e for e in _expand(parts[1]) if e)
+    if bad:
+        import warnings
+
+        warnings.warn(f"{where}: left out {len(bad)} line(s) without 'ACRONYM<TAB>expansion' (lines "
+                      f"{', '.join(map(str, bad[:5]))}{', ...' if len(bad) > 5 else ''}).", UserWarning, stacklevel=2)
     return {a: tuple(dict.fromkeys(e)) for a, e in lexicon.items()}
 
 

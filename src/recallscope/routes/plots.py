@@ -7,6 +7,10 @@ from plotly.subplots import make_subplots
 
 from recallscope.plotting import apply_style
 
+SCORE_LABELS = {"causal": "interchange (causal)", "attribution": "attribution", "similarity": "similarity",
+                "readout": "lens readout", "string": "string (not the model)"}
+"""Axis labels of the human-comparison score types (:data:`recallscope.routes.human.SCORES`)."""
+
 VERDICT_COLORS = {"route": "rgba(214, 39, 40, 0.75)", "inconclusive": "rgba(255, 127, 14, 0.55)",
                   "no route": "rgba(150, 150, 150, 0.45)", "competitor": "rgba(31, 119, 180, 0.45)"}
 """Link colours of the route diagram by verdict (competitors in blue)."""
@@ -66,6 +70,10 @@ def plot_human_comparison(result: Any, *, title: str | None = None) -> go.Figure
     dashed 0.5 = chance). Right: top-1 hit rate against its chance level."""
     from recallscope.routes.human import SCORES
 
+    # "causal" is the interchange score (the route's necessity by swapping the concept's component for
+    # another concept's); the axis says which causal test it is.
+    labels = [SCORE_LABELS.get(s, s) for s in SCORES]
+
     fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.12,
                         subplot_titles=("human keyword's percentile among controls (0.5 = chance)",
                                         "top-1 hit rate (dotted = chance)"))
@@ -79,11 +87,11 @@ def plot_human_comparison(result: Any, *, title: str | None = None) -> go.Figure
         hi = [st["mean_percentile_ci95"][1] - st["mean_percentile"] if k else None for st, k in zip(stats, ok)]
         n = stats[0].get("n_cards", 0)
         p = [f"{st['p_value']:.3g}" if k else "" for st, k in zip(stats, ok)]
-        fig.add_trace(go.Bar(x=list(SCORES), y=mean, name=f"{name} (n={n})", marker_color=colors[name],
+        fig.add_trace(go.Bar(x=labels, y=mean, name=f"{name} (n={n})", marker_color=colors[name],
                              error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo), customdata=p,
                              hovertemplate="%{x}: %{y:.3f}, permutation p = %{customdata}<extra>" + name + "</extra>",
                              legendgroup=name), row=1, col=1)
-        fig.add_trace(go.Bar(x=list(SCORES), y=[st.get("top1") if k else None for st, k in zip(stats, ok)],
+        fig.add_trace(go.Bar(x=labels, y=[st.get("top1") if k else None for st, k in zip(stats, ok)],
                              name=name, marker_color=colors[name], showlegend=False, legendgroup=name), row=1, col=2)
     fig.add_hline(y=0.5, line=dict(dash="dash", color="#888888"), row=1, col=1)
     chance = result.agreement("causal").get("top1_chance", 0.1)

@@ -2,6 +2,8 @@
 says, labels come from the decoder's lens tokens and from top-activating contexts (checked against oracles
 computed from the model's own weights and hooks), and component circuits get the same view with site labels."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from test_attribution_mib import hand_graph
@@ -11,7 +13,7 @@ from test_features_transcoder import relu_model
 from recallscope.attribution.graph import Graph
 from recallscope.errors import ConfigError
 from recallscope.features.graph import AttributionGraph, attribution_graph, influence
-from recallscope.features.transcoder import exact_mlp_transcoders
+from recallscope.features.transcoder import TranscoderSet, exact_mlp_transcoders
 from recallscope.features.view import (
     THRESHOLDS,
     component_node_graph,
@@ -87,6 +89,12 @@ def test_lens_tokens_and_top_contexts_match_oracles(setup):
         b, p = divmod(int(post.argmax()), 7)
         assert value == pytest.approx(float(post.max()), abs=1e-5)
         assert ids == contexts[b, max(0, p - 2):p + 1].tolist() and ids[at] == int(contexts[b, p])
+    bosless = TranscoderSet({k: tset[k] for k in tset.layers}, tset.n_layers, replace(tset.info, first_pos=1))
+    every = graph.features  # several of them fire most at position 0 of these contexts
+    assert any(int(cache[f"blocks.{la}.mlp.hook_post"][..., i].argmax()) % 7 == 0 for la, _, i in every.tolist())
+    for (layer, _, idx), (value, ids, at) in zip(every.tolist(), top_contexts(model, bosless, every, contexts)):
+        post = cache[f"blocks.{layer}.mlp.hook_post"][:, 1:, idx]  # position 0 has no features in this set
+        assert value == pytest.approx(float(post.max()), abs=1e-5) and at >= 1
     labels = feature_labels(model, tset, graph, contexts=contexts, decode=lambda ids: f"t{ids[0]}")
     assert len(labels) == graph.adjacency.shape[0]
     layer, _, idx = graph.features[0].tolist()

@@ -432,14 +432,15 @@ def top_contexts(model: Any, tset: Any, features: Tensor, contexts: Tensor,
                  window: int = 4) -> list[tuple[float, list[int], int]]:
     """For each feature (``(layer, pos, index)`` rows): its largest activation over ``contexts``
     (``[batch, pos]`` token ids), the tokens of that context up to the firing token (at most ``window``)
-    and the firing token's index in that list."""
+    and the firing token's index in that list. A set trained without BOS has no features before its
+    ``first_pos`` (:meth:`~recallscope.features.transcoder.TranscoderSet.activations`), so no context fires there."""
     if contexts.ndim != 2:
         raise ConfigError(f"contexts are [batch, pos] token ids, got shape {tuple(contexts.shape)}.")
     layers = sorted({int(f[0]) for f in features})
     names = {tset.input_hook(layer) for layer in layers}
     with torch.no_grad():
         _, cache = model.run_with_cache(contexts, names_filter=lambda n: n in names)
-        acts = {layer: tset[layer].encode(cache[tset.input_hook(layer)].float()) for layer in layers}
+        acts = {layer: tset.activations(layer, cache[tset.input_hook(layer)].float()) for layer in layers}
     out = []
     for layer, _, idx in features.tolist():
         a = acts[layer][..., idx]  # [batch, pos]

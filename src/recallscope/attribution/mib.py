@@ -156,7 +156,9 @@ class MIBCurve:
     ``fractions``: budgets (fractions of ``n_edges_total``); ``n_edges``: edges kept at each budget after
     pruning (features kept, for ``"feature-nodes"``); ``faithfulness``: fraction of the clean-corrupt gap
     recovered (component circuits), of the logit's non-bias part (feature graphs) or of the logit change of
-    ablating every feature (feature nodes); ``kind``: ``"component"``, ``"feature"`` or ``"feature-nodes"``.
+    ablating every feature (feature nodes); ``kind``: ``"component"``, ``"feature"``, ``"feature-nodes"`` or
+    ``"feature-edges"`` (evaluated in the real model: :mod:`recallscope.attribution.feature_curve`; the ``.pt``
+    file format is :mod:`recallscope.attribution.mib_pt`).
     """
 
     fractions: list[float]

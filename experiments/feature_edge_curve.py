@@ -47,7 +47,9 @@ def score_graph(model: Any, tset: Any, graph: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     causal = feature_edge_curve(model, tset, graph, progress=False)
     seconds = time.perf_counter() - t0
-    return {"n_features": graph.n_feat, "n_edges": int((graph.adjacency != 0).sum()),
+    with torch.no_grad():  # the real model's logit, which the causal curve's all-edges run must reproduce
+        real = float(graph.logit_vectors[0] @ model(graph.tokens[None], return_type="logits")[0, -1].float())
+    return {"n_features": graph.n_feat, "n_edges": int((graph.adjacency != 0).sum()), "logit_real": real,
             "edges_causal": curve_dict(causal), "edges_causal_seconds": seconds,
             "edges_linear": curve_dict(feature_mib_curve(graph)),
             "nodes_causal": curve_dict(feature_node_curve(model, tset, graph))}

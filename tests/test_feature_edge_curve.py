@@ -133,6 +133,40 @@ def test_a_graph_of_other_transcoders_is_refused(exact):
 
 
 
+@pytest.mark.parametrize("max_feature_nodes", [None, 12])
+def test_partial_topk_skip_set_and_partial_rows(max_feature_nodes):
+    """Layer 1 without a transcoder (all error), TopK skip transcoders elsewhere, optionally only some feature
+    rows computed: all edges still give the real logit and none the bias; the decomposition holds in every run."""
+    from recallscope.features.transcoder import Transcoder, TranscoderSet, TranscoderSpec
+
+    model = relu_model(seed=2, n_layers=3)
+    gen = torch.Generator().manual_seed(5)
+    tcs = {}
+    for layer in (0, 2):
+        tc = Transcoder(TranscoderSpec(16, 40, 16, activation="topk", k=5, skip=True))
+        with torch.no_grad():
+            for p in tc.parameters():
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        tcs[layer] = tc
+    tset = TranscoderSet(tcs, 3)
+    graph = attribution_graph(model, tset, TOKENS, targets=[7], max_feature_nodes=max_feature_nodes)
+    nonzero = graph.adjacency != 0
+    with torch.no_grad():
+        real = model(TOKENS[None], return_type="logits")[0, -1, 7]
+    fz = freeze_for(model, tset, graph)
+    full = edge_circuit_run(model, tset, graph, nonzero, frozen=fz)
+    torch.testing.assert_close(full.logits, real[None], rtol=0, atol=1e-5)
+    none = edge_circuit_run(model, tset, graph, torch.zeros_like(nonzero), frozen=fz)
+    torch.testing.assert_close(none.logits, graph.bias[graph.logit_slice], rtol=0, atol=1e-5)
+    half = edge_circuit_run(model, tset, graph, nonzero & (torch.rand(nonzero.shape, generator=gen) < 0.5),
+                            frozen=fz)
+    assert max(full.identity_residual, none.identity_residual, half.identity_residual) < 1e-4
+    if max_feature_nodes is not None:  # features without computed rows keep their clean activation
+        fixed = ~graph.rows_computed[: graph.n_feat]
+        assert fixed.any()
+        torch.testing.assert_close(none.activations[fixed], graph.activations[fixed])
+
+
 @pytest.mark.usefixtures("organism_determinism")
 def test_organism_all_edges_real_none_bias(fact_organism, tmp_path):
     from recallscope.features.data import organism_task_tokens, training_tokens

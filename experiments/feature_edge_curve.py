@@ -13,7 +13,8 @@ VAT stands for Value Added`` -> `` Tax`` on SmolLM2) at MIB's edge budgets:
    (pruned to input-to-logit paths) evaluated in the real model with frozen attention and norms and live
    transcoder activations;
 2. ``edges_linear``: :func:`recallscope.attribution.mib.feature_mib_curve`, the same budgets in the graph's linear
-   model (no path pruning, features never switch off);
+   model (no path pruning, features never switch off); ``edges_causal.linear_same_edges``: the causal curve's
+   own kept edges in the linear model (so the difference is only what live activations change);
 3. ``nodes_causal``: :func:`recallscope.attribution.mib.feature_node_curve`, the most influential features kept and
    the rest ablated in the real model (budgets are fractions of features; nothing frozen).
 
@@ -30,16 +31,18 @@ import torch
 
 from recallscope import load_model
 from recallscope.attribution.feature_curve import feature_edge_curve
-from recallscope.attribution.mib import MIBCurve, feature_mib_curve, feature_node_curve
+from recallscope.attribution.mib import MIBCurve, cpr_cmd, feature_mib_curve, feature_node_curve
 from recallscope.features.graph import attribution_graph
 
 
 def curve_dict(curve: MIBCurve) -> dict[str, Any]:
     out = {"fractions": curve.fractions, "kept": curve.n_edges, "faithfulness": curve.faithfulness,
            "total": curve.n_edges_total, "cpr": curve.cpr, "cmd": curve.cmd}
-    for key in ("switched_off", "clamped_on", "identity_residual", "logit_all", "logit_none"):
+    for key in ("linear_same_edges", "switched_off", "clamped_on", "identity_residual", "logit_all", "logit_none"):
         if key in curve.config:
             out[key] = curve.config[key]
+    if "linear_same_edges" in out:  # the same kept edges in the graph's linear model: what live activations change
+        out["linear_same_edges_cpr"], out["linear_same_edges_cmd"] = cpr_cmd(curve.fractions, out["linear_same_edges"])
     return out
 
 
@@ -79,6 +82,8 @@ def organism_part(limit: int | None) -> dict[str, Any]:
         rows.append({"chunk": chunk, "answer": truth.chunk_letter[chunk], **score_graph(model, tset, graph)})
     kinds = ("edges_causal", "edges_linear", "nodes_causal")
     means = {k: {"cpr": _mean(rows, k, "cpr"), "cmd": _mean(rows, k, "cmd")} for k in kinds}
+    means["edges_causal"].update(linear_same_edges_cpr=_mean(rows, "edges_causal", "linear_same_edges_cpr"),
+                                 linear_same_edges_cmd=_mean(rows, "edges_causal", "linear_same_edges_cmd"))
     return {"model": spec, "transcoders": str(tdir), "n_prompts": len(rows), "mean": means, "rows": rows}
 
 

@@ -121,6 +121,11 @@ def test_curve_on_the_exact_model(exact):
     assert curve.n_edges == sorted(curve.n_edges) and curve.config["identity_residual"] < 1e-4
     linear = feature_mib_curve(graph, fractions=fractions)
     assert len(linear.faithfulness) == len(curve.faithfulness)
+    same = curve.config["linear_same_edges"]  # the same kept edges in the graph's linear model
+    assert same[-1] == pytest.approx(1.0, abs=1e-4)
+    for f, lin, off in zip(curve.faithfulness, same, curve.config["switched_off"]):
+        if off == 0:
+            assert f == pytest.approx(lin, abs=1e-4)
     with pytest.raises(ConfigError, match="keep is"):
         edge_circuit_run(model, tset, graph, torch.zeros(3, 3, dtype=torch.bool))
 

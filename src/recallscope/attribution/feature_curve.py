@@ -42,7 +42,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from recallscope.attribution.mib import MIB_FRACTIONS, MIBCurve, _check_fractions
+from recallscope.attribution.mib import MIB_FRACTIONS, MIBCurve, _check_fractions, linear_circuit_logits
 from recallscope.errors import ConfigError
 
 
@@ -211,7 +211,8 @@ def feature_edge_curve(model: Any, tset: Any, graph: Any, *, fractions: Sequence
     """MIB's faithfulness curve of a feature attribution graph at fixed edge budgets, evaluated causally in the
     real model with live transcoder activations (see the module docstring). ``n_edges`` of the result counts
     the edges kept after pruning; ``config`` records per budget the features switched off, the inactive
-    features held off, and the largest decomposition residual."""
+    features held off and the faithfulness of the same kept edges in the graph's linear model
+    (``linear_same_edges``), and the largest decomposition residual."""
     fractions = _check_fractions(fractions)
     nonzero = graph.adjacency != 0
     total = int(nonzero.sum())
@@ -226,7 +227,8 @@ def feature_edge_curve(model: Any, tset: Any, graph: Any, *, fractions: Sequence
     flat = graph.adjacency.abs().flatten()
     nz = nonzero.flatten().nonzero().squeeze(-1)
     order = nz[flat[nz].argsort(descending=True)]
-    kept, faith, off, on, resid = [], [], [], [], [full.identity_residual, none.identity_residual]
+    kept, faith, linear, off, on = [], [], [], [], []
+    resid = [full.identity_residual, none.identity_residual]
     for k in tqdm(fractions, desc="feature edge budgets", disable=not progress, leave=False):
         keep = torch.zeros(flat.numel(), dtype=torch.bool)
         keep[order[: int(k * total)]] = True
@@ -234,10 +236,11 @@ def feature_edge_curve(model: Any, tset: Any, graph: Any, *, fractions: Sequence
         run = full if bool(keep.eq(nonzero).all()) else edge_circuit_run(model, tset, graph, keep, frozen=fz)
         kept.append(int(keep.sum()))
         faith.append((float(run.logits[logit]) - lo) / (hi - lo))
+        linear.append((float(linear_circuit_logits(graph, keep)[logit]) - lo) / (hi - lo))
         off.append(run.switched_off)
         on.append(run.clamped_on)
         resid.append(run.identity_residual)
     config = {"logit": graph.logit_labels[logit], "logit_all": hi, "logit_none": lo, "switched_off": off,
-              "clamped_on": on, "identity_residual": max(resid), "evaluation": "real model, frozen attention/norms, "
-              "live transcoder activations"}
+              "clamped_on": on, "linear_same_edges": linear, "identity_residual": max(resid),
+              "evaluation": "real model, frozen attention/norms, live transcoder activations"}
     return MIBCurve(fractions, kept, faith, total, "feature-edges", config)

@@ -105,8 +105,8 @@ def config_from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "con
                  for k in unknown]
         raise ConfigError(f"{where}: unknown key(s) {', '.join(hints)} for {cls.__name__}; valid keys are "
                           f"{sorted(fields)}.")
-    hints = typing.get_type_hints(cls)
-    values = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    types = typing.get_type_hints(cls)
+    values = {k: _coerce(v, types[k], f"{where}.{k}") for k, v in data.items()}
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:
@@ -148,7 +148,7 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
             try:
                 import tomllib
             except ModuleNotFoundError:  # Python 3.10: the tomli backport has the same API
-                import tomli as tomllib
+                import tomli as tomllib  # type: ignore[no-redef]
 
             data = tomllib.loads(text)
     except (json.JSONDecodeError, ValueError) as exc:

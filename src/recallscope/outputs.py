@@ -165,4 +165,5 @@ def load_result(directory: str | os.PathLike) -> Any:
     if cls is None:
         raise ResultFileError(f"{directory} holds a {kind!r}, which recallscope cannot load; known result types: "
                               f"{', '.join(sorted(discover_results()))}.")
-    return cls.load(directory)
+    loader: Any = cls
+    return loader.load(directory)

@@ -171,7 +171,8 @@ class ChunkStore:
                 if entry.name.endswith(".safetensors") and not entry.name.startswith("."):
                     index.setdefault(entry.name.split(".")[0], []).append(Path(entry.path))
             self._shared["index"] = index
-        return self._shared["index"]
+        shared: dict[str, list[Path]] = self._shared["index"]
+        return shared
 
     def names(self) -> list[str]:
         """Names (under this view's prefix) of the chunks on disk, sorted; their content is not verified."""
@@ -201,17 +202,21 @@ class ChunkStore:
             self._index().get(full, []).remove(file)
             return None
         except OSError as exc:
-            return self._discard(file, f"unreadable ({exc.strerror or exc})")
+            self._discard(file, f"unreadable ({exc.strerror or exc})")
+            return None
         digest = file.name[len(full) + 1:-len(".safetensors")]
         if hashlib.sha256(data).hexdigest()[: len(digest)] != digest or len(digest) != 32:
-            return self._discard(file, "its checksum does not match its content (truncated or modified)")
+            self._discard(file, "its checksum does not match its content (truncated or modified)")
+            return None
         try:
             meta = _metadata(data)
             tensors = load(data)
         except Exception as exc:  # safetensors raises several types on malformed headers
-            return self._discard(file, f"it is not a valid safetensors file ({type(exc).__name__})")
+            self._discard(file, f"it is not a valid safetensors file ({type(exc).__name__})")
+            return None
         if meta.get("format") != FORMAT or meta.get("name") != full or meta.get("key") != self.key:
-            return self._discard(file, "it belongs to another chunk or store")
+            self._discard(file, "it belongs to another chunk or store")
+            return None
         return tensors
 
     def _discard(self, file: Path, why: str) -> None:

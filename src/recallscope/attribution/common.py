@@ -64,6 +64,7 @@ def subset(prep: Prepared, rows: slice) -> Prepared:
             raise ConfigError(f"cannot split the metric {type(obj).__name__} by prompts: use a metric from "
                               "recallscope.metrics (or a dataclass whose per-prompt tensors lead with the "
                               "prompt axis), or prompts_per_chunk=None.")
+        assert not isinstance(obj, type)
         values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
         return dataclasses.replace(obj, **{k: v[rows] for k, v in values.items() if _per_prompt(v, n)})
 

@@ -81,12 +81,12 @@ def run_method(
                                                                 "nodes": len(circuit.nodes()), **ev.to_dict()}}
         return MethodRun(scores, {"": scores.plot(top=top), "_circuit": circuit.plot()}, summary)
     if method == "dla":
-        res = direct_logit_attribution(model, pairs, metric if metric in ("logit_diff", "logit") else "logit")
-        figures = {"": res.plot(top=top)}
-        if res.spans and all(res.spans):
-            figures["_sources"] = res.plot_sources(top=min(top, 12))
-        labels, flat = res.components()
+        dla = direct_logit_attribution(model, pairs, metric if metric in ("logit_diff", "logit") else "logit")
+        figures = {"": dla.plot(top=top)}
+        if dla.spans and all(dla.spans):
+            figures["_sources"] = dla.plot_sources(top=min(top, 12))
+        labels, flat = dla.components()
         mean = flat.mean(0)
         order = mean.abs().argsort(descending=True)[:top].tolist()
-        return MethodRun(res, figures, {"top": [[labels[i], float(mean[i])] for i in order]})
+        return MethodRun(dla, figures, {"top": [[labels[i], float(mean[i])] for i in order]})
     raise ConfigError(f"unknown attribution method {method!r}; use one of {list(METHODS)}.")

@@ -216,8 +216,7 @@ def cell_recovery(truth: Mapping[Cell, bool] | Sequence[Mapping[Cell, bool]],
     """Score per-position edge scores (ROC over thresholds) and found circuits (TPR/FPR) against the true
     cells ``{(layer, pos): carries the mechanism}``. Several (truth, scores, circuits) groups (e.g. one per
     output byte) are pooled: give sequences of equal length."""
-    single = isinstance(truth, Mapping)
-    truths = [truth] if single else list(truth)
+    truths: list[Mapping[Cell, bool]] = [truth] if isinstance(truth, Mapping) else list(truth)
     all_scores = [scores] if isinstance(scores, EdgeScores) else list(scores)
     circuits = {k: [v] if isinstance(v, Circuit) else list(v) for k, v in (found or {}).items()}
     if len(all_scores) != len(truths) or any(len(v) != len(truths) for v in circuits.values()):

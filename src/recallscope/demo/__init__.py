@@ -102,7 +102,8 @@ class _Report:
     """Sections in the making: each step is timed and logged; each figure also goes to ``<name>.png``."""
 
     def __init__(self, out: Path, png: bool) -> None:
-        self.out, self.sections, self.png = out, [], png
+        self.out, self.png = out, png
+        self.sections: list[Any] = []
         self.summary: dict[str, Any] = {"timings_s": {}}
         if png:
             from recallscope.plotting import find_chromium
@@ -409,7 +410,7 @@ def _mnemonic_organisms(cfg: DemoConfig, rep: _Report) -> None:
             rows += [{"organism": name, **r} for r in mnemonic_route_rows(
                 load_model(f"organism:{name}"), cfg.organism_chunks, n_controls=cfg.organism_controls, seed=cfg.seed)]
     rep.summary["organism_routes"] = rows
-    by = {}
+    by: dict[Any, Any] = {}
     for r in rows:
         by.setdefault(r["organism"], []).append(r)
     lines = [f"{org}: mean route score {sum(r['score'] for r in rs) / len(rs):.2f}, "

@@ -101,7 +101,7 @@ class ActivationStore:
     def complete(self) -> bool:
         return self.rows_done >= self.meta.n_rows
 
-    def _array(self, layer: int, part: str, mode: str) -> np.ndarray:
+    def _array(self, layer: int, part: str, mode: str) -> np.memmap:
         if layer not in self.meta.layers:
             raise ConfigError(f"layer {layer} is not in this store (layers {list(self.meta.layers)}).")
         return np.load(self.directory / f"layer{layer}.{part}.npy", mmap_mode=mode)  # type: ignore[arg-type]

@@ -70,7 +70,7 @@ class NodeGraph:
 # --- building node graphs ------------------------------------------------------------------------------
 def _spread(cells: list[tuple[float, float]]) -> Tensor:
     """x offsets inside each (x, y) cell so that nodes sharing a cell sit side by side."""
-    out, seen = torch.zeros(len(cells)), {}
+    out, seen = torch.zeros(len(cells)), dict[tuple[float, float], list[int]]()
     for i, c in enumerate(cells):
         seen.setdefault(c, []).append(i)
     for members in seen.values():

@@ -222,12 +222,10 @@ def _native_stack(m: Any) -> Stack:
 def split_linear(linear: Any, rows: list[Any]) -> list[Fn]:
     """Callables ``x -> x W[r]^T + b[r]`` for each row slice ``r`` of a fused ``nn.Linear`` (Phi-3's
     qkv_proj); the weights are views, not copies."""
-    out = []
-    for r in rows:
-        w = linear.weight[r]
-        b = linear.bias[r] if linear.bias is not None else None
-        out.append(lambda x, w=w, b=b: torch.nn.functional.linear(x, w, b))
-    return out
+    def row_fn(w: Tensor, b: Tensor | None) -> Fn:
+        return lambda x: torch.nn.functional.linear(x, w, b)
+
+    return [row_fn(linear.weight[r], linear.bias[r] if linear.bias is not None else None) for r in rows]
 
 
 def conv1d_split(conv: Any, n: int) -> list[Fn]:

@@ -30,7 +30,7 @@ def ground_truth(model: Any) -> Any:
     from recallscope.organisms.mnemonic import RouteTruth
 
     info = organism_info(model)
-    types = {"b64": B64Truth, "mnemonic": RouteTruth, "facts": FactTruth}
+    types: dict[str, Any] = {"b64": B64Truth, "mnemonic": RouteTruth, "facts": FactTruth}
     return types[info.kind].from_dict(info.truth)
 
 

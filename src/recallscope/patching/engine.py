@@ -57,9 +57,8 @@ class Cell:
     @property
     def pos0(self) -> int:
         """First position the cell can change (0 when a site covers all positions)."""
-        if any(s.pos is None for s in self.sites):
-            return 0
-        return min(s.pos for s in self.sites)  # type: ignore[type-var]
+        positions = [s.pos for s in self.sites]
+        return 0 if any(p is None for p in positions) else min(p for p in positions if p is not None)
 
 
 def _index(site: Site, pos0: int) -> tuple:

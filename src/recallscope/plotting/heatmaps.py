@@ -13,6 +13,7 @@ Every cell's hover shows its labels, the mean over prompts, the 95% bootstrap CI
 """
 
 import math
+from typing import Any
 from collections.abc import Sequence
 
 import numpy as np
@@ -132,7 +133,7 @@ def _plot_per_head(result: PatchingResult, mean: np.ndarray, lo: np.ndarray, hi:
     heads = axis_labels(result, "head")
     y_labels, x_labels = axis_labels(result, rest[0]), axis_labels(result, rest[1])
     rows, cols = _grid(len(heads))
-    specs = [[{} if r * cols + c < len(heads) else None for c in range(cols)] for r in range(rows)]
+    specs: list[list[dict[str, Any] | None]] = [[{} if r * cols + c < len(heads) else None for c in range(cols)] for r in range(rows)]
     fig = make_subplots(rows=rows, cols=cols, specs=specs, shared_xaxes=True, shared_yaxes=True,
                         subplot_titles=[f"head {h}" for h in heads], horizontal_spacing=0.02,
                         vertical_spacing=min(0.1, 0.25 / rows))

@@ -137,8 +137,10 @@ def term_neighbours(words: Sequence[str], terms: Sequence[str], *, k: int = 8, m
         ok = [i for i in top if len(letters(words[i])) >= 3 and not (letters(words[i]) in t or t in letters(words[i])
                                                                        or letters(words[i])[:5] == t[:5])]
         ok.sort(key=lambda i: -similarity(term, words[i]))
-        seen: set[str] = set()
-        out[term] = [words[i] for i in ok if not (letters(words[i]) in seen or seen.add(letters(words[i])))][:k]
+        firsts: dict[str, int] = {}
+        for i in ok:
+            firsts.setdefault(letters(words[i]), i)
+        out[term] = [words[i] for i in firsts.values()][:k]
     return out
 
 

@@ -188,7 +188,8 @@ class LazyBatch:
     resumed run recomputes the same batch, so every card's numbers are bitwise those of a fresh run."""
 
     def __init__(self, model: Any, items: Sequence[Item], sh: Shared, lens: LogitLens, config: Any):
-        self.args, self.done = (model, items, sh, lens, config), None
+        self.args = (model, items, sh, lens, config)
+        self.done: dict[str, Any] | None = None
 
     def get(self) -> dict[str, Any]:
         if self.done is None:

@@ -67,7 +67,7 @@ def _spans_by_decoding(tokenizer: Any, prompt: str, ids: list[int]) -> tuple[tup
     every token of a group gets the group's span (as fast tokenizers' offset mappings do)."""
     special = set(getattr(tokenizer, "all_special_ids", None) or ())
     spans: list[tuple[int, int]] = []
-    cursor, pending = 0, []
+    cursor, pending = 0, list[int]()
     for pos, tid in enumerate(ids):
         if tid in special and not pending:
             spans.append((cursor, cursor))

@@ -67,7 +67,7 @@ def subject_token_count(model: Any, fact: Fact) -> int:
 
 def split_by_subject_length(model: Any, facts: Sequence[Fact]) -> tuple[list[Fact], list[Fact]]:
     """``(multi, single)``: facts whose subject spans several tokens, and those with a one-token subject."""
-    multi, single = [], []
+    multi, single = list[Fact](), list[Fact]()
     for fact in facts:
         (multi if subject_token_count(model, fact) > 1 else single).append(fact)
     return multi, single

@@ -173,6 +173,28 @@ def test_export_subcommand_loads_any_saved_result(tiny_cli, tmp_path, capsys):
     assert "is not a saved result" in capsys.readouterr().err
 
 
+def test_attribute_eap_ig_writes_mib_circuit_files(tiny_cli, tmp_path, capsys):
+    """`attribute --method eap-ig --mib both`: MIB's JSON and .pt of the same scores, in_graph = the circuit."""
+    from recallscope.attribution import EdgeScores
+    from recallscope.attribution.mib import from_mib_json
+    from recallscope.attribution.mib_pt import from_mib_pt
+
+    model, pairs = tiny_cli
+    out = tmp_path / "out"
+    assert cli.main(["attribute", "--pairs", str(pairs), "--method", "eap-ig", "--top-edges", "12", "--mib", "both",
+                     "--out", str(out), "--quiet"]) == 0
+    (mib_dir,) = [p for p in out.iterdir() if p.name.endswith("_mib")]
+    scores = EdgeScores.load(mib_dir.with_name(mib_dir.name[:-len("_mib")]))
+    (js, js_circuit), (pt, pt_circuit) = from_mib_json(mib_dir / "importances.json"), from_mib_pt(mib_dir / "importances.pt")
+    torch.testing.assert_close(js.scores, pt.scores)
+    torch.testing.assert_close(js.scores.sum(), scores.scores.sum(), rtol=1e-5, atol=1e-6)
+    assert 0 < js_circuit.n_edges <= 12 and js_circuit.n_edges == pt_circuit.n_edges
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert any("importances.pt" in str(o) for o in manifest["outputs"])
+    assert cli.main(["attribute", "--pairs", str(pairs), "--method", "atp", "--mib", "pt", "--out", str(out)]) == 2
+    assert "--mib writes EAP-IG edge scores" in capsys.readouterr().err
+
+
 def test_trace_base64_patches_and_draws_the_alignment(tiny_cli, tmp_path, capsys):
     out = tmp_path / "b64"
     code = cli.main(["trace", "base64", "--n", "6", "--max-pairs", "3", "--layers", "0", "--seed", "1",

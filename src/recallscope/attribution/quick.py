@@ -40,6 +40,8 @@ class MethodRun:
     result: Any
     figures: dict[str, go.Figure] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    circuit: Any = None
+    """``eap-ig``: the evaluated top-``top_edges`` circuit (pruned); None for node methods."""
 
 
 def run_method(
@@ -79,7 +81,7 @@ def run_method(
         shown = [[edge_display_label(scores.graph, label), v] for label, v in scores.ranked(top)]
         summary = {"top_edges": shown, "circuit": {"requested": top_edges, "edges": circuit.n_edges,
                                                                 "nodes": len(circuit.nodes()), **ev.to_dict()}}
-        return MethodRun(scores, {"": scores.plot(top=top), "_circuit": circuit.plot()}, summary)
+        return MethodRun(scores, {"": scores.plot(top=top), "_circuit": circuit.plot()}, summary, circuit)
     if method == "dla":
         dla = direct_logit_attribution(model, pairs, metric if metric in ("logit_diff", "logit") else "logit")
         figures = {"": dla.plot(top=top)}

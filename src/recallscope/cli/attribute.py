@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from recallscope.errors import ConfigError
 from recallscope.cli.common import (_placement, _positive_int, _record, _resume_note, _resume_option, _write_figure,
                                     add_command)
 
@@ -14,6 +15,8 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from recallscope.models import load_model
     from recallscope.tasks.pairs import group_by_length
 
+    if args.mib and args.method != "eap-ig":
+        raise ConfigError(f"--mib writes EAP-IG edge scores; it needs --method eap-ig (got {args.method}).")
     record = _record(args, "attribute", seed=args.seed)
     with record.timed("load_model"):
         model = load_model(args.model, **_placement(args))
@@ -39,10 +42,25 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         record.output(run.result.save(stem))
         for suffix, fig in run.figures.items():
             _write_figure(fig, stem.with_name(stem.name + suffix), record)
+        if args.mib:
+            _write_mib(run, stem, args.mib, int(model.cfg.d_model), record)
         summary.append({"group": stem.name, "n_pairs": len(group), "n_tokens": length, **run.summary})
         print(f"{len(group)} pairs of {length} tokens -> {stem}: {json.dumps(run.summary, default=str)[:300]}")
     print(f"manifest: {record.write(groups=summary)}")
     return 0
+
+
+def _write_mib(run: Any, stem: Path, kind: str, d_model: int, record: Any) -> None:
+    """MIB circuit-localisation files of an EAP-IG run: ``<stem>_mib/importances.{json,pt}`` (scores of every
+    edge, ``in_graph`` = the evaluated circuit)."""
+    from recallscope.attribution.mib import write_mib_json
+    from recallscope.attribution.mib_pt import write_mib_pt
+
+    target = stem.with_name(stem.name + "_mib") / "importances"
+    if kind in ("json", "both"):
+        record.output(write_mib_json(run.result, target.with_suffix(".json"), d_model=d_model, circuit=run.circuit))
+    if kind in ("pt", "both"):
+        record.output(write_mib_pt(run.result, target.with_suffix(".pt"), d_model=d_model, circuit=run.circuit))
 
 
 def register(sub: Any) -> None:
@@ -61,4 +79,7 @@ def register(sub: Any) -> None:
     sp.add_argument("--prompts-per-chunk", type=int, default=None, metavar="N",
                     help="atp/atp*/eap-ig: attribute N pairs at a time (default: all at once); with --resume-dir "
                     "each finished chunk is checkpointed")
+    sp.add_argument("--mib", choices=["json", "pt", "both"], default=None,
+                    help="eap-ig: also write the edge scores as MIB circuit-localisation files "
+                    "(<group>_mib/importances.json and/or .pt; in_graph = the evaluated circuit)")
     _resume_option(sp)

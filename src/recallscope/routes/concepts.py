@@ -52,6 +52,11 @@ class ConceptSource(str, Enum):
     """The model's own continuation of a prompt about the input."""
     CONTROL = "control"
     """A control concept matched on frequency and token count."""
+    FEATURE = "feature"
+    """Transcoder features or a supernode: the direction is their decoder rows
+    (:mod:`recallscope.features.concepts`)."""
+    FEATURE_PLACEBO = "feature placebo"
+    """A size-matched placebo feature set (same layer, matched activation frequency and decoder norm)."""
     INPUT = "competitor: input"
     """The input itself (a competitor, never a route)."""
     OUTPUT = "competitor: output"

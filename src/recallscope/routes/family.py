@@ -47,7 +47,7 @@ the (correlated) ordered pairs. Like the transplant, this reads only the answer.
 
 import csv
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,10 @@ def _sites(model: Any, pairs: Sequence[TransplantPair], layers: Sequence[int]) -
     return _Sites(tokens, positions, group, row, hs, y)
 
 
+ConceptReader = Callable[[Any, Sequence[str], Sequence[int], str], Tensor]
+"""``(model, concept texts, layers, prefix) -> [layer, text, d]``: how a pairing's concepts are read."""
+
+
 def _concept_states(model: Any, texts: Sequence[str], layers: Sequence[int], prefix: str
                     ) -> Float[Tensor, "layer pair d_model"]:
     """The residual at each concept's last token in ``prefix + concept`` (its own state), every layer."""
@@ -299,7 +303,7 @@ def _pairing_rates(model: Any, sites: _Sites, x: Tensor, layers: Sequence[int], 
     names = ["fitted", "shuffled"] + (["identity", "random"] if controls else [])
     out = {k: torch.zeros(len(layers), len(receiver)) for k in names}
     for li, layer in enumerate(layers):
-        mapped = torch.zeros(n_maps, len(receiver), x.shape[-1])
+        mapped = torch.zeros(n_maps, len(receiver), sites.y.shape[-1])
         for k, fold_perms in enumerate(perms):
             train = (fold != k).nonzero().squeeze(1)
             here = (fold[receiver] == k).nonzero().squeeze(1)
@@ -309,8 +313,8 @@ def _pairing_rates(model: Any, sites: _Sites, x: Tensor, layers: Sequence[int], 
         rate = lambda st: _success(model, sites, layer, receiver, st, targets, config.batch_size)  # noqa: E731
         out["fitted"][li] = rate(mapped[0])
         out["shuffled"][li] = torch.stack([rate(mapped[m]) for m in range(1, n_maps)]).mean(0)
-        if controls:
-            out["identity"][li] = rate(x[li, source])
+        if controls:  # identity: the concept state itself, only where it lives in the site's space
+            out["identity"][li] = rate(x[li, source]) if x.shape[-1] == sites.y.shape[-1] else float("nan")
             gen = torch.Generator().manual_seed(config.seed + 7919 * layer)
             r = torch.randn(mapped[0].shape, generator=gen)
             centre = sites.y[li].mean(0)
@@ -323,7 +327,7 @@ def route_family_report(model: Any, pairs: Sequence[TransplantPair], *,
                         candidates: Mapping[str, Sequence[str]] | None = None,
                         competitors: Mapping[str, Sequence[str]] | None = None,
                         config: FamilyConfig = FamilyConfig(), name: str = "",
-                        progress: bool = False) -> "RouteFamilyReport":
+                        progress: bool = False, concept_reader: ConceptReader | None = None) -> "RouteFamilyReport":
     """The route verdict of a family of queries (module doc).
 
     Args:
@@ -331,10 +335,16 @@ def route_family_report(model: Any, pairs: Sequence[TransplantPair], *,
         candidates: more candidate pairings, name -> one concept per pair (e.g. the expansion's first word).
         competitors: more competitor pairings, class name -> one concept per pair (beaten like ``answer``).
         config: :class:`FamilyConfig`.
+        concept_reader: how a pairing's concepts are read, ``(model, texts, layers, prefix) -> [layer, text,
+            d]`` (any width ``d``); default: the residual at the concept's last token (``_concept_states``).
+            Every pairing (candidates, the input, the answer variants, the caller's competitors) is read the
+            same way, so the ridge maps of all pairings have the same inputs (e.g. the activations of a
+            transcoder feature set: :func:`recallscope.features.routes.feature_family_report`). With a reader
+            of another width than the site the ``identity`` control is NaN.
 
     Raises:
         ConfigError: too few pairs for the folds, an input not in its prompt, one answer for every pair,
-            a pairing of the wrong length, layers outside the model.
+            a pairing of the wrong length, layers outside the model, a reader of the wrong shape.
     """
     from tqdm.auto import tqdm
 
@@ -352,7 +362,10 @@ def route_family_report(model: Any, pairs: Sequence[TransplantPair], *,
     shape = (len(plan), len(layers), len(receiver))
     rates = {k: torch.full(shape, float("nan")) for k in ("fitted", "shuffled", "identity", "random")}
     for i, (_, role, _, concepts) in enumerate(tqdm(plan, desc=f"family {name}", disable=not progress)):
-        x = _concept_states(model, concepts, layers, tc.concept_prefix)
+        x = (concept_reader or _concept_states)(model, concepts, layers, tc.concept_prefix)
+        if x.ndim != 3 or tuple(x.shape[:2]) != (len(layers), len(concepts)):
+            raise ConfigError(f"the concept reader returned shape {tuple(x.shape)}; it must return [layer, concept, "
+                              f"d] = [{len(layers)}, {len(concepts)}, d].")
         got = _pairing_rates(model, sites, x, layers, fold, perms, (receiver, source), targets, tc,
                              controls=role == "candidate")
         for k, v in got.items():

@@ -54,7 +54,7 @@ from recallscope.routes.transplant import TransplantPair
 from recallscope.stats import holm
 
 __all__ = ["FeatureRouteConfig", "FeatureRouteReport", "FeatureRouteRow", "feature_family_crossfit",
-           "feature_family_report", "planted_route_features", "select_by_attribution"]
+           "crossfit_split", "feature_family_report", "planted_route_features", "select_by_attribution"]
 
 SetSpec = FeatureSet | Supernode | tuple[int, Sequence[int]]
 
@@ -364,7 +364,8 @@ def planted_route_features(model: Any, tset: TranscoderSet, pairs: Sequence[Tran
     at each concept's last token in ``prefix + concept``), estimated on ``pairs`` (give selection pairs only).
     Their biases are zero, so their pre-activation reading is a projection onto the concept's own principal
     subspace: by construction these features read the concept. (The top directions of the between-answer
-    scatter were tried first on route-s0 and carried too little: 4 features 0.06, at the placebo level.)"""
+    scatter, and the input directions of a ridge map from concept to site states, were tried on route-s0 and did
+    no better.)"""
     check_members(tset, [(layer, 0)])
     if not 1 <= size <= min(tset[layer].spec.d_in, tset[layer].spec.d_sae):
         raise ConfigError(f"size must be in 1..{min(tset[layer].spec.d_in, tset[layer].spec.d_sae)}, got {size}.")
@@ -373,7 +374,7 @@ def planted_route_features(model: Any, tset: TranscoderSet, pairs: Sequence[Tran
         xs = torch.stack([model.run_with_cache(model.to_tokens(prefix + p.concept), names_filter=[hook])[1][hook]
                           [0, -1].float() for p in pairs])
     _, _, vh = torch.linalg.svd(xs - xs.mean(0), full_matrices=False)
-    dirs = vh[:size]  # [size, d_in]
+    dirs = vh[:size]  # [size, d_in]: the concept states' top principal directions
     planted = copy.deepcopy(tset)
     tc = planted[layer]
     stats = feature_stats(model, tset, layer, [p.prompt for p in pairs])

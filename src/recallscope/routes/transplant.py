@@ -244,8 +244,8 @@ def transplant_logits(model: Any, tokens: Int[Tensor, "b pos"], pos: int, layer:
     return logits[:, -1]
 
 
-def fit_map(x: Float[Tensor, "n d"], y: Float[Tensor, "n d"], ridge: float
-            ) -> tuple[Float[Tensor, "d d"], Float[Tensor, " d"], Float[Tensor, " d"]]:
+def fit_map(x: Float[Tensor, "n d_in"], y: Float[Tensor, "n d_out"], ridge: float
+            ) -> tuple[Float[Tensor, "d_in d_out"], Float[Tensor, " d_in"], Float[Tensor, " d_out"]]:
     """Centred ridge regression ``y ~ m_y + (x - m_x) A``; returns ``(A, m_x, m_y)``."""
     x, y = x.double(), y.double()
     mx, my = x.mean(0), y.mean(0)

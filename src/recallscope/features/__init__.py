@@ -6,6 +6,7 @@
 - :mod:`.replacement`: the replacement model (MLPs spliced out for transcoders) and its fidelity.
 - :mod:`.formats`: loading circuit-tracer, SAELens and sparsify transcoders.
 - :mod:`.graph`: attribution graphs over features, error nodes, embeddings and logits.
+- :mod:`.concepts` / :mod:`.routes`: features and supernodes as route concepts; does a feature set carry a route.
 
 Importing this package has no side effects; submodules are imported on first use.
 """
@@ -21,6 +22,10 @@ _LAZY = {
     "train_transcoder": "recallscope.features.train",
     "load_transcoders": "recallscope.features.formats",
     "attribution_graph": "recallscope.features.graph",
+    "feature_concept": "recallscope.features.concepts",
+    "supernode_concept": "recallscope.features.concepts",
+    "feature_controls": "recallscope.features.concepts",
+    "feature_family_report": "recallscope.features.routes",
 }
 
 

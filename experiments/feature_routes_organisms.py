@@ -13,6 +13,8 @@ test on the other 42 only. Three sets of 24 layer-1 features, each tested with
   site on the selection pairs (what an attribution graph would keep);
 - ``random``: 24 random learned features.
 
+Each set also gets the causal half (the set's site activations swapped between pairs, against the same placebos).
+
 route-s0, rote-s0 and answer-at-site-s0 were used while building the test; route-s1, route-s2, route-l2-s0,
 route-iit-s0, rote-s1 and bypass-s0 were not looked at before this script ran. Writes feature_routes.json
 (+ feature_routes.html) with a manifest.
@@ -83,11 +85,14 @@ def main() -> None:
             for r in s["rows"]:
                 print(f"{name:18s} {r['name']:11s} {r['verdict']:12s} family {r['family_verdict']:12s} "
                       f"H {r['heldout']:.3f} placebo median {r['placebo_median']:.3f} max {r['placebo_max']:.3f} "
-                      f"p_placebo {r['p_placebo']:.3f} p_family {r['p_family']:.4f} p_holm {r['p_holm']:.4f}")
+                      f"p_placebo {r['p_placebo']:.3f} p_family {r['p_family']:.4f} p_holm {r['p_holm']:.4f} "
+                      f"swap {r['swap'].get('score', float('nan')):.3f} (placebo median {r['swap_placebo_median']:.3f})")
     table = [{"organism": s["name"], "is_route": s["is_route"], "development": s["development"], "set": r["name"],
               "verdict": r["verdict"], "family_verdict": r["family_verdict"], "heldout": round(r["heldout"], 4),
               "placebo_median": round(r["placebo_median"], 4), "placebo_max": round(r["placebo_max"], 4),
-              "p_placebo": r["p_placebo"], "p_holm": round(r["p_holm"], 4)} for s in results for r in s["rows"]]
+              "p_placebo": r["p_placebo"], "p_holm": round(r["p_holm"], 4), "swap": round(r["swap"]["score"], 4),
+              "swap_placebo_median": round(r["swap_placebo_median"], 4), "swap_p_placebo": r["swap"]["p_placebo"]}
+             for s in results for r in s["rows"]]
     from recallscope.manifest import atomic_write_text
 
     atomic_write_text(out / "feature_routes.json", json.dumps({"table": table, "organisms": results,

@@ -13,7 +13,7 @@ from recallscope.features.concepts import (FeatureSet, feature_concept, feature_
                                            matched_placebos, supernode_concept)
 from recallscope.features.data import training_tokens
 from recallscope.features.interventions import Supernode
-from recallscope.features.routes import (FeatureRouteConfig, _heldout_score, _Reader, crossfit_split,
+from recallscope.features.routes import (FeatureRouteConfig, FeatureRouteReport, _heldout_score, _Reader, crossfit_split,
                                          feature_family_report, planted_route_features)
 from recallscope.features.train import TranscoderTrainConfig, train_set
 from recallscope.organisms import ground_truth
@@ -190,10 +190,15 @@ def test_the_batched_site_swap_equals_the_intervention_oracle(organisms):
     assert bool((norm > 0).all())
 
 
-def test_the_report_carries_the_causal_half_for_one_layer_sets(organisms):
+def test_the_report_carries_the_causal_half_for_one_layer_sets_and_round_trips(organisms, tmp_path):
     model, planted, fs, test_pairs = _planted(organisms, "route-s0")
-    row = feature_family_report(model, planted, test_pairs, fs, config=replace(QUICK, swap=True)).rows[0]
+    report = feature_family_report(model, planted, test_pairs, fs, config=replace(QUICK, swap=True))
+    row = report.rows[0]
     assert set(row.swap) >= {"score", "edit_norm", "placebo_scores", "p_placebo", "n_units"}
     assert len(row.swap["placebo_scores"]) == 19 and row.swap["n_units"] > 1000
     # measured: the planted 24 features carry nothing causal at the site (the chunk is in the embedding path)
     assert row.swap["score"] < 0.05
+    back = FeatureRouteReport.load(report.save(tmp_path / "fr"))
+    assert back.rows == report.rows and back.verdict() == report.verdict()
+    torch.testing.assert_close(back.reports[row.name].fitted, report.reports[row.name].fitted)
+    assert (tmp_path / "fr" / "feature_routes.json").is_file() and report.plot().data

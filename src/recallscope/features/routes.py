@@ -45,8 +45,11 @@ principal subspace of the concept states (fitted on selection pairs only).
 """
 
 import copy
+import json
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -155,6 +158,42 @@ class FeatureRouteReport:
                 "transcoder features, against matched placebo feature sets", "rows": rows,
                 "pairs_tested": list(self.pairs_tested), "pairs_selected_on": list(self.pairs_selected_on),
                 "config": self.config, "manifest": self.manifest}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """``feature_routes.json`` (every row with its placebo sets and scores) and each set's family report in
+        ``family/<i>/`` (:meth:`RouteFamilyReport.save`)."""
+        from recallscope.manifest import atomic_write_text
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        names = [r.name for r in self.rows]
+        for i, name in enumerate(names):
+            self.reports[name].save(directory / "family" / str(i))
+        meta = {"format": "recallscope-feature-routes/1", "name": self.name, "rows": [asdict(r) for r in self.rows],
+                "config": self.config, "pairs_tested": list(self.pairs_tested),
+                "pairs_selected_on": list(self.pairs_selected_on), "manifest": self.manifest}
+        atomic_write_text(directory / "feature_routes.json", json.dumps(meta, indent=1, default=str) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "FeatureRouteReport":
+        from recallscope.errors import ResultFileError
+        from recallscope.routes.family_report import RouteFamilyReport
+
+        directory = Path(directory)
+        path = directory / "feature_routes.json"
+        if not path.is_file():
+            raise ResultFileError(f"{directory} holds no feature_routes.json; write one with FeatureRouteReport.save.")
+        meta = json.loads(path.read_text())
+        pairs_of = lambda ms: tuple((int(a), int(b)) for a, b in ms)  # noqa: E731
+        rows = tuple(FeatureRouteRow(**{**r, "members": pairs_of(r["members"]),
+                                        "placebo_scores": tuple(r["placebo_scores"]),
+                                        "placebo_sets": tuple(pairs_of(p) for p in r["placebo_sets"])})
+                     for r in meta["rows"])
+        reports = {r.name: RouteFamilyReport.load(directory / "family" / str(i)) for i, r in enumerate(rows)}
+        return cls(name=meta["name"], rows=rows, reports=reports, config=meta["config"],
+                   pairs_tested=tuple(meta["pairs_tested"]), pairs_selected_on=tuple(meta["pairs_selected_on"]),
+                   manifest=meta["manifest"])
 
     def plot(self, *, title: str | None = None) -> Any:
         """Each set's held-out score beside its placebo sets' scores (grey)."""

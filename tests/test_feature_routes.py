@@ -14,7 +14,7 @@ from recallscope.features.concepts import (FeatureSet, feature_concept, feature_
 from recallscope.features.data import training_tokens
 from recallscope.features.interventions import Supernode
 from recallscope.features.routes import (FeatureRouteConfig, FeatureRouteReport, _heldout_score, _Reader, crossfit_split,
-                                         feature_family_report, planted_route_features)
+                                         feature_family_crossfit, feature_family_report, planted_route_features)
 from recallscope.features.train import TranscoderTrainConfig, train_set
 from recallscope.organisms import ground_truth
 from recallscope.routes.concepts import ConceptSource
@@ -166,10 +166,17 @@ def test_planted_feature_set_in_a_route_organism_is_a_route_and_beats_its_placeb
 
 @pytest.mark.parametrize("name", ["rote-s0", "answer-at-site-s0"])
 def test_the_same_construction_in_non_route_organisms_is_no_route(organisms, name):
-    model, planted, fs, test_pairs = _planted(organisms, name)
-    report = feature_family_report(model, planted, test_pairs, fs, config=QUICK)
-    (row,) = report.rows
-    assert row.verdict == "no route" and row.family_verdict == "no route" and row.score < 0.2, row
+    """The planted construction and a cross-fitted attribution-selected set (both chosen on the same 20 selection
+    pairs, tested on the other 42) are no route."""
+    model, planted, fs, _ = _planted(organisms, name)
+    pairs = organisms[name][2]
+    report = feature_family_crossfit(model, planted, pairs, 1, PLANTED_SIZE, n_select=20, config=QUICK,
+                                     extra={"planted": fs})
+    assert not set(report.pairs_tested) & set(report.pairs_selected_on)
+    assert len(report.pairs_tested) + len(report.pairs_selected_on) == len(pairs)
+    assert [r.name for r in report.rows] == ["attribution", "planted"]
+    for row in report.rows:
+        assert row.verdict == "no route" and row.family_verdict == "no route" and row.score < 0.2, row
 
 
 def test_the_batched_site_swap_equals_the_intervention_oracle(organisms):

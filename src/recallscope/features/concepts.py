@@ -171,7 +171,9 @@ def feature_stats(model: Any, tset: TranscoderSet, layer: int, texts: Sequence[s
         raise ConfigError(f"layer {layer} has no transcoder (transcoded layers: {tset.layers}).")
     if not texts:
         raise ConfigError("feature_stats needs reference texts (e.g. the family's prompts and concepts).")
-    acts = torch.cat([_activations(model, tset, model.to_tokens(t), [layer])[layer][0] for t in texts])
+    seqs = [model.to_tokens(t)[0] for t in texts]
+    acts = torch.cat([_activations(model, tset, torch.stack([s for s in seqs if len(s) == n]), [layer])[layer].flatten(0, 1)
+                      for n in sorted({len(s) for s in seqs})])  # every position of every text, batched by length
     active = acts > 0
     freq = active.float().mean(0)
     mean = (acts * active).sum(0) / active.sum(0).clamp_min(1)

@@ -219,21 +219,26 @@ class _Reader:
         self.cache: dict[str, dict[int, Tensor]] = {}
 
     @torch.no_grad()
-    def _read(self, text: str) -> dict[int, Tensor]:
-        if text not in self.cache:
-            hooks = {self.tset.input_hook(layer): layer for layer in self.layers}
-            _, cache = self.model.run_with_cache(self.model.to_tokens(text), names_filter=lambda n: n in hooks)
-            out = {}
+    def _fill(self, texts: Sequence[str]) -> None:
+        """Read every uncached text, in batches of equal token length (one forward per length)."""
+        todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        seqs = {t: self.model.to_tokens(t)[0] for t in todo}
+        hooks = {self.tset.input_hook(layer): layer for layer in self.layers}
+        for n in sorted({len(v) for v in seqs.values()}):
+            group = [t for t in todo if len(seqs[t]) == n]
+            _, cache = self.model.run_with_cache(torch.stack([seqs[t] for t in group]), names_filter=lambda h: h in hooks)
             for name, layer in hooks.items():
-                x = cache[name][0, -1].float()
+                x = cache[name][:, -1].float()
                 tc = self.tset[layer]
-                out[layer] = tc.pre_acts(x).detach() if self.reading == "pre" else tc.encode(x).detach()
-            self.cache[text] = out
-        return self.cache[text]
+                read = tc.pre_acts(x) if self.reading == "pre" else tc.encode(x)
+                for i, t in enumerate(group):
+                    self.cache.setdefault(t, {})[layer] = read[i].detach()
 
     def states(self, members: Sequence[tuple[int, int]], texts: Sequence[str], prefix: str) -> Tensor:
         """``[text, |S|]``: each text's reading through ``members``."""
-        return torch.stack([torch.stack([self._read(prefix + t)[layer][f] for layer, f in members]) for t in texts])
+        full = [prefix + t for t in texts]
+        self._fill(full)
+        return torch.stack([torch.stack([self.cache[t][layer][f] for layer, f in members]) for t in full])
 
     def for_members(self, members: Sequence[tuple[int, int]]) -> Any:
         def read(model: Any, texts: Sequence[str], layers: Sequence[int], prefix: str) -> Tensor:

@@ -69,6 +69,25 @@ def _texts(model: Any, st: dict[str, Any], args: argparse.Namespace) -> tuple[An
     return rows[n_eval:], rows[:n_eval]
 
 
+def _use_shipped(spec: str, full_cfg: dict[str, Any], out: Path) -> bool:
+    """At the default organism settings, copy the shipped set into ``out`` instead of training."""
+    from recallscope.features.shipped import copy_shipped, matching_shipped
+
+    src = matching_shipped(spec, full_cfg)
+    if src is None:
+        return False
+    copy_shipped(src, out)
+    rec = json.loads((src / "shipped.json").read_text())
+    for layer, ev in rec["explained_variance"].items():
+        print(f"layer {layer}: explained variance {ev:.4f}, dead features {rec['dead_fraction'][layer]:.1%}")
+    fid = rec["fidelity"]["all"]
+    print(f"replacement model (held out, {fid['n_positions']} positions): KL {fid['kl']:.4g} nats, "
+          f"top-1 agreement {fid['top1_agreement']:.3f}")
+    print(f"shipped set for {spec} (default settings, organism weights verified): no training; wrote {out} "
+          "(--no-shipped trains instead)")
+    return True
+
+
 def _cmd_transcoders(args: argparse.Namespace) -> int:
     from recallscope.features.cache import activation_dir, model_slug, transcoder_dir
     from recallscope.features.replacement import fidelity
@@ -96,6 +115,8 @@ def _cmd_transcoders(args: argparse.Namespace) -> int:
         data_cfg.pop("n_seqs")
     full_cfg = {**data_cfg, "train": cfg.__dict__}
     out = Path(args.out) if args.out else transcoder_dir(args.model, full_cfg)
+    if _is_organism(args.model) and not args.no_shipped and _use_shipped(args.model, full_cfg, out):
+        return 0
     train_tokens, held = _texts(model, st, args)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(full_cfg, indent=1) + "\n")
@@ -219,6 +240,9 @@ def register(sub: Any) -> None:
                     "models; that position then stays an error node in graphs)")
     sp.add_argument("--keep-activations", action="store_true", help="keep the activation store after training "
                     "(default: deleted; SmolLM2 at the defaults needs about 4 GB while training)")
+    sp.add_argument("--no-shipped", action="store_true", help="organisms: train even when the settings are the "
+                    "defaults (by default the set shipped with recallscope is used, after checking the organism's "
+                    "weight hash)")
     sp.add_argument("--per-layer-fidelity", action="store_true", help="also measure KL / top-1 with one layer "
                     "replaced at a time (always on for organisms; one extra pass over the held-out text per layer)")
     sg = add_command(sub, "graph", "feature-level attribution graph of one prompt: graph.json (circuit-tracer / "

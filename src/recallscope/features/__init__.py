@@ -6,6 +6,7 @@
 - :mod:`.replacement`: the replacement model (MLPs spliced out for transcoders) and its fidelity.
 - :mod:`.formats`: loading circuit-tracer, SAELens and sparsify transcoders.
 - :mod:`.graph`: attribution graphs over features, error nodes, embeddings and logits.
+- :mod:`.shipped`: the default transcoder set of every shipped organism (package data, hash-checked).
 - :mod:`.concepts` / :mod:`.routes`: features and supernodes as route concepts; does a feature set carry a route.
 
 Importing this package has no side effects; submodules are imported on first use.
@@ -26,6 +27,8 @@ _LAZY = {
     "supernode_concept": "recallscope.features.concepts",
     "feature_controls": "recallscope.features.concepts",
     "feature_family_report": "recallscope.features.routes",
+    "load_shipped_transcoders": "recallscope.features.shipped",
+    "shipped_transcoder_names": "recallscope.features.shipped",
 }
 
 

@@ -11,15 +11,16 @@ from recallscope.features.data import organism_task_tokens, training_tokens
 from recallscope.features.graph import attribution_graph
 from recallscope.features.interventions import FeatureEdit, run_intervention
 from recallscope.features.replacement import fidelity
-from recallscope.features.train import TranscoderTrainConfig, split_heldout, train_set
 
 
 @pytest.fixture(scope="module")
-def trained(fact_organism, tmp_path_factory):
-    tokens = training_tokens(fact_organism, 400, seed=0)
-    cfg = TranscoderTrainConfig(d_sae=128, k=8, steps=300, batch_size=256, lr=3e-3)
-    tset, report = train_set(fact_organism, tokens, cfg, tmp_path_factory.mktemp("tc"), progress=False)
-    return fact_organism, tset, report, tokens
+def trained(fact_organism):
+    """The shipped fact-store set (trained by `recallscope transcoders` at its defaults; that retraining
+    reproduces it is checked in test_shipped_transcoders.py), and fresh tokens it was not trained on."""
+    from recallscope.features.shipped import load_shipped_transcoders
+
+    tset = load_shipped_transcoders(fact_organism)  # checks the loaded weights' hash
+    return fact_organism, tset, training_tokens(fact_organism, 200, seed=7)
 
 
 def test_task_tokens_are_fact_prompts(fact_organism):
@@ -28,9 +29,11 @@ def test_task_tokens_are_fact_prompts(fact_organism):
 
 
 def test_trained_transcoders_reproduce_the_organism(trained):
-    model, tset, report, tokens = trained
-    assert min(report.explained_variance.values()) > 0.9, report
-    _, held = split_heldout(tokens, 0.1)
+    from recallscope.features.shipped import layer_explained_variance
+
+    model, tset, held = trained
+    ev = layer_explained_variance(model, tset, held)
+    assert min(ev.values()) > 0.9, ev
     fid = fidelity(model, tset, held)
     no_features = copy.deepcopy(tset)  # the same transcoders without their features: skip + bias only
     with torch.no_grad():
@@ -43,7 +46,7 @@ def test_trained_transcoders_reproduce_the_organism(trained):
 def test_last_layer_feature_moves_the_answer_as_the_graph_predicts(trained):
     """With attention and norms frozen, steering a last-layer feature changes the answer logit by exactly
     its graph edge times the steering factor; ablating the feature with the largest edge lowers the logit."""
-    model, tset, _, _ = trained
+    model, tset, _ = trained
     prompt = organism_task_tokens(model, 2, seed=3)[0]
     answer = int(model(prompt[None], return_type="logits")[0, -1].argmax())
     graph = attribution_graph(model, tset, prompt, targets=[answer])
@@ -81,7 +84,7 @@ def test_cli_trains_and_draws_a_graph(tmp_path):
     assert (out / "graph.html").stat().st_size > 1000
 
 
-def test_b64_graph_finds_the_chunks_each_byte_depends_on(b64_organism, tmp_path):
+def test_b64_graph_finds_the_chunks_each_byte_depends_on(b64_organism):
     """The embedding nodes with influence on output byte j are the input chunks byte j is computed from
     (the organism's ground-truth dependency map): AUROC of embedding influence vs truth. This checks the
     graph's paths (positions, frozen attention, features); it does not grade the transcoders: with every
@@ -90,10 +93,10 @@ def test_b64_graph_finds_the_chunks_each_byte_depends_on(b64_organism, tmp_path)
     from recallscope.organisms import ground_truth
     from recallscope.organisms.b64_decoder import dependency_pairs
 
+    from recallscope.features.shipped import load_shipped_transcoders
+
     model, truth = b64_organism, ground_truth(b64_organism)
-    tokens = training_tokens(model, 300, seed=0)
-    cfg = TranscoderTrainConfig(d_sae=256, k=8, steps=300, batch_size=256, lr=3e-3)
-    tset, _ = train_set(model, tokens, cfg, tmp_path, progress=False)
+    tset = load_shipped_transcoders(model)
     n_bytes = max(truth.lengths)
     dep = truth.dependency(n_bytes)
     scores, labels = [], []

@@ -137,3 +137,18 @@ def test_retraining_reproduces_the_shipped_weights(tmp_path):
     for layer in shipped.layers:
         for (key, p), q in zip(fresh[layer].named_parameters(), shipped[layer].parameters()):
             torch.testing.assert_close(p.detach().half().float(), q.detach(), rtol=2e-3, atol=2e-3, msg=key)
+
+
+def test_every_shipped_set_matches_the_cli_defaults(tmp_path, monkeypatch, capsys):
+    """If the CLI's default organism settings change, the shipped sets are stale: rerun the ship command."""
+    import recallscope.features.train as train
+    from recallscope.cli import main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"the CLI would train: its defaults no longer match the shipped set; rerun "
+                             f"`{sh.SHIP_COMMAND}`.")
+
+    monkeypatch.setattr(train, "train_set", refuse)
+    for name in _names():
+        assert main(["transcoders", "--model", f"organism:{name}", "--out", str(tmp_path / name)]) == 0
+        assert "shipped set" in capsys.readouterr().out

@@ -226,5 +226,10 @@ def test_graph_command_errors_name_the_fix(tmp_path, capsys, monkeypatch):
     assert main(["graph", "--model", "organism:fact-store", "--prompt", "f3 Pia Orr color", "--max-feature-nodes", "-1",
                  "--out", str(tmp_path)]) == 2
     assert "--max-feature-nodes must be >= 0" in capsys.readouterr().err
-    assert main(["graph", "--model", "organism:fact-store", "--prompt", "f3 Pia Orr color", "--out", str(tmp_path)]) == 2
-    assert "recallscope transcoders --model organism:fact-store" in capsys.readouterr().err
+    assert main(["graph", "--model", "smollm2", "--prompt", "f3 Pia Orr color", "--out", str(tmp_path)]) == 2
+    assert "recallscope transcoders --model smollm2" in capsys.readouterr().err
+    # an organism with nothing cached falls back to the set shipped with recallscope
+    assert main(["graph", "--model", "organism:fact-store", "--prompt", "f3 Pia Orr color", "--out",
+                 str(tmp_path / "shipped")]) == 0
+    assert "the set shipped with recallscope" in capsys.readouterr().err
+    assert (tmp_path / "shipped" / "graph.json").is_file() and not (tmp_path / "empty" / "transcoders").exists()

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,16 @@ def _view_labels(model: Any, tset: Any, graph: Any, keep: Any) -> list[str]:
     return labels + [f"logit {dec([int(lab)])!r}" if lab.isdigit() else f"logit {lab}" for lab in graph.logit_labels]
 
 
+def _shipped_only(spec: str) -> bool:
+    """An organism with a shipped transcoder set and nothing in the cache: the graph uses the shipped set."""
+    from recallscope.features.cache import cached_sets
+    from recallscope.features.shipped import shipped_transcoder_names
+
+    name = str(spec).strip()
+    return (_is_organism(name) and name.split(":", 1)[1] in shipped_transcoder_names()
+            and not cached_sets(name))
+
+
 def _cmd_graph(args: argparse.Namespace) -> int:
     import time
 
@@ -182,12 +193,20 @@ def _cmd_graph(args: argparse.Namespace) -> int:
         raise ConfigError("--contrast needs --target: the graph's target is logit(target) - logit(contrast).")
     if args.max_feature_nodes < 0:
         raise ConfigError(f"--max-feature-nodes must be >= 0 (0 = every active feature), got {args.max_feature_nodes}.")
-    if args.transcoders is None:
+    shipped = args.transcoders is None and _shipped_only(args.model)
+    if args.transcoders is None and not shipped:
         from recallscope.features.cache import find_cached_set
 
         args.transcoders = find_cached_set(args.model)
     model = load_model(args.model, **_placement(args))
-    tset = load_transcoders(args.transcoders, int(model.cfg.n_layers))
+    if shipped:
+        from recallscope.features.shipped import load_shipped_transcoders, shipped_dir
+
+        tset = load_shipped_transcoders(model)  # checks that the organism's weights are the ones it was trained on
+        args.transcoders = shipped_dir(model)
+        print(f"transcoders: the set shipped with recallscope ({args.transcoders})", file=sys.stderr)
+    else:
+        tset = load_transcoders(args.transcoders, int(model.cfg.n_layers))
     tokens = model.to_tokens(args.prompt)[0]
     good, bad = _target(model, args.target), _target(model, args.contrast)
     targets = (good, bad) if bad is not None else good
@@ -248,7 +267,8 @@ def register(sub: Any) -> None:
     sg = add_command(sub, "graph", "feature-level attribution graph of one prompt: graph.json (circuit-tracer / "
                      "Neuronpedia schema) and graph.html", _cmd_graph, out="out/graph")
     sg.add_argument("--transcoders", default=None, help="transcoder directory (recallscope, circuit-tracer, "
-                    "SAELens or sparsify format; default: the newest set `recallscope transcoders` cached for --model)")
+                    "SAELens or sparsify format; default: the newest set `recallscope transcoders` cached for --model, else "
+                    "an organism's shipped set)")
     sg.add_argument("--prompt", required=True, help="the prompt to attribute (BOS is prepended)")
     sg.add_argument("--target", default=None, help="target token (default: the model's top prediction)")
     sg.add_argument("--contrast", default=None, help="second token: the target becomes logit(target) - logit(this)")

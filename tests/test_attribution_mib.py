@@ -81,6 +81,16 @@ def test_mib_json_bad_input():
         from_mib_json({"cfg": {}, "nodes": {}})
 
 
+def test_mib_json_files_that_are_not_circuits(tmp_path):
+    listed, broken = tmp_path / "list.json", tmp_path / "broken.json"
+    listed.write_text("[1, 2]")
+    broken.write_text('{"cfg": ')
+    with pytest.raises(ResultFileError, match="the JSON is a list"):
+        from_mib_json(listed)
+    with pytest.raises(ResultFileError, match="cannot read MIB JSON"):
+        from_mib_json(broken)
+
+
 def test_cpr_cmd_by_hand():
     cpr, cmd = cpr_cmd([0.1, 0.5, 1.0], [0.2, 0.6, 1.0])
     assert cpr == pytest.approx(0.4 * 0.4 + 0.5 * 0.8) and cmd == pytest.approx(0.4 * 0.6 + 0.5 * 0.2)

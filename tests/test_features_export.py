@@ -84,6 +84,16 @@ def test_foreign_file_without_recallscope_metadata(graph):
         from_json({"nodes": []})
 
 
+def test_graph_json_files_that_are_not_graphs(tmp_path):
+    listed, broken = tmp_path / "list.json", tmp_path / "broken.json"
+    listed.write_text('["metadata", "nodes", "links"]')  # a list holding the key names is still no graph
+    broken.write_text('{"nodes": [')
+    with pytest.raises(ResultFileError, match="metadata, nodes and links"):
+        from_json(listed)
+    with pytest.raises(ResultFileError, match="cannot read graph JSON"):
+        from_json(broken)
+
+
 def test_graph_figure_draws_kept_nodes(graph):
     from recallscope.features.plot import graph_figure
 

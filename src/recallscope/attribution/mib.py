@@ -106,8 +106,11 @@ def from_mib_json(data: dict[str, Any] | str | os.PathLike) -> tuple[EdgeScores,
     if not isinstance(data, dict):
         try:
             data = json.loads(Path(data).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ResultFileError(f"cannot read MIB JSON from {data}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ResultFileError(f"not an MIB circuit file: the JSON is a {type(data).__name__}, not an object with "
+                              "cfg, nodes and edges.")
     missing = [k for k in ("cfg", "nodes", "edges") if k not in data]
     if missing:
         raise ResultFileError(f"not an MIB circuit file: it lacks {missing} (expected cfg, nodes, edges).")

@@ -157,8 +157,11 @@ def from_json(data: dict[str, Any] | str | os.PathLike) -> AttributionGraph:
         path = Path(data)
         if not path.is_file():
             raise ResultFileError(f"graph JSON {path} not found.")
-        data = json.loads(path.read_text())
-    if not {"metadata", "nodes", "links"} <= set(data):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ResultFileError(f"cannot read graph JSON {path}: {exc}") from exc
+    if not isinstance(data, dict) or not {"metadata", "nodes", "links"} <= set(data):
         raise ResultFileError("not a circuit-tracer graph JSON: expected keys metadata, nodes and links.")
     meta = data["metadata"].get("recallscope", {})
     by_kind: dict[str, list[dict]] = {}

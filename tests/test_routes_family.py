@@ -216,3 +216,140 @@ def test_cli_single_query_verdict_names_its_detector(tiny_gpt2, tmp_path, monkey
     assert code == 0
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("verdict:")][0]
     assert "single-query" in line and "NOT validated on the organism benchmark" in line and "--family" in line
+
+
+# ------------------------------------------------------------------------------------------ second-attribute check
+ATTR = FamilyConfig(transplant=TransplantConfig(n_perm=999, n_boot=200, min_layer=1, attribute_template="{concept} kind"),
+                    n_boot=200)
+
+
+def _attr_pairs(model, kind=None):
+    """Every chunk with its concept and the concept's kind (`` animal``), read by ``"<concept> kind"``."""
+    truth = ground_truth(model)
+    kind = kind or (lambda k: " " + truth.concept_kind[k])
+    return [TransplantPair(f"{c} ==", c, " " + k, " " + truth.chunk_letter[c], attribute=kind(k))
+            for c, k in truth.chunk_concept.items()]
+
+
+@pytest.fixture(scope="module")
+def attr_report():
+    model = _model("route-s0")
+    return model, route_family_report(model, _attr_pairs(model), config=ATTR, name="route-s0 kind")
+
+
+def test_attribute_check_keeps_the_planted_route(attr_report, route_report):
+    _, report = attr_report
+    row, plain = _row(report, "concept"), _row(route_report[1], "concept")
+    assert report.attribute_tested and report.verdict() == "route" and row.verdict == "route"
+    assert row.answer_code == "ruled out" and row.attr_score >= 0.5 and row.attr_ci[0] > 0.5
+    assert row.attr_p <= 0.01 and row.attr_joint >= 0.5 and row.attr_layer in report.layers
+    assert row.attr_fitted > row.attr_shuffled + 0.5 and row.attr_units == int(report.attr_source.numel()) > 0
+    # the forward part is the same computation as without the attribute; its p only grows (max with attr_p)
+    assert row.score == plain.score and row.p_holm >= plain.p_holm and row.p_competitors >= row.attr_p
+    # competitors are not checked
+    assert all(r.answer_code == "not tested" and r.attr_layer == -1 for r in report.rows() if r.role == "competitor")
+    assert torch.isnan(report.attr_fitted[1:]).all() and not torch.isnan(report.attr_fitted[0]).any()
+
+
+def test_attribute_rates_equal_the_transplant_reverse_per_query(attr_report):
+    """Same folds, reverse maps and units as routes.transplant step 9: the family's reverse rates restricted to
+    one query's units reproduce transplant_score's attr_per_layer for that query."""
+    model, report = attr_report
+    prep = prepare_transplant(model, _attr_pairs(model), ATTR.transplant)
+    names = [p["input"] for p in report.pairs]
+    for name in ("VA", "TA"):
+        q = names.index(name)
+        d = report.attr_fitted[0] - report.attr_shuffled[0]
+        mine = d[:, (report.attr_receiver == q) | (report.attr_source == q)].mean(1)
+        theirs = transplant_score(model, prep, name, ATTR.transplant).attr_per_layer
+        torch.testing.assert_close(mine, torch.tensor([theirs[layer] for layer in report.layers]), atol=1e-6, rtol=0)
+
+
+def test_attribute_check_fails_where_the_site_holds_only_the_answer():
+    """answer-at-site: the site holds the answer, not the concept. Its family verdict is already "no route"
+    without the check (forward score < 0.2 at min_layer 1); the reverse check itself fails too."""
+    model = _model("answer-at-site-s0")
+    row = _row(route_family_report(model, _attr_pairs(model), config=ATTR), "concept")
+    assert row.answer_code == "not ruled out" and row.attr_score < 0.2 and row.attr_joint_ci[1] < 0.5
+    assert row.verdict == "no route"
+
+
+def test_a_wrong_attribute_stops_a_forward_route():
+    """route-s0 with each concept given another concept's kind: the forward transplant still passes, the reverse
+    one cannot (the site's concept answers its own kind), so the verdict is not route."""
+    model = _model("route-s0")
+    truth = ground_truth(model)
+    concepts = list(truth.chunk_concept.values())
+    kinds = {k: " " + truth.concept_kind[concepts[(i + 1) % len(concepts)]] for i, k in enumerate(concepts)}
+    pairs = [p for p in _attr_pairs(model, kind=kinds.get)]
+    assert sum(kinds[k] != " " + truth.concept_kind[k] for k in concepts) > len(concepts) // 2
+    row = _row(route_family_report(model, pairs, config=ATTR), "concept")
+    assert row.transplant_verdict == "route" and row.answer_code == "not ruled out" and row.verdict != "route"
+
+
+def test_without_attributes_the_report_says_not_tested(route_report, tmp_path):
+    _, report = route_report
+    assert not report.attribute_tested and report.summary()["answer_code"].startswith("not tested")
+    assert all(r.answer_code == "not tested" and r.attr_layer == -1 for r in report.rows())
+    # a report saved without the check (as every report before it) has no attribute tensors and loads
+    from safetensors.torch import load_file
+
+    path = report.save(tmp_path / "old")
+    assert not any(k.startswith("attr_") for k in load_file(path / "values.safetensors"))
+    assert not RouteFamilyReport.load(path).attribute_tested
+
+
+def test_attribute_report_round_trip(attr_report, tmp_path):
+    _, report = attr_report
+    back = RouteFamilyReport.load(report.save(tmp_path / "attr"))
+    assert back.attribute_tested and json.dumps(back.summary()) == json.dumps(report.summary())
+    assert back.summary()["answer_code"] == "tested: {concept} kind"
+    assert "answer code ruled out" in dict(back.summary_extra())["concept"]
+    assert back.pairs[0]["attribute"] == report.pairs[0]["attribute"] != ""
+
+
+def test_malformed_attributes_are_config_errors(tmp_path):
+    model = _model("route-s0")
+    pairs = _attr_pairs(model)
+    bad = FamilyConfig(transplant=TransplantConfig(n_perm=999, min_layer=1, attribute_template="kind of"))
+    with pytest.raises(ConfigError, match=r"must contain \{concept\} exactly once"):
+        route_family_report(model, pairs, config=bad)
+    with pytest.raises(ConfigError, match="carry an attribute but TransplantConfig.attribute_template is empty"):
+        route_family_report(model, pairs, config=CONFIG)
+    some = [TransplantPair(p.prompt, p.input_text, p.concept, p.answer, attribute=p.attribute if i else "")
+            for i, p in enumerate(pairs)]
+    with pytest.raises(ConfigError, match="1 pairs have no attribute"):
+        route_family_report(model, some, config=ATTR)
+    head = "prompt\tinput\tconcept\tanswer\tattribute_prompt\tattribute_answer\n"
+    with pytest.raises(ConfigError, match=r"attribute_prompt 'kind' must contain \{concept\}"):
+        from recallscope.routes.family import family_attribute_template
+
+        family_attribute_template(_write(tmp_path, head + "VA ==\tVA\t VAT\t T\tkind\t animal\n"))
+    with pytest.raises(ConfigError, match="attribute_prompt differs between rows"):
+        family_attribute_template(_write(tmp_path, head + "VA ==\tVA\t VAT\t T\t{concept} kind\t animal\n"
+                                         "WA ==\tWA\t WAX\t X\t{concept} is\t thing\n"))
+    with pytest.raises(ConfigError, match="line 3: empty attribute_prompt or attribute_answer"):
+        load_family_tsv(_write(tmp_path, head + "VA ==\tVA\t VAT\t T\t{concept} kind\t animal\n"
+                               "WA ==\tWA\t WAX\t X\t{concept} kind\t\n"))
+    with pytest.raises(ConfigError, match="'attribute_answer' without its partner"):
+        load_family_tsv(_write(tmp_path, "prompt\tinput\tconcept\tanswer\tattribute_answer\nVA ==\tVA\t VAT\t T\t cat\n"))
+
+
+def test_tsv_attribute_columns_and_cli(tmp_path, capsys):
+    from recallscope import cli
+    from recallscope.routes.family import family_attribute_template
+
+    model = _model("route-s0")
+    lines = ["prompt\tinput\tconcept\tanswer\tattribute_prompt\tattribute_answer"] + [
+        f"{p.prompt}\t{p.input_text}\t{p.concept}\t{p.answer}\t{{concept}} kind\t{p.attribute}" for p in _attr_pairs(model)]
+    path = _write(tmp_path, "\n".join(lines) + "\n")
+    assert load_family_tsv(path) == _attr_pairs(model) and family_attribute_template(path) == "{concept} kind"
+    out = tmp_path / "out"
+    assert cli.main(["routes", "--model", "organism:route-s0", "--family", str(path), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "answer code ruled out: reverse (attribute) transplant" in printed
+    assert "verdict: route (" in printed and "second-attribute check {concept} kind" in printed
+    assert json.loads((out / "summary.json").read_text())["rows"][0]["answer_code"] == "ruled out"
+    plain = _family_tsv(tmp_path, model)
+    assert cli.main(["routes", "--model", "organism:route-s0", "--family", str(plain), "--out", str(out), "--quiet"]) == 0
+    assert "answer code not tested" in capsys.readouterr().out

@@ -19,12 +19,14 @@ def _cmd_routes_family(args: argparse.Namespace) -> int:
     """``routes --family FILE.tsv``: the family route verdict (held-out concept transplant vs competitor pairings)."""
     from recallscope.manifest import atomic_write_text
     from recallscope.models import load_model
-    from recallscope.routes.family import FamilyConfig, load_family_tsv, route_family_report
+    from recallscope.routes.family import FamilyConfig, family_attribute_template, load_family_tsv, route_family_report
     from recallscope.routes.transplant import TransplantConfig
 
     pairs = load_family_tsv(args.family)  # bad files fail before the model loads
+    template = family_attribute_template(args.family)  # "" without the attribute columns: check not run
     model = load_model(args.model, **_placement(args))
-    config = FamilyConfig(transplant=TransplantConfig(min_layer=1, n_folds=args.n_folds, seed=args.seed),
+    config = FamilyConfig(transplant=TransplantConfig(min_layer=1, n_folds=args.n_folds, seed=args.seed,
+                                                      attribute_template=template),
                           layer_stride=args.stride or 1)
     record = _record(args, "routes", config=config, seed=args.seed)
     record.model(model, args.model)
@@ -42,8 +44,14 @@ def _cmd_routes_family(args: argparse.Namespace) -> int:
         print(f"{r.name[:32]:<32} {r.verdict:<12} transplant {r.transplant_verdict:<12} score {r.score:+.3f} "
               f"[{r.ci[0]:+.3f}, {r.ci[1]:+.3f}] p={r.p_value:.4f} layer {r.layer} held-out {r.heldout:+.3f} "
               f"p_holm={r.p_holm:.4f} margins: {margins}")
+        if r.role == "candidate" and r.attr_layer >= 0:
+            print(f"{'':<32} answer code {r.answer_code}: reverse (attribute) transplant {r.attr_score:+.3f} "
+                  f"[{r.attr_ci[0]:+.3f}, {r.attr_ci[1]:+.3f}] p={r.attr_p:.4f} layer {r.attr_layer} (min of both "
+                  f"directions {r.attr_joint:+.3f})")
+    check = ("second-attribute check " + template if template else
+             "answer code not tested: add attribute_prompt and attribute_answer columns to rule it out")
     print(f"verdict: {report.verdict()} (detector: held-out concept transplant of the family against the input-itself "
-          f"and answer-itself pairings); manifest: {record.write()}")
+          f"and answer-itself pairings; {check}); manifest: {record.write()}")
     return 0
 
 
@@ -181,7 +189,9 @@ def register(sub: Any) -> None:
             sp.add_argument("--output", help="continuation to explain, e.g. ' Value' (required without --family)")
             sp.add_argument("--family", help="TSV of a family of analogous queries (header: prompt, input, concept, "
                             "answer[, attribute_prompt, attribute_answer]): the family route verdict (held-out concept "
-                            "transplant against input-itself and answer-itself pairings; the validated detector)")
+                            "transplant against input-itself and answer-itself pairings; the validated detector). "
+                            "attribute_prompt (one prompt with {concept}, e.g. '{concept} kind', the same on every "
+                            "row) and attribute_answer (the concept's answer to it) run the second-attribute check")
             sp.add_argument("--n-folds", type=int, default=5, help="--family: cross-fitting folds (default 5)")
             sp.add_argument("--concept", action="append", help="candidate concept; repeat (default: candidates "
                             "from the vocabulary, the acronym lexicon and the model itself)")

@@ -40,15 +40,30 @@ Algorithm (module doc of :mod:`~recallscope.routes.transplant` for steps 1-5; ``
 9. Verdict: **route** iff the transplant verdict is route, ``p_holm <= alpha`` and every required margin > 0;
    **no route** iff the transplant verdict is no route or some required margin's CI lies below 0;
    else **inconclusive**. Competitor pairings get ``competitor``.
+10. Second-attribute check (the benchmark detector's step 9, :mod:`recallscope.routes.transplant_attr` R1-R5),
+    only when ``config.transplant.attribute_template`` is set (then every pair needs its ``attribute``), for
+    each **candidate** pairing: the reverse transplant site state -> the concept's own state in its attribute
+    prompt (``"<concept> kind"`` -> `` animal``), with reverse maps fitted on the same folds against shuffled
+    maps (:func:`~recallscope.routes.transplant_attr.prepare_attribute`,
+    :func:`~recallscope.routes.transplant_attr.attribute_rates`); units: every ordered ``(receiver, source)`` in
+    one fold with different attributes, clustered by source. The check's layer is the one with the largest
+    ``min(forward mean D, reverse mean D)``; its p is the sign-flip test of the reverse ``D`` with the max over
+    layers as the statistic; it passes ("answer code ruled out") iff that p <= alpha and the min >= min_score.
+    The candidate's p (step 8) also takes the max with this p (intersection-union), then Holm; **route** also
+    needs the check to pass; **no route** also when the bootstrap CI of the min lies below min_score. Without
+    an attribute template the verdict is steps 1-9 and the rows say ``answer_code = "not tested"`` (the
+    transplant's ``require_attribute`` downgrade is not applied to families).
 
 Units share receivers and sources; clustering by source (step 5) makes the tests over concepts, not over
-the (correlated) ordered pairs. Like the transplant, this reads only the answer.
+the (correlated) ordered pairs. Steps 1-9, like the forward transplant, read only the answer: a site that holds
+the answer in a code the concept states share passes them (the ``answer-at-site`` organisms); step 10 separates
+the two when the concept has another attribute that is not a function of its answer.
 """
 
 import csv
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +74,12 @@ from torch import Tensor
 from recallscope.errors import ConfigError
 from recallscope.routes.competitors import competitor_class
 from recallscope.routes.family_report import FamilyConfig, FamilyRow, RouteFamilyReport, with_config
-from recallscope.routes.transplant import TransplantConfig, TransplantPair, fit_map
+from recallscope.routes.transplant import TransplantConfig, TransplantPair, _first_id, fit_map
+from recallscope.routes.transplant_attr import (PLACEHOLDER, attribute_rates, check_attribute_spec,
+                                               prepare_attribute)
 
-__all__ = ["FamilyConfig", "FamilyRow", "RouteFamilyReport", "answer_variants", "load_family_tsv",
+__all__ = ["FamilyConfig", "FamilyRow", "RouteFamilyReport", "answer_variants", "family_attribute_template",
+           "load_family_tsv",
            "route_family_report", "with_config"]
 
 FAMILY_COLUMNS = ("prompt", "input", "concept", "answer")
@@ -69,17 +87,12 @@ FAMILY_COLUMNS = ("prompt", "input", "concept", "answer")
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def _pair_fields() -> set[str]:
-    return {f.name for f in fields(TransplantPair)}
+ATTRIBUTE_COLUMNS = ("attribute_prompt", "attribute_answer")
+"""Optional columns: the prompt that reads the concept's other attribute (``{concept}`` once, the same on
+every row, e.g. ``{concept} kind``) and the concept's attribute (e.g. `` animal``): the second-attribute check."""
 
 
-def load_family_tsv(path: str | os.PathLike) -> list[TransplantPair]:
-    """Pairs from a TSV with a header row: ``prompt, input, concept, answer[, attribute_prompt,
-    attribute_answer]`` (tab-separated; ``\\t`` only, quote nothing). Leading spaces are kept.
-
-    Raises:
-        ConfigError: no such file, a missing column, an empty cell, or an input that is not in its prompt.
-    """
+def _read_rows(path: str | os.PathLike) -> tuple[Path, list[dict[str, str]]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"family file {path} does not exist; give a TSV with columns {', '.join(FAMILY_COLUMNS)}.")
@@ -91,7 +104,25 @@ def load_family_tsv(path: str | os.PathLike) -> list[TransplantPair]:
         raise ConfigError(f"family file {path} lacks the column(s) {missing} (header: {sorted(header)}); its first "
                           f"line must name the tab-separated columns {', '.join(FAMILY_COLUMNS)}"
                           "[, attribute_prompt, attribute_answer].")
-    extra = {"attribute_prompt", "attribute_answer"} & header & _pair_fields()
+    half = [c for c in ATTRIBUTE_COLUMNS if c in header]
+    if len(half) == 1:
+        raise ConfigError(f"family file {path} has the column {half[0]!r} without its partner; the second-attribute "
+                          "check needs both attribute_prompt (e.g. '{concept} kind') and attribute_answer.")
+    return path, rows
+
+
+def load_family_tsv(path: str | os.PathLike) -> list[TransplantPair]:
+    """Pairs from a TSV with a header row: ``prompt, input, concept, answer[, attribute_prompt,
+    attribute_answer]`` (tab-separated; ``\\t`` only, quote nothing). Leading spaces are kept.
+    ``attribute_answer`` becomes each pair's ``attribute``; the template is
+    :func:`family_attribute_template` (give it as ``TransplantConfig.attribute_template``).
+
+    Raises:
+        ConfigError: no such file, a missing column, an empty cell, or an input that is not in its prompt;
+            an attribute column without its partner or an attribute cell empty on some rows.
+    """
+    path, rows = _read_rows(path)
+    with_attr = ATTRIBUTE_COLUMNS[1] in rows[0]
     pairs = []
     for i, row in enumerate(rows, start=2):
         values = {c: row.get(c) or "" for c in FAMILY_COLUMNS}
@@ -101,9 +132,34 @@ def load_family_tsv(path: str | os.PathLike) -> list[TransplantPair]:
         if values["input"] not in values["prompt"]:
             raise ConfigError(f"{path} line {i}: input {values['input']!r} is not in its prompt {values['prompt']!r}; "
                               "the input must appear verbatim (mind the leading space).")
-        more = {k: row.get(k) or "" for k in extra}
-        pairs.append(TransplantPair(values["prompt"], values["input"], values["concept"], values["answer"], **more))
+        attribute = row.get(ATTRIBUTE_COLUMNS[1]) or ""
+        if with_attr and not (attribute.strip() and (row.get(ATTRIBUTE_COLUMNS[0]) or "").strip()):
+            raise ConfigError(f"{path} line {i}: empty attribute_prompt or attribute_answer; with these columns every "
+                              "row needs both (the concept's other attribute, e.g. ' animal' for '{concept} kind'), "
+                              "or drop the two columns.")
+        pairs.append(TransplantPair(values["prompt"], values["input"], values["concept"], values["answer"],
+                                    attribute=attribute))
     return pairs
+
+
+def family_attribute_template(path: str | os.PathLike) -> str:
+    """The family TSV's ``attribute_prompt`` (``""`` without the column).
+
+    Raises:
+        ConfigError: rows give different prompts, or the prompt lacks ``{concept}`` (or has it twice).
+    """
+    path, rows = _read_rows(path)
+    if not rows or ATTRIBUTE_COLUMNS[0] not in rows[0]:
+        return ""
+    templates = {row.get(ATTRIBUTE_COLUMNS[0]) or "" for row in rows}
+    if len(templates) != 1:
+        raise ConfigError(f"{path}: attribute_prompt differs between rows ({sorted(templates)[:3]}); give one "
+                          "prompt for the family, with {concept} where each row's concept goes.")
+    template = templates.pop()
+    if template.count(PLACEHOLDER) != 1:
+        raise ConfigError(f"{path}: attribute_prompt {template!r} must contain {PLACEHOLDER} exactly once (where the "
+                          "concept goes), e.g. '{concept} kind'.")
+    return template
 
 
 def answer_variants(answer: str) -> list[tuple[str, str]]:
@@ -127,6 +183,7 @@ def _check(model: Any, pairs: Sequence[TransplantPair], config: FamilyConfig) ->
     answers = {int(model.to_tokens(p.answer, prepend_bos=False)[0, 0]) for p in pairs if p.answer.strip()}
     if len(answers) < 2:
         raise ConfigError("every pair has the same answer token; a transplant needs pairs with different answers.")
+    check_attribute_spec(pairs, config.transplant.attribute_template)  # before any forward pass
 
 
 def _pairings(pairs: Sequence[TransplantPair], candidates: Mapping[str, Sequence[str]],
@@ -323,6 +380,38 @@ def _pairing_rates(model: Any, sites: _Sites, x: Tensor, layers: Sequence[int], 
     return out
 
 
+@dataclass(frozen=True)
+class _AttrView:
+    """What :func:`~recallscope.routes.transplant_attr.attribute_rates` reads of a prepared transplant."""
+
+    attribute: Any
+    fold: Tensor
+    site_y: Tensor
+    layers: tuple[int, ...]
+
+
+def _attribute_pairing_rates(model: Any, pairs: Sequence[TransplantPair], concepts: Sequence[str],
+                             layers: tuple[int, ...], sites: _Sites, fold: Tensor, units: tuple[Tensor, Tensor],
+                             config: TransplantConfig) -> dict[str, Tensor]:
+    """Second-attribute check of one candidate pairing (step 10): ``[layer, unit]`` success of the reverse
+    transplant (site state -> the concept's attribute prompt) through the fitted map, the shuffled maps (mean)
+    and the ceiling (the source concept's own state there), on the forward folds
+    (:func:`~recallscope.routes.transplant_attr.prepare_attribute`, R1-R4)."""
+    own = [replace(p, concept=c) for p, c in zip(pairs, concepts)]
+    prep = prepare_attribute(model, own, layers, sites.y.float(), fold, config)
+    view = _AttrView(prep, fold, sites.y.float(), layers)
+    receiver, source = units
+    out = {k: torch.zeros(len(layers), len(receiver)) for k in ("fitted", "shuffled", "ceiling")}
+    for li in range(len(layers)):
+        for k in fold.unique().tolist():
+            here = (fold[source] == k).nonzero().squeeze(1)
+            if here.numel():
+                got = attribute_rates(model, view, li, receiver[here], source[here], config.seed)
+                for name in out:
+                    out[name][li, here] = got[name]
+    return out
+
+
 def route_family_report(model: Any, pairs: Sequence[TransplantPair], *,
                         candidates: Mapping[str, Sequence[str]] | None = None,
                         competitors: Mapping[str, Sequence[str]] | None = None,
@@ -344,7 +433,9 @@ def route_family_report(model: Any, pairs: Sequence[TransplantPair], *,
 
     Raises:
         ConfigError: too few pairs for the folds, an input not in its prompt, one answer for every pair,
-            a pairing of the wrong length, layers outside the model, a reader of the wrong shape.
+            a pairing of the wrong length, layers outside the model, a reader of the wrong shape, attributes
+            without ``attribute_template`` (or the reverse), a template without ``{concept}`` once, an attribute
+            equal to the answer, one attribute for every pair.
     """
     from tqdm.auto import tqdm
 
@@ -370,16 +461,37 @@ def route_family_report(model: Any, pairs: Sequence[TransplantPair], *,
                              controls=role == "candidate")
         for k, v in got.items():
             rates[k][i] = v
+    attr = _attribute_check(model, pairs, plan, layers, sites, fold, tc, name, progress)
     ceiling = torch.stack([_success(model, sites, layer, receiver, sites.y[li, source], targets, tc.batch_size)
                            for li, layer in enumerate(layers)])
     return RouteFamilyReport(
-        name=name, pairs=tuple({"prompt": p.prompt, "input": p.input_text, "concept": p.concept,
-                                "answer": p.answer} for p in pairs),
+        name=name, pairs=tuple({"prompt": p.prompt, "input": p.input_text, "concept": p.concept, "answer": p.answer,
+                                **({"attribute": p.attribute} if p.attribute else {})} for p in pairs),
         pairings=tuple(n for n, _, _, _ in plan), roles=tuple(r for _, r, _, _ in plan),
         classes=tuple(c for _, _, c, _ in plan), concepts=tuple(c for _, _, _, c in plan), layers=layers,
         receiver=receiver, source=source, fold=fold, fitted=rates["fitted"], shuffled=rates["shuffled"],
         identity=rates["identity"], random=rates["random"], ceiling=ceiling, config=config.to_dict(),
-        manifest=_manifest(model, pairs, config))
+        manifest=_manifest(model, pairs, config), **attr)
+
+
+def _attribute_check(model: Any, pairs: Sequence[TransplantPair], plan: Sequence[tuple[str, str, str, tuple[str, ...]]],
+                     layers: tuple[int, ...], sites: _Sites, fold: Tensor, tc: TransplantConfig, name: str,
+                     progress: bool) -> dict[str, Tensor]:
+    """Step 10 for every candidate pairing (NaN rows for competitors); ``{}`` without an attribute template."""
+    from tqdm.auto import tqdm
+
+    if not tc.attribute_template:
+        return {}
+    attr_ids = torch.tensor([_first_id(model, p.attribute) for p in pairs])
+    receiver, source = _units(fold, attr_ids)
+    shape = (len(plan), len(layers), len(receiver))
+    out = {f"attr_{k}": torch.full(shape, float("nan")) for k in ("fitted", "shuffled", "ceiling")}
+    for i, (_, role, _, concepts) in enumerate(tqdm(plan, desc=f"attribute {name}", disable=not progress)):
+        if role == "candidate":
+            got = _attribute_pairing_rates(model, pairs, concepts, layers, sites, fold, (receiver, source), tc)
+            for k, v in got.items():
+                out[f"attr_{k}"][i] = v
+    return {"attr_receiver": receiver, "attr_source": source, **out}
 
 
 def _manifest(model: Any, pairs: Sequence[TransplantPair], config: FamilyConfig) -> dict[str, Any]:

@@ -14,12 +14,15 @@ from torch import Tensor
 from recallscope.errors import ConfigError, ResultFileError
 from recallscope.results import RichReprMixin, load_result_dir, register_result, save_result_dir
 from recallscope.routes.transplant import TransplantConfig, max_sign_flip_p, verdict_of
+from recallscope.routes.transplant_attr import joint_ci
 from recallscope.routes.verdict import sign_flip_max_t
 from recallscope.stats import holm
 
 __all__ = ["FamilyConfig", "FamilyRow", "RouteFamilyReport", "with_config"]
 
 FamilyVerdict = Literal["route", "no route", "inconclusive", "competitor"]
+ATTR_TENSORS = ("attr_receiver", "attr_source", "attr_fitted", "attr_shuffled", "attr_ceiling")
+"""The second-attribute check's tensors (all present or all None)."""
 UNREQUIRED = ("input",)
 """Competitor classes reported beside the candidates but not required to be beaten (the ceiling)."""
 
@@ -85,6 +88,21 @@ class FamilyRow:
     n_sources: int
     n_units: int
     example: str
+    answer_code: str = "not tested"
+    """Step 10: "ruled out" (the reverse check passes), "not ruled out", or "not tested" (no attribute given, or
+    a competitor pairing)."""
+    attr_layer: int = -1
+    """Step 10 at the layer with the largest min(forward, reverse): the reverse score (mean over sources of
+    fitted - shuffled) with its 95% CI, its p (max over layers), the joint min with its CI, the success rates."""
+    attr_score: float = float("nan")
+    attr_ci: tuple[float, float] = (float("nan"), float("nan"))
+    attr_p: float = float("nan")
+    attr_joint: float = float("nan")
+    attr_joint_ci: tuple[float, float] = (float("nan"), float("nan"))
+    attr_fitted: float = float("nan")
+    attr_shuffled: float = float("nan")
+    attr_ceiling: float = float("nan")
+    attr_units: int = 0
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -120,6 +138,9 @@ class RouteFamilyReport(RichReprMixin):
         layers: the scored block inputs. receiver / source: ``[unit]`` pair indices; fold: ``[pair]``.
         fitted / shuffled / identity / random: ``[pairing, layer, unit]`` transplant success (identity and
             random only for candidates, NaN elsewhere); ceiling: ``[layer, unit]`` the source's own site state.
+        attr_receiver / attr_source: ``[aunit]`` the second-attribute check's units (step 10); attr_fitted /
+            attr_shuffled / attr_ceiling: ``[pairing, layer, aunit]`` its success (candidates only, NaN
+            elsewhere). All None when no attribute template was given (the check was not run).
     """
 
     name: str
@@ -139,6 +160,11 @@ class RouteFamilyReport(RichReprMixin):
     ceiling: Float[Tensor, "layer unit"]
     config: dict[str, Any] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    attr_receiver: Int[Tensor, " aunit"] | None = None
+    attr_source: Int[Tensor, " aunit"] | None = None
+    attr_fitted: Float[Tensor, "pairing layer aunit"] | None = None
+    attr_shuffled: Float[Tensor, "pairing layer aunit"] | None = None
+    attr_ceiling: Float[Tensor, "pairing layer aunit"] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.pairings)
@@ -148,6 +174,13 @@ class RouteFamilyReport(RichReprMixin):
         for t in (self.fitted, self.shuffled, self.identity, self.random):
             if tuple(t.shape) != shape:
                 raise ResultFileError(f"RouteFamilyReport: a rate tensor is {tuple(t.shape)}, expected {shape}.")
+        attr = [getattr(self, k) for k in ATTR_TENSORS]
+        if any(t is None for t in attr) and any(t is not None for t in attr):
+            raise ResultFileError(f"RouteFamilyReport: give all of {ATTR_TENSORS} (the attribute check) or none.")
+        if self.attr_source is not None:
+            ashape = (n, len(self.layers), len(self.attr_source))
+            if any(tuple(t.shape) != ashape for t in attr[2:]) or len(self.attr_receiver) != len(self.attr_source):
+                raise ResultFileError(f"RouteFamilyReport: attribute-check tensors disagree (expected {ashape}).")
 
     def cfg(self) -> FamilyConfig:
         return FamilyConfig.from_dict(self.config) if self.config else FamilyConfig()
@@ -178,6 +211,37 @@ class RouteFamilyReport(RichReprMixin):
         ci = _boot(d[best], cfg.n_boot, cfg.transplant.seed)
         return verdict_of(score, p, ci[1], cfg.transplant), score, ci, p, best
 
+    @property
+    def attribute_tested(self) -> bool:
+        """Whether the second-attribute check (step 10) was run."""
+        return self.attr_source is not None
+
+    def attr_diff(self, i: int) -> Float[Tensor, "layer source"]:
+        """Reverse transplant fitted - shuffled, mean over each source's units (step 10)."""
+        assert self.attr_source is not None and self.attr_fitted is not None and self.attr_shuffled is not None
+        values = self.attr_fitted[i] - self.attr_shuffled[i]
+        return torch.stack([values[:, self.attr_source == s].mean(1) for s in self.attr_source.unique().tolist()],
+                           dim=1)
+
+    def _attribute(self, i: int, cfg: FamilyConfig) -> dict[str, Any]:
+        """Step 10 of a candidate: the FamilyRow's attr_* fields and ``answer_code``; ``{}`` when not tested."""
+        if not self.attribute_tested or self.roles[i] != "candidate":
+            return {}
+        assert self.attr_fitted is not None and self.attr_shuffled is not None and self.attr_ceiling is not None
+        assert self.attr_source is not None
+        tc = cfg.transplant
+        fwd, rev = self.diff(i), self.attr_diff(i)
+        joint = torch.minimum(fwd.mean(1), rev.mean(1))
+        best = int(joint.argmax())
+        p = max_sign_flip_p(rev, tc.n_perm, tc.seed + 1)
+        jci = joint_ci(fwd[best], rev[best], cfg.n_boot, tc.seed)
+        at = lambda t: float(t[i, best].mean())  # noqa: E731
+        return {"answer_code": "ruled out" if p <= tc.alpha and float(joint[best]) >= tc.min_score else "not ruled out",
+                "attr_layer": self.layers[best], "attr_score": float(rev[best].mean()),
+                "attr_ci": _boot(rev[best], cfg.n_boot, tc.seed + 2), "attr_p": p, "attr_joint": float(joint[best]),
+                "attr_joint_ci": jci, "attr_fitted": at(self.attr_fitted), "attr_shuffled": at(self.attr_shuffled),
+                "attr_ceiling": at(self.attr_ceiling), "attr_units": int(self.attr_source.numel())}
+
     def _margins(self, i: int, cfg: FamilyConfig) -> tuple[dict[str, Tensor], dict[str, float]]:
         """Per class (other than this pairing's own): per-source margin ``H[i] - max H[class]`` and its p."""
         own = self.heldout(i)
@@ -200,21 +264,25 @@ class RouteFamilyReport(RichReprMixin):
             own = self._own(i, cfg)
             margins, ps = self._margins(i, cfg)
             required = [c for c in ps if c not in UNREQUIRED]
-            # intersection-union: the transplant's own test and every required margin must hold
-            parts.append((own, margins, ps, max([own[3], *(ps[c] for c in required)])))
+            attr = self._attribute(i, cfg)
+            # intersection-union: the transplant's own test, the attribute check and every required margin must hold
+            parts.append((own, margins, ps, max([own[3], attr.get("attr_p", 0.0), *(ps[c] for c in required)]), attr))
         cands = [i for i, r in enumerate(self.roles) if r == "candidate"]
         adjusted = dict(zip(cands, holm([parts[i][3] for i in cands])))
         rows = []
-        for i, ((tv, score, ci, p, best), margins, ps, p_comp) in enumerate(parts):
+        for i, ((tv, score, ci, p, best), margins, ps, p_comp, attr) in enumerate(parts):
             mean = {c: float(m.mean()) for c, m in margins.items()}
             mci = {c: _boot(m, cfg.n_boot, cfg.transplant.seed + 1) for c, m in margins.items()}
             required = [c for c in margins if c not in UNREQUIRED]
             p_holm = adjusted.get(i, float("nan"))
+            code = attr.get("answer_code", "not tested")
             if self.roles[i] != "candidate":
                 verdict: FamilyVerdict = "competitor"
-            elif tv == "route" and p_holm <= alpha and all(mean[c] > 0 for c in required):
+            elif (tv == "route" and p_holm <= alpha and all(mean[c] > 0 for c in required)
+                  and code != "not ruled out"):
                 verdict = "route"
-            elif tv == "no route" or any(mci[c][1] < 0 for c in required):
+            elif (tv == "no route" or any(mci[c][1] < 0 for c in required)
+                  or (code == "not ruled out" and attr["attr_joint_ci"][1] < cfg.transplant.min_score)):
                 verdict = "no route"
             else:
                 verdict = "inconclusive"
@@ -226,7 +294,8 @@ class RouteFamilyReport(RichReprMixin):
                 ceiling=float(self.ceiling[best].mean()), margins=mean, margin_ci=mci, p_competitors=p_comp,
                 p_holm=p_holm, strongest_competitor=min((c for c in required), key=mean.get, default=""),
                 n_sources=int(self.sources().numel()), n_units=int(self.receiver.numel()),
-                example=f"{self.pairs[0]['input']!r} -> {self.concepts[i][0]!r} -> {self.pairs[0]['answer']!r}"))
+                example=f"{self.pairs[0]['input']!r} -> {self.concepts[i][0]!r} -> {self.pairs[0]['answer']!r}",
+                **attr))
         return rows
 
     def routes(self) -> list[FamilyRow]:
@@ -246,11 +315,17 @@ class RouteFamilyReport(RichReprMixin):
                 # the source's own site state is the best any transplant can do: below min_score at every layer,
                 # no pairing can pass, so "no route" then says the site alone does not set the answer
                 "site_sufficient": bool(float(self.ceiling.mean(1).max()) >= self.cfg().transplant.min_score),
+                # step 10: without it a route verdict cannot tell "the site holds the concept" from "its answer"
+                "answer_code": ("tested: " + self.cfg().transplant.attribute_template if self.attribute_tested
+                                else "not tested (no attribute given)"),
                 "rows": [asdict(r) for r in rows], "config": self.config}
 
     def summary_extra(self) -> list[tuple[str, str]]:
         return [("verdict", self.verdict())] + [
-            (r.name, f"{r.verdict} (transplant {r.transplant_verdict}, score {r.score:+.2f}, layer {r.layer})")
+            (r.name, f"{r.verdict} (transplant {r.transplant_verdict}, score {r.score:+.2f}, layer {r.layer}"
+                     + (f"; answer code {r.answer_code}" + (f": reverse {r.attr_score:+.2f}, p {r.attr_p:.3g}, layer "
+                                                           f"{r.attr_layer}" if r.attr_layer >= 0 else "")
+                        if r.role == "candidate" else "") + ")")
             for r in self.rows()]
 
     # ------------------------------------------------------------------------------ plot and files
@@ -285,6 +360,8 @@ class RouteFamilyReport(RichReprMixin):
     def save(self, directory: str | os.PathLike) -> Path:
         tensors = {k: getattr(self, k) for k in ("receiver", "source", "fold", "fitted", "shuffled", "identity",
                                                   "random", "ceiling")}
+        if self.attribute_tested:
+            tensors.update({k: getattr(self, k) for k in ATTR_TENSORS})
         meta = {"name": self.name, "pairs": list(self.pairs), "pairings": list(self.pairings), "roles": list(self.roles),
                 "classes": list(self.classes), "concepts": [list(c) for c in self.concepts],
                 "layers": list(self.layers), "config": self.config}
@@ -298,7 +375,8 @@ class RouteFamilyReport(RichReprMixin):
                    concepts=tuple(tuple(c) for c in meta["concepts"]), layers=tuple(meta["layers"]),
                    receiver=t["receiver"], source=t["source"], fold=t["fold"], fitted=t["fitted"],
                    shuffled=t["shuffled"], identity=t["identity"], random=t["random"], ceiling=t["ceiling"],
-                   config=meta.get("config", {}), manifest=manifest)
+                   config=meta.get("config", {}), manifest=manifest,
+                   **{k: t.get(k) for k in ATTR_TENSORS})  # absent in reports saved before the attribute check
 
 
 def with_config(report: RouteFamilyReport, **changes: Any) -> RouteFamilyReport:

@@ -30,7 +30,7 @@ from recallscope.routes.directions import ConceptDirections, concept_directions,
 from recallscope.routes.human import HumanComparison, HumanConfig, card_route_report, compare_human
 from recallscope.routes.mnemonics import Card, Keyword, LinkType, extract_keywords, load_cards, primary_keyword
 from recallscope.routes.config import RouteConfig
-from recallscope.routes.family import load_family_tsv, route_family_report
+from recallscope.routes.family import family_attribute_template, load_family_tsv, route_family_report
 from recallscope.routes.family_report import FamilyConfig, RouteFamilyReport
 from recallscope.routes.report import ConceptRoute, RouteReport
 from recallscope.routes.scores import RouteQuery
@@ -40,6 +40,7 @@ __all__ = [
     "Card",
     "FamilyConfig",
     "RouteFamilyReport",
+    "family_attribute_template",
     "load_family_tsv",
     "route_family_report",
     "HumanComparison",

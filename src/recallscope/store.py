@@ -135,7 +135,7 @@ class ChunkStore:
         self.path = path
         self.key = key
         self.prefix = prefix
-        self._shared = shared if shared is not None else {"stats": {"loaded": 0, "computed": 0, "corrupt": 0},
+        self._shared: dict[str, Any] = shared if shared is not None else {"stats": {"loaded": 0, "computed": 0, "corrupt": 0},
                                                           "index": None}
         self.stats: dict[str, int] = self._shared["stats"]
 

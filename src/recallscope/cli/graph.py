@@ -27,7 +27,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
     small = _is_organism(args.model)
     base = _SMALL if small else _LARGE
-    st = {key: getattr(args, key) if getattr(args, key, None) is not None else base.get(key)
+    st: dict[str, Any] = {key: getattr(args, key) if getattr(args, key, None) is not None else base.get(key)
           for key in ("d_sae", "k", "steps", "batch_size", "n_seqs", "n_tokens", "eval_tokens", "seq_len",
                       "skip_bos")}
     st["corpus"] = {"self": "task+self", None: "task+self" if small else "python-docs"}.get(args.corpus, args.corpus)

@@ -176,6 +176,7 @@ def _auto_groups(ng: NodeGraph, by: str) -> list[tuple[str, list[int]]]:
     if by not in ("cell", "layer", "label"):
         raise ConfigError(f"group_by is 'cell', 'layer' or 'label', got {by!r}.")
     groups: dict[Any, tuple[str, list[int]]] = {}
+    key: Any
     for i, kind in enumerate(ng.kinds):
         if bool(ng.pinned[i]) or kind == "error":
             continue
@@ -260,15 +261,15 @@ def _merge(ng: NodeGraph, named: list[tuple[str, list[int]]]) -> NodeGraph:
     adjacency = assign @ ng.adjacency @ assign.T
     adjacency.fill_diagonal_(0.0)  # edges inside a supernode are not drawn
     labels, hover, kinds = [], [], []
-    for j, (idx, name) in enumerate(zip(out_members, names)):
-        if name is None:
+    for j, (idx, group) in enumerate(zip(out_members, names)):
+        if group is None:
             labels.append(ng.labels[idx[0]])
             hover.append(ng.hover[idx[0]])
             kinds.append(ng.kinds[idx[0]])
         else:
-            labels.append(f"{name} ({len(idx)})")
+            labels.append(f"{group} ({len(idx)})")
             shown = "<br>".join(ng.labels[i] for i in idx[:12]) + ("<br>..." if len(idx) > 12 else "")
-            hover.append(f"supernode {name}: {len(idx)} nodes<br>{shown}")
+            hover.append(f"supernode {group}: {len(idx)} nodes<br>{shown}")
             kinds.append("supernode")
     mean = lambda t: torch.stack([t[idx].float().mean() for idx in out_members])  # noqa: E731
     any_of = lambda t: torch.tensor([bool(t[idx].any()) for idx in out_members])  # noqa: E731

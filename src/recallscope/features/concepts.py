@@ -36,7 +36,7 @@ from torch import Tensor
 
 from recallscope.errors import ConfigError
 from recallscope.features.interventions import Supernode
-from recallscope.features.transcoder import TranscoderSet
+from recallscope.features.transcoder import TranscoderSet, feature_activations
 from recallscope.routes.concepts import Concept, ConceptSource
 
 __all__ = ["FeatureSet", "FeatureStats", "check_members", "feature_concept", "feature_controls", "feature_label",
@@ -136,7 +136,7 @@ def supernode_concept(tset: TranscoderSet, supernode: Supernode, *, model: Any =
     if tokens is not None:
         if model is None:
             raise ConfigError("supernode_concept(tokens=...) needs model= to read the activations.")
-        acts = _activations(model, tset, tokens[None], sorted({m[0] for m in supernode.members}))
+        acts = feature_activations(model, tset, tokens[None], sorted({m[0] for m in supernode.members}))
         by_member: dict[tuple[int, int], float] = {}
         for layer, pos, f in supernode.members:
             by_member[(layer, f)] = by_member.get((layer, f), 0.0) + float(acts[layer][0, pos, f])
@@ -158,13 +158,6 @@ class FeatureStats:
 
 
 @torch.no_grad()
-def _activations(model: Any, tset: TranscoderSet, tokens: Int[Tensor, "b pos"], layers: Sequence[int]
-                 ) -> dict[int, Tensor]:
-    hooks = {tset.input_hook(layer): layer for layer in layers}
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
-    return {layer: tset.activations(layer, cache[name].float()) for name, layer in hooks.items()}
-
-
 def feature_stats(model: Any, tset: TranscoderSet, layer: int, texts: Sequence[str]) -> FeatureStats:
     """:class:`FeatureStats` of the layer-``layer`` transcoder over every position of ``texts``."""
     if layer not in tset:
@@ -172,7 +165,7 @@ def feature_stats(model: Any, tset: TranscoderSet, layer: int, texts: Sequence[s
     if not texts:
         raise ConfigError("feature_stats needs reference texts (e.g. the family's prompts and concepts).")
     seqs = [model.to_tokens(t)[0] for t in texts]
-    acts = torch.cat([_activations(model, tset, torch.stack([s for s in seqs if len(s) == n]), [layer])[layer].flatten(0, 1)
+    acts = torch.cat([feature_activations(model, tset, torch.stack([s for s in seqs if len(s) == n]), [layer])[layer].flatten(0, 1)
                       for n in sorted({len(s) for s in seqs})])  # every position of every text, batched by length
     active = acts > 0
     freq = active.float().mean(0)

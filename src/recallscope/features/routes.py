@@ -58,9 +58,9 @@ from torch import Tensor
 from recallscope.errors import ConfigError
 from recallscope.features.concepts import FeatureSet, check_members, feature_stats, matched_placebos
 from recallscope.features.interventions import Supernode
-from recallscope.features.transcoder import TranscoderSet
+from recallscope.features.transcoder import TranscoderSet, feature_activations
 from recallscope.routes.family import FamilyConfig, route_family_report
-from recallscope.routes.transplant import TransplantPair
+from recallscope.routes.transplant import TransplantPair, site_position
 from recallscope.stats import holm
 
 __all__ = ["FeatureRouteConfig", "FeatureRouteReport", "FeatureRouteRow", "feature_family_crossfit",
@@ -365,10 +365,8 @@ def _site_acts(model: Any, tset: TranscoderSet, layer: int, pairs: Sequence[Tran
                ) -> tuple[list[Tensor], Tensor, Tensor]:
     """Each pair's tokens, site position and layer-``layer`` activations at the site ``[pair, d_sae]``."""
     tokens = [model.to_tokens(p.prompt)[0] for p in pairs]
-    pos = torch.tensor([_site_pos(model, p) for p in pairs])
-    hook = tset.input_hook(layer)
-    acts = torch.stack([tset.activations(layer, model.run_with_cache(t[None], names_filter=[hook])[1][hook].float())
-                        [0, int(q)] for t, q in zip(tokens, pos)])
+    pos = torch.tensor([site_position(model, p) for p in pairs])
+    acts = torch.stack([feature_activations(model, tset, t[None], [layer])[layer][0, int(q)] for t, q in zip(tokens, pos)])
     return tokens, pos, acts
 
 
@@ -433,11 +431,6 @@ def feature_swap(model: Any, tset: TranscoderSet, pairs: Sequence[TransplantPair
 
 
 # ------------------------------------------------------------------------------------------ selection
-def _site_pos(model: Any, pair: TransplantPair) -> int:
-    end = pair.prompt.find(pair.input_text) + len(pair.input_text)
-    return int(model.to_tokens(pair.prompt[:end]).shape[1]) - 1
-
-
 def select_by_attribution(model: Any, tset: TranscoderSet, pairs: Sequence[TransplantPair], layer: int,
                           size: int, *, name: str = "") -> FeatureSet:
     """The ``size`` features of ``layer`` with the largest mean ``|a * d logit(answer) / d a|`` at each pair's
@@ -462,7 +455,7 @@ def select_by_attribution(model: Any, tset: TranscoderSet, pairs: Sequence[Trans
             logits = model(tokens, return_type="logits")
             logits[0, -1, target].backward()
         a = box["a"]
-        total += (a * a.grad)[0, _site_pos(model, p)].detach().abs()  # type: ignore[operator]
+        total += (a * a.grad)[0, site_position(model, p)].detach().abs()  # type: ignore[operator]
     top = total.argsort(descending=True)[:size].tolist()
     return FeatureSet(tuple((layer, int(f)) for f in top), name)
 

@@ -262,3 +262,11 @@ def exact_mlp_transcoders(model: Any) -> TranscoderSet:
     n = int(model.cfg.n_layers)
     return TranscoderSet({layer: mlp_as_transcoder(model, layer) for layer in range(n)}, n,
                          TranscoderSetInfo(source="mlp-exact"))
+
+
+def feature_activations(model: Any, tset: TranscoderSet, tokens: Tensor, layers: Any) -> dict[int, Tensor]:
+    """Feature activations ``[batch, pos, d_sae]`` of each of ``layers`` on ``tokens`` (``[batch, pos]``), read
+    from one cached forward through :meth:`TranscoderSet.activations` (so none before the set's ``first_pos``)."""
+    hooks = {tset.input_hook(layer): layer for layer in layers}
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
+    return {layer: tset.activations(layer, cache[name].float()) for name, layer in hooks.items()}

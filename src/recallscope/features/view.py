@@ -437,11 +437,10 @@ def top_contexts(model: Any, tset: Any, features: Tensor, contexts: Tensor,
     ``first_pos`` (:meth:`~recallscope.features.transcoder.TranscoderSet.activations`), so no context fires there."""
     if contexts.ndim != 2:
         raise ConfigError(f"contexts are [batch, pos] token ids, got shape {tuple(contexts.shape)}.")
-    layers = sorted({int(f[0]) for f in features})
-    names = {tset.input_hook(layer) for layer in layers}
+    from recallscope.features.transcoder import feature_activations
+
     with torch.no_grad():
-        _, cache = model.run_with_cache(contexts, names_filter=lambda n: n in names)
-        acts = {layer: tset.activations(layer, cache[tset.input_hook(layer)].float()) for layer in layers}
+        acts = feature_activations(model, tset, contexts, sorted({int(f[0]) for f in features}))
     out = []
     for layer, _, idx in features.tolist():
         a = acts[layer][..., idx]  # [batch, pos]

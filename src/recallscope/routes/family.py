@@ -74,7 +74,7 @@ from torch import Tensor
 from recallscope.errors import ConfigError
 from recallscope.routes.competitors import competitor_class
 from recallscope.routes.family_report import FamilyConfig, FamilyRow, RouteFamilyReport, with_config
-from recallscope.routes.transplant import TransplantConfig, TransplantPair, _first_id, fit_map
+from recallscope.routes.transplant import TransplantConfig, TransplantPair, _first_id, fit_map, site_position
 from recallscope.routes.transplant_attr import (PLACEHOLDER, attribute_rates, check_attribute_spec,
                                                prepare_attribute)
 
@@ -261,9 +261,8 @@ class _Sites:
 def _sites(model: Any, pairs: Sequence[TransplantPair], layers: Sequence[int]) -> _Sites:
     toks, pos = [], []
     for p in pairs:
-        end = p.prompt.find(p.input_text) + len(p.input_text)
         toks.append(model.to_tokens(p.prompt)[0])
-        pos.append(model.to_tokens(p.prompt[:end]).shape[1] - 1)
+        pos.append(site_position(model, p))
     lengths = sorted({len(t) for t in toks})
     group = torch.tensor([lengths.index(len(t)) for t in toks])
     row = torch.zeros(len(pairs), dtype=torch.long)

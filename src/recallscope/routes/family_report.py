@@ -189,9 +189,12 @@ class RouteFamilyReport(RichReprMixin):
     def sources(self) -> Tensor:
         return self.source.unique()
 
-    def per_source(self, values: Float[Tensor, "layer unit"]) -> Float[Tensor, "layer source"]:
-        """Mean over each source's units (step 5): the tests run over held-out concepts."""
-        return torch.stack([values[:, self.source == s].mean(1) for s in self.sources().tolist()], dim=1)
+    def per_source(self, values: Float[Tensor, "layer unit"], source: Int[Tensor, " unit"] | None = None
+                   ) -> Float[Tensor, "layer source"]:
+        """Mean over each source's units (step 5): the tests run over held-out concepts. ``source``: the units'
+        sources when they are not the forward transplant's (the attribute check's units)."""
+        source = self.source if source is None else source
+        return torch.stack([values[:, source == s].mean(1) for s in source.unique().tolist()], dim=1)
 
     def diff(self, i: int) -> Float[Tensor, "layer source"]:
         return self.per_source(self.fitted[i] - self.shuffled[i])
@@ -219,9 +222,7 @@ class RouteFamilyReport(RichReprMixin):
     def attr_diff(self, i: int) -> Float[Tensor, "layer source"]:
         """Reverse transplant fitted - shuffled, mean over each source's units (step 10)."""
         assert self.attr_source is not None and self.attr_fitted is not None and self.attr_shuffled is not None
-        values = self.attr_fitted[i] - self.attr_shuffled[i]
-        return torch.stack([values[:, self.attr_source == s].mean(1) for s in self.attr_source.unique().tolist()],
-                           dim=1)
+        return self.per_source(self.attr_fitted[i] - self.attr_shuffled[i], self.attr_source)
 
     def _attribute(self, i: int, cfg: FamilyConfig) -> dict[str, Any]:
         """Step 10 of a candidate: the FamilyRow's attr_* fields and ``answer_code``; ``{}`` when not tested."""

@@ -211,13 +211,16 @@ def _first_id(model: Any, text: str) -> int:
     return int(ids[0])
 
 
-def _site(model: Any, pair: TransplantPair) -> tuple[list[int], int]:
+def site_position(model: Any, pair: TransplantPair) -> int:
+    """The site: the position of the last token of the input's first occurrence in the prompt (BOS counted)."""
     end = pair.prompt.find(pair.input_text)
     if end < 0:
         raise ConfigError(f"input {pair.input_text!r} is not in its prompt {pair.prompt!r}.")
-    tokens = model.to_tokens(pair.prompt)[0].tolist()
-    pos = model.to_tokens(pair.prompt[:end + len(pair.input_text)]).shape[1] - 1
-    return tokens, pos
+    return int(model.to_tokens(pair.prompt[:end + len(pair.input_text)]).shape[1]) - 1
+
+
+def _site(model: Any, pair: TransplantPair) -> tuple[list[int], int]:
+    return model.to_tokens(pair.prompt)[0].tolist(), site_position(model, pair)
 
 
 def states_at(model: Any, tokens: Int[Tensor, "b pos"], pos: Int[Tensor, " b"] | int, layers: Sequence[int]

@@ -63,16 +63,12 @@ def _mean(rows: list[dict[str, Any]], kind: str, key: str) -> float:
 
 
 def organism_part(limit: int | None) -> dict[str, Any]:
-    from recallscope.cli import main as cli
-    from recallscope.features.cache import find_cached_set
-    from recallscope.features.formats import load_transcoders
+    from feature_graph_smollm2 import organism_with_transcoders  # experiments/ is on sys.path for a script
+
     from recallscope.organisms import ground_truth
 
     spec = "organism:route-s0"
-    assert cli(["transcoders", "--model", spec, "--quiet"]) == 0  # cached: a rerun only reloads
-    tdir = find_cached_set(spec)
-    model = load_model(spec)
-    tset = load_transcoders(tdir, int(model.cfg.n_layers))
+    model, tset, tdir = organism_with_transcoders(spec)
     truth = ground_truth(model)
     rows = []
     for chunk in truth.test_chunks[:limit]:

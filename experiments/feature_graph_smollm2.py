@@ -121,17 +121,24 @@ def write_graph(model: Any, tset: Any, graph: Any, out: Path, prompt: str, scan:
             "kept_edges": int(pruned.edge_mask.sum()), "error_share": error_share(graph)}
 
 
-def organism_part(out: Path, n_top: int) -> dict[str, Any]:
+def organism_with_transcoders(spec: str = "organism:route-s0") -> tuple[Any, Any, Path]:
+    """The organism, its transcoder set and the set's directory: the set `recallscope transcoders` caches at its
+    defaults (the shipped one, copied into the cache; a rerun only reloads)."""
     from recallscope.cli import main as cli
     from recallscope.features.cache import find_cached_set
     from recallscope.features.formats import load_transcoders
+
+    assert cli(["transcoders", "--model", spec, "--quiet"]) == 0
+    tdir = find_cached_set(spec)
+    model = load_model(spec)
+    return model, load_transcoders(tdir, int(model.cfg.n_layers)), tdir
+
+
+def organism_part(out: Path, n_top: int) -> dict[str, Any]:
     from recallscope.organisms import ground_truth
 
     spec = "organism:route-s0"
-    assert cli(["transcoders", "--model", spec, "--quiet"]) == 0  # cached: a rerun only reloads
-    tdir = find_cached_set(spec)
-    model = load_model(spec)
-    tset = load_transcoders(tdir, int(model.cfg.n_layers))
+    model, tset, tdir = organism_with_transcoders(spec)
     truth = ground_truth(model)
     rows, first = [], None
     for chunk in truth.test_chunks:

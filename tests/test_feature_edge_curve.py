@@ -4,7 +4,7 @@ attention, exact transcoders), and the same identities on a trained organism."""
 
 import pytest
 import torch
-from test_features_graph import TOKENS
+from test_features_graph import TOKENS, random_partial_set
 from test_features_transcoder import relu_model
 
 from recallscope.attribution.feature_curve import edge_circuit_run, feature_edge_curve, freeze_for, prune_to_paths
@@ -142,18 +142,9 @@ def test_a_graph_of_other_transcoders_is_refused(exact):
 def test_partial_topk_skip_set_and_partial_rows(max_feature_nodes):
     """Layer 1 without a transcoder (all error), TopK skip transcoders elsewhere, optionally only some feature
     rows computed: all edges still give the real logit and none the bias; the decomposition holds in every run."""
-    from recallscope.features.transcoder import Transcoder, TranscoderSet, TranscoderSpec
-
     model = relu_model(seed=2, n_layers=3)
     gen = torch.Generator().manual_seed(5)
-    tcs = {}
-    for layer in (0, 2):
-        tc = Transcoder(TranscoderSpec(16, 40, 16, activation="topk", k=5, skip=True))
-        with torch.no_grad():
-            for p in tc.parameters():
-                p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-        tcs[layer] = tc
-    tset = TranscoderSet(tcs, 3)
+    tset = random_partial_set(gen)
     graph = attribution_graph(model, tset, TOKENS, targets=[7], max_feature_nodes=max_feature_nodes)
     nonzero = graph.adjacency != 0
     with torch.no_grad():

@@ -39,16 +39,21 @@ def test_edges_sum_to_inputs_exact_transcoders(rmodel):
     assert graph.adjacency[:, graph.error_slice].abs().max() < 1e-4  # exact transcoders leave no error
 
 
-def test_edges_sum_to_inputs_with_errors_and_partial_set(rmodel):
-    gen = torch.Generator().manual_seed(5)
+def random_partial_set(gen: torch.Generator) -> TranscoderSet:
+    """Random TopK skip transcoders (drawn from ``gen``) for layers 0 and 2 of the 3-layer relu_model; layer 1 has
+    none (all error)."""
     tcs = {}
-    for layer in (0, 2):  # layer 1 has no transcoder: it is all error
+    for layer in (0, 2):
         tc = Transcoder(TranscoderSpec(16, 40, 16, activation="topk", k=5, skip=True))
         with torch.no_grad():
             for p in tc.parameters():
                 p.copy_(0.3 * torch.randn(p.shape, generator=gen))
         tcs[layer] = tc
-    tset = TranscoderSet(tcs, 3)
+    return TranscoderSet(tcs, 3)
+
+
+def test_edges_sum_to_inputs_with_errors_and_partial_set(rmodel):
+    tset = random_partial_set(torch.Generator().manual_seed(5))
     graph = attribution_graph(rmodel, tset, TOKENS, targets=(4, 11), batch_size=7)
     check_exact_decomposition(rmodel, tset, graph)
     assert graph.adjacency[:, graph.error_index(1, 3)].abs().max() > 1e-3
